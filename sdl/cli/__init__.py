@@ -1,0 +1,1 @@
+"""The ``sdl`` command line: a thin typer app over the library modules."""
