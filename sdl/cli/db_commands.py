@@ -1,9 +1,198 @@
-"""CLI commands: placeholder until its issue lands (registers nothing)."""
+"""CLI commands over the knowledge repository: ``sdl db upgrade``, ``sdl status``, ``sdl export``.
+
+The database URL is resolved by :func:`sdl.settings.resolve_database_url` (``--db``, then
+``SDL_DATABASE_URL``, then ``sqlite:///sdl.db``). Errors print one line and exit 1.
+"""
 
 from __future__ import annotations
 
+import csv
+import datetime as dt
+import io
+import json
+import math
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
 import typer
+from rich.console import Console
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from sdl.repository import Store
+
+__all__ = ["register", "ExportFormat"]
+
+DB_HELP = "Database URL (default: $SDL_DATABASE_URL, else sqlite:///sdl.db)."
+
+
+class ExportFormat(str, Enum):
+    """File formats of ``sdl export``."""
+
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+def _die(message: str) -> NoReturn:
+    Console(stderr=True, soft_wrap=True, highlight=False).print(Text.assemble(("ERROR ", "bold red"), message))
+    raise typer.Exit(code=1)
+
+
+def _open(db: str | None, *, must_exist: bool = True) -> Store:
+    """Open the repository; a missing SQLite file or an un-migrated database is a clear error."""
+    from sqlalchemy.engine import make_url
+
+    from sdl.exceptions import RepositoryError
+    from sdl.repository import Store
+    from sdl.settings import resolve_database_url
+
+    url = resolve_database_url(db)
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's URL
+        _die(f"--db {url!r}: not a database URL ({exc})")
+    shown = parsed.render_as_string(hide_password=True)
+    if must_exist and parsed.get_backend_name() == "sqlite":
+        path = parsed.database or ""
+        if path and path != ":memory:" and not Path(path).expanduser().exists():
+            _die(f"{shown}: no such database file {path} (run `sdl db upgrade --db {shown}` or `sdl run` first)")
+    try:
+        store = Store.from_url(url)
+        if must_exist and store.current_revision() is None:
+            _die(f"{shown}: no sdl schema in this database (run `sdl db upgrade --db {shown}`)")
+    except RepositoryError as exc:
+        _die(str(exc))
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. connection refused
+        _die(f"{shown}: cannot open the database: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+    return store
+
+
+def _plain(value: Any) -> Any:
+    """JSON/CSV-friendly cell: ISO-8601 UTC times, None for NaN."""
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def upgrade(db: str | None = typer.Option(None, "--db", help=DB_HELP)) -> None:
+    """Create or migrate the knowledge repository to the newest schema."""
+    from sdl.exceptions import RepositoryError
+
+    store = _open(db, must_exist=False)
+    try:
+        before = store.current_revision()
+        store.upgrade()
+        after = store.current_revision()
+    except RepositoryError as exc:
+        _die(str(exc))
+    finally:
+        store.close()
+    Console(soft_wrap=True, highlight=False).print(
+        Text.assemble(("OK ", "bold green"), f"{store.url}: schema {before or 'empty'} → {after}")
+    )
+
+
+def status(
+    db: str | None = typer.Option(None, "--db", help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+) -> None:
+    """Campaigns in the repository: state, budget, experiments per state, best value."""
+    from sdl.exceptions import RepositoryError
+
+    store = _open(db)
+    try:
+        summaries = store.campaign_summaries()
+    except RepositoryError as exc:
+        _die(str(exc))
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps([{k: _plain(v) for k, v in s.items()} for s in summaries], indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Campaigns in {store.url}")
+    for column in ("campaign", "state", "budget", "proposed", "running", "completed", "failed", "abandoned"):
+        table.add_column(column, justify="left" if column in ("campaign", "state") else "right")
+    table.add_column("best", justify="right")
+    table.add_column("measurements", justify="right")
+    colours = {"running": "cyan", "completed": "green", "stopped": "yellow", "failed": "red"}
+    for s in summaries:
+        best = "—" if s["best_value"] is None else f"{s['best_value']:.6g}"
+        if s["best_value"] is not None and s["objective"]:
+            best = f"{best} ({s['goal']} {s['objective']}, {s['best_candidate']})"
+        table.add_row(
+            s["name"],
+            Text(s["state"], style=colours.get(s["state"], "")),
+            "—" if s["budget"] is None else str(s["budget"]),
+            *(str(s["counts"][k]) for k in ("proposed", "running", "completed", "failed", "abandoned")),
+            best,
+            str(s["n_measurements"]),
+        )
+    console = Console(soft_wrap=True)
+    if not summaries:
+        console.print(f"No campaigns in {store.url} yet.")
+        return
+    console.print(table)
+
+
+def export(
+    campaign: str = typer.Argument(..., help="Campaign name."),
+    db: str | None = typer.Option(None, "--db", help=DB_HELP),
+    fmt: ExportFormat = typer.Option(ExportFormat.csv, "--format", "-f", help="csv, json or parquet."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file (default: stdout)."),
+    objective: str | None = typer.Option(None, "--property", help="Measured property (default: the objective)."),
+) -> None:
+    """Export one row per experiment: state, candidate or parameters, measured objective, provenance."""
+    from sdl.exceptions import RepositoryError
+
+    if fmt is ExportFormat.parquet and output is None:
+        _die("--format parquet needs an output file (-o FILE)")
+    store = _open(db)
+    try:
+        rows = store.export_rows(campaign, objective)
+    except RepositoryError as exc:
+        _die(str(exc))
+    finally:
+        store.close()
+    columns = list(rows[0]) if rows else ["experiment_id", "campaign", "state", "candidate_key"]
+    try:
+        if fmt is ExportFormat.parquet:
+            import pandas as pd
+
+            assert output is not None
+            pd.DataFrame(rows, columns=columns).to_parquet(output, index=False)
+        else:
+            if fmt is ExportFormat.csv:
+                buffer = io.StringIO()
+                writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+                writer.writeheader()
+                writer.writerows({k: _plain(v) for k, v in row.items()} for row in rows)
+                text = buffer.getvalue()
+            else:
+                text = json.dumps([{k: _plain(v) for k, v in row.items()} for row in rows], indent=2) + "\n"
+            if output is None:
+                typer.echo(text, nl=False)
+            else:
+                output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        _die(f"{output}: {exc.strerror or exc}")
+    if output is not None:
+        Console(stderr=True, soft_wrap=True, highlight=False).print(
+            f"{len(rows)} experiment(s) of {campaign!r} written to {output} ({fmt.value})"
+        )
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the sdl app."""
+    """Add ``db upgrade``, ``status`` and ``export`` to the sdl app."""
+    db_app = typer.Typer(help="Knowledge repository maintenance.", no_args_is_help=True)
+    db_app.command("upgrade")(upgrade)
+    app.add_typer(db_app, name="db")
+    app.command("status")(status)
+    app.command("export")(export)

@@ -1,0 +1,179 @@
+"""Ophyd ``SynthesisRobot``: ``set(recipe)`` starts a synthesis and returns a Status at once.
+
+The recipe's ``job_id`` is the experiment's idempotency key: the robot never synthesizes a job id
+twice, so the driver may repeat ``START`` after a lost reply, and a restarted client can ask what
+became of a job (:func:`reconcile`). One worker thread per robot keeps one job in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ophyd import Component as Cpt
+from ophyd import Device, Signal
+from ophyd.status import DeviceStatus
+
+from devices.transport import FaultCallback, LineTransport
+from sdl.exceptions import InstrumentError, InstrumentProtocolError, InstrumentRejected, MaterialFailure
+
+__all__ = ["SynthesisRobot", "reconcile"]
+
+logger = logging.getLogger(__name__)
+
+
+class SynthesisRobot(Device):
+    """A synthesis robot on an SDL/1 line.
+
+    Args:
+        prefix: Unused (Ophyd convention).
+        name: Device name (also the instrument name in errors).
+        url: ``serial_for_url`` URL of the robot.
+        timeout: Seconds a synthesis may take before its Status fails (finite on purpose).
+        poll_interval: Seconds between ``SYNTH STATUS`` polls.
+        line_timeout: Seconds to wait for one reply line.
+        retries: Transport retries (see ``devices/PROTOCOL.md``).
+        busy_timeout: Seconds to wait while the robot answers ``BUSY``.
+        on_fault: Told about every line fault (kind, message).
+        transport: Use this transport instead of building one.
+    """
+
+    job_id = Cpt(Signal, value="", kind="normal")
+    state = Cpt(Signal, value="idle", kind="hinted")
+    sample = Cpt(Signal, value="", kind="normal")
+    sample_key = Cpt(Signal, value="", kind="normal")
+    note = Cpt(Signal, value="", kind="normal")
+
+    def __init__(
+        self,
+        prefix: str = "",
+        *,
+        name: str,
+        url: str,
+        timeout: float = 600.0,
+        poll_interval: float = 0.05,
+        line_timeout: float = 2.0,
+        retries: int = 3,
+        busy_timeout: float = 30.0,
+        on_fault: FaultCallback | None = None,
+        transport: LineTransport | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(prefix, name=name, **kwargs)
+        if timeout <= 0:
+            raise ValueError(f"{timeout=} must be > 0 (a Status needs a finite timeout)")
+        self.url = url
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self.transport = transport or LineTransport(
+            url, instrument=name, timeout=line_timeout, retries=retries, busy_timeout=busy_timeout, on_fault=on_fault
+        )
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-line")
+        self._active: str | None = None
+        self._active_lock = threading.Lock()
+
+    def set(self, recipe: dict[str, Any]) -> DeviceStatus:  # type: ignore[override]
+        """Start synthesizing ``recipe`` (a dict with ``job_id`` and ``candidate`` or ``params``).
+
+        Returns:
+            A Status that finishes when the robot reports the sample done, or fails with
+            :class:`MaterialFailure` (sample lost) or an :class:`InstrumentError`.
+        """
+        if not isinstance(recipe, dict):
+            raise TypeError(f"{self.name}: recipe must be a dict, got {type(recipe).__name__}")
+        job_id = str(recipe.get("job_id") or f"{self.name}-{uuid.uuid4().hex[:12]}")
+        if "job_id" not in recipe:
+            logger.warning("%s: recipe has no job_id; using %s (not crash-safe)", self.name, job_id)
+        body = {k: v for k, v in recipe.items() if k != "job_id"}
+        status = DeviceStatus(self, timeout=self.timeout)
+        with self._active_lock:
+            self._active = job_id
+        self.job_id.put(job_id)
+        self.state.put("starting")
+        self.sample.put("")
+        self.sample_key.put("")
+        self.note.put("")
+        self._worker.submit(self._run, job_id, body, status)
+        return status
+
+    def _run(self, job_id: str, body: dict[str, Any], status: DeviceStatus) -> None:
+        try:
+            reply = self.transport.command("SYNTH START", job_id, body)
+            data = reply.data or {}
+            if data.get("duplicate"):
+                logger.info("%s: job %s was already known to the robot (state %s)", self.name, job_id, data.get("state"))
+            state = data.get("state")
+            while state == "running" and not status.done:
+                self.state.put("running")
+                remaining = float(data.get("remaining_s") or 0.0)
+                time.sleep(max(0.005, min(self.poll_interval, remaining)))
+                data = self.transport.command("SYNTH STATUS", job_id).data or {}
+                state = data.get("state")
+            if status.done:  # timed out or stopped meanwhile
+                return
+            result = self.transport.command("SYNTH RESULT", job_id).data or {}
+            state = result.get("state")
+            self.state.put(str(state))
+            with self._active_lock:
+                self._active = None
+            if state == "done":
+                sample = result.get("sample") or {}
+                self.sample.put(str(sample.get("id", "")))
+                self.sample_key.put(str(sample.get("key", "")))
+                self.note.put(str(result.get("note") or ""))
+                status.set_finished()
+            elif state == "failed" and result.get("failure") == "material":
+                status.set_exception(MaterialFailure(str(result.get("error")), instrument=self.name))
+            elif state in ("failed", "aborted"):
+                status.set_exception(InstrumentError(
+                    f"synthesis {job_id} {state}: {result.get('error')}", instrument=self.name, url=self.url))
+            else:
+                status.set_exception(InstrumentProtocolError(
+                    f"synthesis {job_id}: unexpected state {state!r}", instrument=self.name, url=self.url))
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the Status
+            with self._active_lock:
+                self._active = None
+            self.state.put("error")
+            if not status.done:
+                status.set_exception(exc)
+
+    def stop(self, *, success: bool = False) -> None:
+        """Abort the running synthesis on the robot (``SYNTH ABORT``); best effort."""
+        with self._active_lock:
+            job_id, self._active = self._active, None
+        if job_id is None:
+            return
+        try:
+            self.transport.command("SYNTH ABORT", job_id)
+            self.state.put("aborted")
+        except InstrumentError as exc:
+            logger.warning("%s: could not abort job %s: %s", self.name, job_id, exc)
+
+    def reconcile(self, job_id: str) -> dict[str, Any]:
+        """The robot's record of a job (see :func:`reconcile`)."""
+        return reconcile(self, job_id)
+
+    def close(self) -> None:
+        """Close the serial line and the worker."""
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        self.transport.close()
+
+
+def reconcile(robot: SynthesisRobot, job_id: str) -> dict[str, Any]:
+    """Ask the robot what became of ``job_id`` after a client crash.
+
+    Returns:
+        The robot's job record (``state`` is ``running``, ``done``, ``failed`` or ``aborted``,
+        plus ``recipe`` and ``result``), or ``{"job_id": job_id, "state": "unknown"}`` when the
+        robot never started it (safe to start).
+    """
+    try:
+        return dict(robot.transport.command("JOB?", job_id).data or {})
+    except InstrumentRejected as exc:
+        if "NOT_FOUND" in str(exc):
+            return {"job_id": job_id, "state": "unknown"}
+        raise

@@ -1,0 +1,117 @@
+"""Acquisition functions by name: qUCB, qLogEI, qLogNEI, max-variance (pure exploration), Thompson.
+
+Why direct constructors and no registry: there are five names, each one line of BoTorch. All of
+them are Monte-Carlo acquisitions, so they work on a GP and on the pool ensemble alike, with
+q-batches and with pending experiments as ``X_pending`` (BoTorch joins pending points to every
+q-batch, so a candidate that duplicates what is already running earns little).
+
+The utility (:class:`sdl.objectives.Objective`) enters as a ``GenericMCObjective`` on posterior
+samples, except for max-variance, which explores the raw property. Thompson sampling is not an
+acquisition value but a selection rule; it lives in :func:`sdl.optim.thompson_select`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from botorch.acquisition import (
+    AcquisitionFunction,
+    qLogExpectedImprovement,
+    qLogNoisyExpectedImprovement,
+    qUpperConfidenceBound,
+)
+from botorch.acquisition.monte_carlo import MCAcquisitionFunction
+from botorch.models.ensemble import EnsembleModel
+from botorch.sampling.base import MCSampler
+from botorch.sampling.normal import SobolQMCNormalSampler
+from botorch.utils.transforms import concatenate_pending_points, t_batch_mode_transform
+
+from sdl.models.pool_ensemble import MemberSampler
+from sdl.objectives import Objective
+
+__all__ = ["ACQUISITIONS", "qMaxVariance", "build_acquisition", "default_sampler"]
+
+logger = logging.getLogger(__name__)
+
+ACQUISITIONS = ("qucb", "qlogei", "qlognei", "max-variance", "thompson")
+
+
+class qMaxVariance(MCAcquisitionFunction):
+    """Pure exploration: ``E[max_q sqrt(pi/2) |Y - E Y|]`` over the joint q-batch (+ pending points).
+
+    For ``q = 1`` with a Gaussian posterior this is the posterior std; for a batch it is qUCB's
+    exploration term, so points that move together with pending or already chosen ones (same
+    members disagreeing the same way, or correlated under a GP) add little.
+
+    Args:
+        model: A BoTorch model (GP or ensemble).
+        sampler: MC sampler (a :class:`MemberSampler` for ensembles).
+        X_pending: ``m x d`` pending points.
+    """
+
+    def __init__(self, model: Any, sampler: MCSampler | None = None, X_pending: torch.Tensor | None = None) -> None:
+        super().__init__(model=model, sampler=sampler, X_pending=X_pending)
+
+    @concatenate_pending_points
+    @t_batch_mode_transform()
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        """``batch x q x d`` -> ``batch`` values."""
+        _, obj = self._get_samples_and_objectives(X)  # sample x batch x q
+        dev = (obj - obj.mean(dim=0, keepdim=True)).abs() * math.sqrt(math.pi / 2.0)
+        return dev.max(dim=-1).values.mean(dim=0)
+
+
+def default_sampler(model: Any, seed: int, num_samples: int = 256) -> MCSampler:
+    """Every member once for ensembles; a seeded scrambled-Sobol normal sampler otherwise."""
+    if isinstance(model, EnsembleModel):
+        return MemberSampler(getattr(model, "ensemble_size", None) or model.predictions.shape[0])
+    return SobolQMCNormalSampler(sample_shape=torch.Size([num_samples]), seed=int(seed))
+
+
+def build_acquisition(
+    name: str,
+    model: Any,
+    objective: Objective,
+    *,
+    X_baseline: torch.Tensor,
+    y_baseline: torch.Tensor,
+    X_pending: torch.Tensor | None = None,
+    beta: float = 2.0,
+    seed: int = 0,
+) -> AcquisitionFunction:
+    """Construct the acquisition ``name`` on ``model``.
+
+    Args:
+        name: One of :data:`ACQUISITIONS` except ``thompson``.
+        model: Fitted GP or :class:`~sdl.models.pool_ensemble.PoolEnsembleModel`.
+        objective: Turns raw posterior samples into utilities.
+        X_baseline: ``n x d`` inputs already measured (qLogNEI's baseline).
+        y_baseline: ``n`` raw measured values (qLogEI's incumbent = best utility).
+        X_pending: ``m x d`` pending inputs (proposed or running, not yet measured).
+        beta: qUCB's exploration weight.
+        seed: Seed of the MC sampler (GP).
+
+    Raises:
+        ValueError: Unknown name (listing the known ones).
+    """
+    name = name.lower()
+    sampler = default_sampler(model, seed)
+    mc_obj = objective.mc_objective()
+    pending = X_pending if X_pending is not None and X_pending.numel() else None
+    if name == "qucb":
+        return qUpperConfidenceBound(model, beta=beta, sampler=sampler, objective=mc_obj, X_pending=pending)
+    if name == "qlogei":
+        best_f = objective.utility(y_baseline.to(torch.float64)).max()
+        return qLogExpectedImprovement(model, best_f=best_f, sampler=sampler, objective=mc_obj, X_pending=pending)
+    if name == "qlognei":
+        is_ensemble = isinstance(model, EnsembleModel)
+        return qLogNoisyExpectedImprovement(
+            model, X_baseline=X_baseline, sampler=sampler, objective=mc_obj, X_pending=pending,
+            prune_baseline=True, cache_root=not is_ensemble,
+        )
+    if name == "max-variance":
+        return qMaxVariance(model, sampler=sampler, X_pending=pending)
+    raise ValueError(f"acquisition.function: unknown {name!r}; known: {', '.join(ACQUISITIONS)}")

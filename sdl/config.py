@@ -1,0 +1,867 @@
+"""The campaign YAML schema: one frozen pydantic model tree, loaded with file:line errors.
+
+A scientist describes a whole campaign in one YAML file; everything downstream (engine, flow,
+repository) reads only the validated :class:`CampaignConfig`. Loading is strict on purpose: a typo
+in a key or a bound found after three days of robot time is expensive, so every problem is
+reported before anything runs, as one line ``file:line field.path: message``.
+
+YAML is read with ``yaml.SafeLoader`` (no ``!!python/*`` tags), node by node, so that every field
+path can be mapped back to its line. ``${VAR}`` (or ``${VAR:-default}``) in any string is replaced by
+the environment variable, so no password needs to live in a YAML file.
+
+This module must stay light: it never imports torch or prefect.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from sdl.exceptions import CampaignConfigError
+
+__all__ = [
+    "Acquisition",
+    "Budget",
+    "CampaignConfig",
+    "CampaignConfigError",
+    "CandidateSet",
+    "CategoricalParameter",
+    "ContinuousParameter",
+    "FaultRates",
+    "GNNEnsembleModel",
+    "GNNEnsembleOptions",
+    "GPModel",
+    "GPOptions",
+    "InitialDesign",
+    "Instrument",
+    "IntegerParameter",
+    "Objective",
+    "RandomModel",
+    "RandomOptions",
+    "Repository",
+    "RetrainPolicy",
+    "SearchSpace",
+    "SimulatorOptions",
+    "StoppingRules",
+    "campaign_json_schema",
+    "load_campaign",
+    "validate_campaign_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
+_SERIAL_SCHEMES = ("socket", "rfc2217", "loop", "spy", "alt", "hwgrep", "cp2110")
+_MAX_NODES = 100_000
+_UNION_TAGS = frozenset({"continuous", "integer", "categorical", "random", "gp", "gnn-ensemble"})
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Frozen(BaseModel):
+    """Base of every config model: unknown keys are errors, values never change after loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    """The YAML file's directory (from the validation context), against which paths resolve."""
+    context = info.context or {}
+    return Path(context.get("base_dir") or Path.cwd())
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    path = Path(os.path.expanduser(str(path)))
+    return path if path.is_absolute() else (_base_dir(info) / path).resolve()
+
+
+def _check_bounds(low: float, high: float, what: str) -> None:
+    if not low < high:
+        raise ValueError(f"{what} must be below high, got low={low!r} >= high={high!r}")
+
+
+# --------------------------------------------------------------------------- search space
+
+
+class ContinuousParameter(_Frozen):
+    """A real-valued process parameter with inclusive bounds."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="Parameter name, as sent in the recipe.")
+    type: Literal["continuous"] = Field(description="Parameter kind: a real number in [low, high].")
+    low: float = Field(description="Lower bound (inclusive), in `unit`.")
+    high: float = Field(description="Upper bound (inclusive), in `unit`; must be above `low`.")
+    unit: str | None = Field(default=None, description="Unit of the parameter, e.g. 'mm' or 'deg'.")
+
+    @field_validator("high")
+    @classmethod
+    def _high_above_low(cls, high: float, info: ValidationInfo) -> float:
+        if "low" in info.data:
+            _check_bounds(info.data["low"], high, "low")
+        return high
+
+
+class IntegerParameter(_Frozen):
+    """An integer process parameter (e.g. a count of struts) with inclusive bounds."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="Parameter name, as sent in the recipe.")
+    type: Literal["integer"] = Field(description="Parameter kind: an integer in [low, high].")
+    low: int = Field(description="Lower bound (inclusive).")
+    high: int = Field(description="Upper bound (inclusive); must be above `low`.")
+    unit: str | None = Field(default=None, description="Unit of the parameter, if any.")
+
+    @field_validator("high")
+    @classmethod
+    def _high_above_low(cls, high: int, info: ValidationInfo) -> int:
+        if "low" in info.data:
+            _check_bounds(info.data["low"], high, "low")
+        return high
+
+
+class CategoricalParameter(_Frozen):
+    """A parameter that takes one of a few unordered values (a solvent, a precursor)."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="Parameter name, as sent in the recipe.")
+    type: Literal["categorical"] = Field(description="Parameter kind: one of `choices`.")
+    choices: list[str | int | float] = Field(description="The allowed values (at least two, all different).")
+    unit: str | None = Field(default=None, description="Unit of the values, if any.")
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct_choices(cls, choices: list[str | int | float]) -> list[str | int | float]:
+        if len(choices) < 2:
+            raise ValueError(f"needs at least 2 choices, got {len(choices)}: {choices!r}")
+        if len({str(c) for c in choices}) != len(choices):
+            raise ValueError(f"choices must be distinct, got {choices!r}")
+        return choices
+
+
+Parameter = Annotated[
+    Union[ContinuousParameter, IntegerParameter, CategoricalParameter], Field(discriminator="type")
+]
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    """The column names of a (gzipped) CSV file, or None for other formats."""
+    name = path.name.lower()
+    if not name.endswith((".csv", ".csv.gz")):
+        return None
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8") as handle:  # type: ignore[operator]
+            return next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"cannot read the header of {str(path)!r}: {exc}") from exc
+
+
+class CandidateSet(_Frozen):
+    """A fixed pool of candidates read from a table: rows of parameters, or crystal structures."""
+
+    file: Path = Field(
+        description="Table of candidates (CSV, optionally gzipped), relative to this YAML file; must exist."
+    )
+    id_column: str = Field(default="id", description="Column with a unique id per candidate.")
+    structure_column: str | None = Field(
+        default=None, description="Column with one crystal structure per row (CIF text or pymatgen JSON)."
+    )
+    structure_format: Literal["cif", "pymatgen-json"] = Field(
+        default="cif", description="How `structure_column` is written: CIF text or pymatgen Structure JSON."
+    )
+    parameter_columns: list[str] | None = Field(
+        default=None, description="Numeric columns used as descriptors / recipe parameters of each row."
+    )
+    formula_column: str | None = Field(default=None, description="Column with the chemical formula, if any.")
+
+    @field_validator("file")
+    @classmethod
+    def _file_exists(cls, file: Path, info: ValidationInfo) -> Path:
+        resolved = _resolve(file, info)
+        if not resolved.is_file():
+            raise ValueError(f"candidates file {str(file)!r} does not exist (looked for {str(resolved)!r})")
+        return resolved
+
+    @model_validator(mode="after")
+    def _columns_exist(self) -> CandidateSet:
+        header = _csv_header(self.file)
+        if header is None:
+            return self
+        wanted = [self.id_column, self.structure_column, self.formula_column, *(self.parameter_columns or [])]
+        missing = [c for c in wanted if c is not None and c not in header]
+        if missing:
+            raise ValueError(f"column(s) {missing} not in {self.file.name}; its columns are {header}")
+        if self.structure_column is None and not self.parameter_columns:
+            raise ValueError("give structure_column (crystals) or parameter_columns (tabular rows)")
+        return self
+
+
+class SearchSpace(_Frozen):
+    """Where the campaign searches: process parameters with bounds, OR a pool of candidates."""
+
+    parameters: list[Parameter] | None = Field(
+        default=None, min_length=1, description="Process parameters (continuous, integer, categorical)."
+    )
+    candidates: CandidateSet | None = Field(default=None, description="A fixed candidate pool read from a file.")
+
+    @field_validator("parameters")
+    @classmethod
+    def _unique_names(cls, parameters: list[Any] | None) -> list[Any] | None:
+        names = [p.name for p in parameters or []]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"parameter names must be unique, repeated: {duplicates}")
+        return parameters
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchSpace:
+        if (self.parameters is None) == (self.candidates is None):
+            got = "both" if self.parameters is not None else "neither"
+            raise ValueError(f"give exactly one of 'parameters' or 'candidates' (got {got})")
+        return self
+
+
+# --------------------------------------------------------------------------- objective, model
+
+
+class Objective(_Frozen):
+    """The measured property the campaign optimises, and in which direction."""
+
+    property: str = Field(min_length=1, description="Name of the measured property, e.g. 'e_form'.")
+    unit: str = Field(description="Unit of the property, e.g. 'eV' or 'J' (empty string if unitless).")
+    goal: Literal["maximize", "minimize", "target"] = Field(
+        description="maximize, minimize, or bring the value into `target_range`."
+    )
+    target_range: tuple[float, float] | None = Field(
+        default=None,
+        validate_default=True,
+        description="[low, high] window of acceptable values; required with goal 'target', only then.",
+    )
+
+    @field_validator("target_range")
+    @classmethod
+    def _range_matches_goal(
+        cls, target_range: tuple[float, float] | None, info: ValidationInfo
+    ) -> tuple[float, float] | None:
+        goal = info.data.get("goal")
+        if goal == "target" and target_range is None:
+            raise ValueError("goal 'target' needs target_range: [low, high]")
+        if goal in ("maximize", "minimize") and target_range is not None:
+            raise ValueError(f"target_range is only used with goal 'target', not {goal!r}")
+        if target_range is not None:
+            _check_bounds(target_range[0], target_range[1], "target_range low")
+        return target_range
+
+
+class RandomOptions(_Frozen):
+    """The random baseline has no options."""
+
+
+class RandomModel(_Frozen):
+    """Uniform random proposals: the baseline every benchmark reports beside the models."""
+
+    name: Literal["random"] = Field(description="Model kind.")
+    options: RandomOptions = Field(default_factory=RandomOptions, description="No options.")
+
+
+class GPOptions(_Frozen):
+    """Options of the Gaussian-process baseline (BoTorch SingleTaskGP)."""
+
+    kernel: Literal["matern52", "rbf"] = Field(default="matern52", description="Covariance kernel.")
+    descriptors: Literal["auto", "parameters", "composition"] = Field(
+        default="auto",
+        description="GP inputs: the process parameters, composition features of the formula, or "
+        "'auto' (parameters if any, else composition).",
+    )
+
+
+class GPModel(_Frozen):
+    """Gaussian process over parameters or composition descriptors."""
+
+    name: Literal["gp"] = Field(description="Model kind.")
+    options: GPOptions = Field(default_factory=GPOptions, description="GP options.")
+
+
+class GNNEnsembleOptions(_Frozen):
+    """Hyperparameters of the crystal-graph network ensemble (its spread is the uncertainty)."""
+
+    members: int = Field(default=5, ge=1, le=64, description="Number of independently trained networks.")
+    hidden: int = Field(default=64, ge=1, le=1024, description="Width of node features.")
+    layers: int = Field(default=3, ge=1, le=12, description="Number of message-passing layers.")
+    cutoff: float = Field(default=6.0, gt=0.0, le=20.0, description="Neighbour cutoff radius, Å.")
+    max_neighbors: int = Field(default=12, ge=1, le=64, description="Nearest neighbours kept per atom.")
+    rbf: int = Field(default=40, ge=1, le=256, description="Gaussian basis functions for edge distances.")
+    epochs: int = Field(default=150, ge=1, description="Maximum training epochs per member.")
+    patience: int = Field(default=20, ge=1, description="Early-stopping patience, epochs.")
+    learning_rate: float = Field(default=2e-3, gt=0.0, lt=1.0, description="Adam learning rate.")
+    batch_size: int = Field(default=64, ge=1, description="Graphs per training batch.")
+    validation_fraction: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Share of training data held out for early stopping."
+    )
+    bootstrap: bool = Field(default=True, description="Train each member on a bootstrap resample.")
+    warm_start: bool = Field(default=True, description="Start each round from the previous round's weights.")
+
+
+class GNNEnsembleModel(_Frozen):
+    """Ensemble of crystal-graph neural networks, exposed to BoTorch as an EnsembleModel."""
+
+    name: Literal["gnn-ensemble"] = Field(description="Model kind.")
+    options: GNNEnsembleOptions = Field(default_factory=GNNEnsembleOptions, description="Ensemble options.")
+
+
+ModelConfig = Annotated[Union[RandomModel, GPModel, GNNEnsembleModel], Field(discriminator="name")]
+
+
+class Acquisition(_Frozen):
+    """How the next batch is chosen from the model's predictions.
+
+    The one default is ``qlognei``, the right choice for the GP; for the GNN ensemble use ``qucb``
+    (its members are few samples, so expected-improvement estimates are coarse).
+    """
+
+    function: Literal["qlogei", "qlognei", "qucb", "max-variance", "thompson"] = Field(
+        default="qlognei",
+        description="Acquisition function (default qlognei; qucb is recommended for gnn-ensemble).",
+    )
+    batch_size: int = Field(default=1, ge=1, le=1024, description="Experiments proposed per round (q).")
+    beta: float = Field(default=2.0, gt=0.0, description="Exploration weight of qUCB (mean + sqrt(beta)·std).")
+
+
+class InitialDesign(_Frozen):
+    """Experiments chosen without a model, before the first training round."""
+
+    strategy: Literal["random", "sobol"] = Field(default="random", description="How to pick them.")
+    size: int = Field(default=2, ge=1, description="How many initial experiments.")
+
+
+class Budget(_Frozen):
+    """Hard limits of the campaign."""
+
+    experiments: int = Field(gt=0, description="Maximum number of experiments, initial design included.")
+    max_failures: int | None = Field(
+        default=None, ge=0, description="Stop after this many failed experiments (none: never)."
+    )
+
+
+class StoppingRules(_Frozen):
+    """Optional early stops; the campaign ends at the first rule that fires or at the budget."""
+
+    goal_value: float | None = Field(
+        default=None, description="Stop once a measured value reaches this (in the goal's direction)."
+    )
+    patience: int | None = Field(default=None, ge=1, description="Stop after this many rounds without improvement.")
+    min_expected_improvement: float | None = Field(
+        default=None, ge=0.0, description="Stop when the best expected improvement falls below this."
+    )
+
+
+class RetrainPolicy(_Frozen):
+    """When the model is retrained."""
+
+    every: int = Field(default=1, ge=1, description="Number of new measurements before retraining.")
+
+
+# --------------------------------------------------------------------------- instruments, repository
+
+
+class FaultRates(_Frozen):
+    """Per-command probabilities of the simulated faults, each in [0, 1]."""
+
+    timeout: float = Field(default=0.0, ge=0.0, le=1.0, description="Probability of never answering.")
+    garbled: float = Field(default=0.0, ge=0.0, le=1.0, description="Probability of a corrupted reply line.")
+    drop: float = Field(default=0.0, ge=0.0, le=1.0, description="Probability of dropping the connection.")
+    busy: float = Field(default=0.0, ge=0.0, le=1.0, description="Probability of answering BUSY.")
+    failed_synthesis: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Probability that a synthesis fails for a material reason."
+    )
+    drift: float = Field(default=0.0, ge=0.0, le=1.0, description="Probability of a drifted measurement.")
+
+
+class SimulatorOptions(_Frozen):
+    """How a simulated instrument behaves (used only with ``simulated: true``)."""
+
+    time_scale: float = Field(default=0.01, gt=0.0, description="Factor on the real durations (0.01 = 100× faster).")
+    seed: int | None = Field(default=None, description="Seed of the noise and faults (none: the campaign seed).")
+    noise_std: float = Field(default=0.0, ge=0.0, description="Extra Gaussian noise on measured values, in its unit.")
+    off_table: Literal["nearest", "refuse"] = Field(
+        default="nearest", description="For a recipe not in the world's table: use the nearest row, or refuse it."
+    )
+    faults: FaultRates = Field(default_factory=FaultRates, description="Fault probabilities per command.")
+
+
+class Instrument(_Frozen):
+    """One instrument on the line protocol: a real one at `url`, or a simulator on a world file."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="Unique instrument name (used in logs and the database).")
+    role: Literal["synthesis", "characterization"] = Field(description="What the instrument does.")
+    driver: Literal["sdl-line"] = Field(default="sdl-line", description="Driver: the sdl line protocol.")
+    url: str | None = Field(
+        default=None,
+        description="Connection, e.g. 'socket://127.0.0.1:5000' or '/dev/ttyUSB0'; for a simulator, where it serves.",
+    )
+    simulated: bool = Field(default=False, description="Start a simulator for this instrument on `world`.")
+    world: Path | None = Field(
+        default=None, description="Data file the simulator answers from, relative to this YAML file."
+    )
+    measures: list[str] = Field(default_factory=list, description="Properties this instrument measures.")
+    timeout_s: float = Field(default=10.0, gt=0.0, description="Reply timeout per command, seconds.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Driver-specific options (e.g. baudrate).")
+    simulator: SimulatorOptions = Field(default_factory=SimulatorOptions, description="Simulator behaviour.")
+
+    @field_validator("url")
+    @classmethod
+    def _serial_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        if not url or any(ch.isspace() for ch in url):
+            raise ValueError(f"url must be non-empty without spaces, got {url!r}")
+        if "://" in url:
+            scheme, _, rest = url.partition("://")
+            if scheme not in _SERIAL_SCHEMES:
+                raise ValueError(f"url scheme {scheme!r} is not one of {list(_SERIAL_SCHEMES)} (got {url!r})")
+            if scheme in ("socket", "rfc2217") and not re.fullmatch(r"[^:/]+:\d{1,5}(/.*|\?.*)?", rest):
+                raise ValueError(f"url must look like '{scheme}://HOST:PORT', got {url!r}")
+        elif not (url.startswith("/") or re.fullmatch(r"COM\d+", url)):
+            raise ValueError(f"url must be a device path (/dev/...), COMn or SCHEME://..., got {url!r}")
+        return url
+
+    @field_validator("world")
+    @classmethod
+    def _world_exists(cls, world: Path | None, info: ValidationInfo) -> Path | None:
+        if world is None:
+            return None
+        resolved = _resolve(world, info)
+        if not resolved.is_file():
+            raise ValueError(f"world file {str(world)!r} does not exist (looked for {str(resolved)!r})")
+        return resolved
+
+    @model_validator(mode="after")
+    def _connection(self) -> Instrument:
+        if self.simulated and self.world is None:
+            raise ValueError(f"instrument {self.name!r}: simulated: true needs a world file")
+        if not self.simulated and self.world is not None:
+            raise ValueError(f"instrument {self.name!r}: world is only used with simulated: true")
+        if not self.simulated and self.url is None:
+            raise ValueError(f"instrument {self.name!r}: give url, or simulated: true with a world file")
+        if self.role == "characterization" and not self.measures:
+            raise ValueError(f"characterization instrument {self.name!r} must list what it measures")
+        return self
+
+
+class Repository(_Frozen):
+    """Where the knowledge repository lives (SQLAlchemy URL)."""
+
+    url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL, e.g. 'sqlite:///sdl.db' or '${SDL_DATABASE_URL}'; "
+        "overridden by --db and SDL_DATABASE_URL; default sqlite:///sdl.db.",
+    )
+
+
+# --------------------------------------------------------------------------- campaign
+
+
+class CampaignConfig(_Frozen):
+    """A whole closed-loop campaign: what to search, what to optimise, with which model and lab."""
+
+    name: str = Field(pattern=_NAME_PATTERN, max_length=100, description="Campaign name (unique per repository).")
+    description: str = Field(default="", description="Free text for humans.")
+    seed: int = Field(default=0, description="Seed of every random choice, for reproducible campaigns.")
+    search_space: SearchSpace = Field(description="Process parameters or a candidate pool.")
+    objective: Objective = Field(description="The property to optimise.")
+    model: ModelConfig = Field(description="Surrogate model: random, gp or gnn-ensemble, with its options.")
+    acquisition: Acquisition = Field(default_factory=Acquisition, description="Acquisition function and batch size.")
+    initial_design: InitialDesign = Field(
+        default_factory=InitialDesign, description="Experiments before the first model."
+    )
+    budget: Budget = Field(description="Maximum number of experiments and failures.")
+    stopping: StoppingRules = Field(default_factory=StoppingRules, description="Optional early stopping rules.")
+    retrain: RetrainPolicy = Field(default_factory=RetrainPolicy, description="When to retrain the model.")
+    instruments: list[Instrument] = Field(
+        default_factory=list,
+        description="The lab: at least one synthesis and one characterization instrument, or none "
+        "(then the campaign can be validated and benchmarked, not run).",
+    )
+    repository: Repository = Field(default_factory=Repository, description="The knowledge repository.")
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: Path | None = PrivateAttr(default=None)
+
+    def model_post_init(self, context: Any) -> None:
+        """Keep the YAML's location (not a field: it is no part of the campaign's identity)."""
+        context = context or {}
+        self._base_dir = Path(context.get("base_dir") or Path.cwd()).resolve()
+        self._source = Path(context["source"]) if context.get("source") else None
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory of the YAML file; relative paths in it resolve against this."""
+        return self._base_dir
+
+    @property
+    def source(self) -> Path | None:
+        """The YAML file this config was loaded from, if any."""
+        return self._source
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_covers_initial_design(cls, budget: Budget, info: ValidationInfo) -> Budget:
+        design = info.data.get("initial_design")
+        if design is not None and design.size > budget.experiments:
+            raise ValueError(
+                f"experiments ({budget.experiments}) must be >= initial_design.size ({design.size})"
+            )
+        return budget
+
+    @field_validator("instruments")
+    @classmethod
+    def _lab_is_complete(cls, instruments: list[Instrument], info: ValidationInfo) -> list[Instrument]:
+        if not instruments:
+            return instruments
+        names = [i.name for i in instruments]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"instrument names must be unique, repeated: {duplicates}")
+        roles = {i.role for i in instruments}
+        for role in ("synthesis", "characterization"):
+            if role not in roles:
+                raise ValueError(f"needs at least one {role} instrument (roles listed: {sorted(roles)})")
+        objective = info.data.get("objective")
+        measured = {m for i in instruments if i.role == "characterization" for m in i.measures}
+        if objective is not None and objective.property not in measured:
+            raise ValueError(
+                f"no characterization instrument measures the objective {objective.property!r} "
+                f"(measured: {sorted(measured)})"
+            )
+        return instruments
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able dump for the repository: paths relative to :attr:`base_dir`, passwords masked.
+
+        Relative paths keep the snapshot (and the hash) the same wherever the project is checked out.
+        """
+        data = self.model_dump(mode="json")
+        candidates = data["search_space"].get("candidates")
+        if candidates is not None:
+            candidates["file"] = self._relative(self.search_space.candidates.file)  # type: ignore[union-attr]
+        for dumped, instrument in zip(data["instruments"], self.instruments):
+            if instrument.world is not None:
+                dumped["world"] = self._relative(instrument.world)
+        if data["repository"]["url"]:
+            data["repository"]["url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", data["repository"]["url"])
+        return data
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON snapshot, without the repository (where results go is no
+        part of what the campaign does, and its URL may differ between machines)."""
+        data = self.snapshot()
+        data.pop("repository", None)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def _relative(self, path: Path) -> str:
+        return Path(os.path.relpath(path, self._base_dir)).as_posix()
+
+
+def campaign_json_schema() -> dict[str, Any]:
+    """JSON Schema of the campaign YAML (editors use it for completion and checks)."""
+    schema = CampaignConfig.model_json_schema()
+    return {**schema, "$schema": "https://json-schema.org/draft/2020-12/schema", "title": "SDL campaign"}
+
+
+# --------------------------------------------------------------------------- loading
+
+_Path = tuple[str | int, ...]
+
+
+def _format_path(path: _Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _compose(text: str, file: str) -> tuple[Any, dict[_Path, int]]:
+    """Parse YAML safely; return the data and a map field path → 1-based line."""
+    loader = yaml.SafeLoader(text)
+    lines: dict[_Path, int] = {}
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            size = _tree_size(node, {})
+            if size > _MAX_NODES:
+                raise CampaignConfigError(
+                    f"document expands to {size} values through aliases (more than {_MAX_NODES})", file=file, line=1
+                )
+            _walk(node, (), lines, file)
+        try:
+            data = loader.construct_document(node) if node is not None else None
+        except yaml.constructor.ConstructorError as exc:
+            line = exc.problem_mark.line + 1 if exc.problem_mark else None
+            tag = re.search(r"tag '([^']*)'", exc.problem or "")
+            field = next((p for p, n in sorted(lines.items(), key=lambda kv: len(kv[0])) if n == line and p), None)
+            what = f"tag {tag.group(1).replace('tag:yaml.org,2002:', '!!')!r}" if tag else (exc.problem or "value")
+            raise CampaignConfigError(
+                f"unsafe or unknown YAML {what} (only plain YAML is allowed)",
+                file=file,
+                line=line,
+                field=_format_path(field) if field else None,
+            ) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        what = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.problem:
+            where = f" started at line {exc.context_mark.line + 1}" if exc.context_mark else ""
+            what = f"{exc.problem} ({exc.context}{where})"
+        raise CampaignConfigError(
+            f"YAML syntax error: {what}", file=file, line=mark.line + 1 if mark else None
+        ) from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _tree_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Number of values once aliases are expanded (guards against 'billion laughs' documents)."""
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a recursive alias counts once instead of looping
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        memo[id(node)] = 1 + sum(min(_tree_size(c, memo), _MAX_NODES + 1) for c in children)
+    return memo[id(node)]
+
+
+def _walk(node: yaml.Node, path: _Path, lines: dict[_Path, int], file: str) -> None:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = str(key_node.value)
+            if key in seen:
+                raise CampaignConfigError(
+                    f"duplicate key {key!r}",
+                    file=file,
+                    line=key_node.start_mark.line + 1,
+                    field=_format_path((*path, key)),
+                )
+            seen.add(key)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            _walk(value_node, (*path, key), lines, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*path, index)] = item.start_mark.line + 1
+            _walk(item, (*path, index), lines, file)
+
+
+def _expand_env(value: Any, path: _Path, lines: dict[_Path, int], file: str | None) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; an unset variable is an error."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, (*path, str(k)), lines, file) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, (*path, i), lines, file) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found is None:
+            if default is not None:
+                return default
+            raise CampaignConfigError(
+                f"environment variable {name!r} is not set (referenced as ${{{name}}})",
+                file=file,
+                line=_line_of(path, lines),
+                field=_format_path(path),
+            )
+        return found
+
+    return _ENV_PATTERN.sub(replace, value)
+
+
+def _line_of(path: _Path, lines: dict[_Path, int]) -> int | None:
+    """Line of the deepest node along ``path`` that exists in the YAML."""
+    for end in range(len(path), -1, -1):
+        if path[:end] in lines:
+            return lines[path[:end]]
+    return None
+
+
+def _data_path(loc: tuple[Any, ...], data: Any) -> _Path:
+    """Turn a pydantic error loc into a path in the YAML data.
+
+    Drops the union tags pydantic inserts (``model.gp.options`` → ``model.options``) and the type
+    labels after a scalar; a missing key ends the path.
+    """
+    path: list[str | int] = []
+    current = data
+    for part in loc:
+        if isinstance(current, dict):
+            if part in current:
+                path.append(part)
+                current = current[part]
+                continue
+            if part in _UNION_TAGS and part in (current.get("type"), current.get("name")):
+                continue  # discriminated-union tag
+            path.append(part)
+            return tuple(path)
+        if isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            path.append(part)
+            current = current[part]
+            continue
+        break  # a scalar: the rest are type labels of a plain union
+    return tuple(path)
+
+
+def _model_at(path: _Path, data: Any) -> type[BaseModel] | None:
+    """The config model class that validates the mapping at ``path`` (for 'allowed keys' hints)."""
+    candidates: list[type[BaseModel]] = [CampaignConfig]
+    current = data
+    for part in path:
+        if isinstance(part, int):
+            current = current[part] if isinstance(current, list) and 0 <= part < len(current) else None
+            continue
+        model = _pick_model(candidates, current)
+        if model is None or not isinstance(current, dict) or part not in model.model_fields:
+            return None
+        candidates = _models_in(model.model_fields[part].annotation)
+        current = current.get(part)
+    return _pick_model(candidates, current)
+
+
+def _pick_model(candidates: list[type[BaseModel]], value: Any) -> type[BaseModel] | None:
+    if len(candidates) == 1:
+        return candidates[0]
+    if not isinstance(value, dict):
+        return None
+    for candidate in candidates:
+        for key in ("type", "name"):
+            field = candidate.model_fields.get(key)
+            if field is not None and value.get(key) in typing.get_args(field.annotation):
+                return candidate
+    return None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, list, Annotated):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def _error_message(error: dict[str, Any], data: Any, path: _Path) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        model = _model_at(path[:-1], data)
+        allowed = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(path[-1]), allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown key {path[-1]!r}{hint}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+    message = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        expected = error.get("ctx", {}).get("expected_tags", "")
+        tag = error.get("ctx", {}).get("tag")
+        return f"must be one of {expected}" + (f" (got {tag!r})" if tag is not None else "")
+    if kind != "value_error" and not isinstance(error.get("input"), (dict, list)):
+        message += f" (got {error.get('input')!r})"
+    return message
+
+
+def _config_error(exc: ValidationError, data: Any, lines: dict[_Path, int], file: str | None) -> CampaignConfigError:
+    """The first error (in file order) of a pydantic ValidationError, as one ``file:line field`` line."""
+    found = []
+    for error in exc.errors():
+        path = _data_path(tuple(error["loc"]), data)
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            path = (*path, str(error.get("ctx", {}).get("discriminator", "")).strip("'"))
+        found.append((_line_of(path, lines) or 0, path, error))
+    # Problems at nodes that exist first (a typo in a key beats the 'missing' it causes), then file order.
+    found.sort(key=lambda item: (item[2]["type"] == "missing", item[0]))
+    line, path, error = found[0]
+    message = _error_message(error, data, path)
+    others = len({p for _, p, _ in found}) - 1
+    if others > 0:
+        message += f" (and {others} more error{'s' if others > 1 else ''})"
+    return CampaignConfigError(message, file=file, line=line or None, field=_format_path(path) or None)
+
+
+def validate_campaign_dict(
+    data: Any,
+    file: str | Path | None = None,
+    *,
+    base_dir: str | Path | None = None,
+    _lines: dict[_Path, int] | None = None,
+) -> CampaignConfig:
+    """Validate already-parsed campaign data (e.g. a snapshot read back from the repository).
+
+    Args:
+        data: The mapping, as ``yaml.safe_load`` would return it.
+        file: The file it came from, for error messages and as the base of relative paths.
+        base_dir: Directory relative paths resolve against (default: the file's directory, else cwd).
+
+    Raises:
+        CampaignConfigError: ``file:line field.path: message`` for the first problem.
+    """
+    name = str(file) if file is not None else None
+    lines = _lines or {}
+    if not isinstance(data, dict):
+        got = "an empty document" if data is None else f"a {type(data).__name__}"
+        raise CampaignConfigError(f"a campaign must be a mapping of keys, got {got}", file=name, line=_line_of((), lines))
+    data = _expand_env(data, (), lines, name)
+    if base_dir is None:
+        base_dir = Path(file).resolve().parent if file is not None else Path.cwd()
+    context = {"base_dir": Path(base_dir), "source": Path(file).resolve() if file is not None else None}
+    try:
+        return CampaignConfig.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise _config_error(exc, data, lines, name) from None
+
+
+def load_campaign(path: str | Path) -> CampaignConfig:
+    """Read and validate a campaign YAML file.
+
+    Args:
+        path: The YAML file; relative paths inside it resolve against its directory.
+
+    Raises:
+        CampaignConfigError: ``file:line field.path: message`` for the first problem found.
+    """
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CampaignConfigError(f"cannot read the file: {reason}", file=name) from None
+    data, lines = _compose(text, name)
+    config = validate_campaign_dict(data, name, _lines=lines)
+    logger.debug("loaded campaign %r from %s (hash %s)", config.name, name, config.config_hash()[:12])
+    return config

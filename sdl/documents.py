@@ -1,0 +1,339 @@
+"""``RepositoryWriter``: a Bluesky ``(name, doc)`` subscriber that files every document in the repository.
+
+Why a subscriber and not a post-processing step: measurements must be in the repository as soon as
+the instrument produced them, so a crash between two experiments loses nothing.
+
+The writer follows the "Bluesky document convention" of ``docs/ARCHITECTURE.md``: the start
+document's ``md["sdl"]`` names the experiment, the instrument, the event data keys that are
+measurements (with property, unit and uncertainty key) and the data key holding the quality flag.
+It stores *every* document (start, descriptor, event, event_page, stop, resource, datum, ...),
+validates each against ``event_model``'s JSON schemas, derives one measurement per mapped data key
+per event, and flags a run's measurements ``invalid`` when its stop document says it did not
+succeed.
+
+It never raises into the RunEngine (a raising callback aborts the run): a failure is logged, kept
+in :attr:`RepositoryWriter.errors`, recorded as an event when the database allows, and the
+document is kept in :attr:`RepositoryWriter.pending` for :meth:`RepositoryWriter.retry`.
+Non-finite or non-numeric values are never stored as measurements (an event says so instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import math
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from sdl.exceptions import RepositoryError
+from sdl.repository.store import Store
+
+__all__ = ["RepositoryWriter", "WriterError"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class WriterError:
+    """One problem the writer met; ``stored`` says whether the document itself reached the database."""
+
+    name: str
+    run_uid: str | None
+    doc_uid: str | None
+    message: str
+    stored: bool
+
+
+@dataclasses.dataclass
+class _Run:
+    experiment_id: int | None
+    campaign_id: int | None
+    instrument: str | None
+    measurements: dict[str, dict[str, Any]]
+    quality_key: str | None
+
+
+def _epoch(t: Any) -> dt.datetime | None:
+    try:
+        value = float(t)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(value):
+        return None
+    return dt.datetime.fromtimestamp(value, dt.UTC)
+
+
+def _number(value: Any) -> float | None:
+    """``float(value)`` for real numbers (python or numpy scalars), None for anything else or non-finite."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        return None
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", ()) == ():
+        value = item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+class RepositoryWriter:
+    """Store Bluesky documents and derived measurements; never raise into the RunEngine.
+
+    Args:
+        store: The repository to write to.
+        validate: Check each document against ``event_model.schema_validators``.
+    """
+
+    def __init__(self, store: Store, *, validate: bool = True) -> None:
+        self.store = store
+        self.validate = validate
+        self.errors: list[WriterError] = []
+        self.pending: list[tuple[str, dict[str, Any]]] = []
+        self._runs: dict[str, _Run] = {}
+        self._descriptors: dict[str, str] = {}
+        self._resources: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ entry points
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        """Handle one document; any failure is recorded, never raised."""
+        with self._lock:
+            try:
+                self._handle(name, doc)
+            except Exception as exc:  # noqa: BLE001 - the RunEngine must never see it
+                self._fail(name, doc, f"{exc.__class__.__name__}: {exc}", stored=False)
+                self.pending.append((name, doc))
+
+    def retry(self) -> int:
+        """Try the documents whose storage failed again, in order; returns how many still fail."""
+        with self._lock:
+            queue, self.pending = self.pending, []
+            for name, doc in queue:
+                try:
+                    self._handle(name, doc)
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(name, doc, f"retry: {exc.__class__.__name__}: {exc}", stored=False)
+                    self.pending.append((name, doc))
+            return len(self.pending)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _run_of(self, name: str, doc: Mapping[str, Any]) -> str | None:
+        if name == "start":
+            uid = doc.get("uid")
+            return uid if isinstance(uid, str) else None
+        if name in ("stop", "descriptor"):
+            uid = doc.get("run_start")
+            return uid if isinstance(uid, str) else None
+        if name in ("event", "event_page"):
+            return self._descriptors.get(doc.get("descriptor", ""))
+        if name in ("resource", "stream_resource"):
+            uid = doc.get("run_start")
+            return uid if isinstance(uid, str) and uid in self._runs else None
+        if name in ("datum", "datum_page"):
+            return self._resources.get(doc.get("resource", ""))
+        if name == "stream_datum":
+            return self._resources.get(doc.get("stream_resource", ""))
+        return None
+
+    def _fail(self, name: str, doc: Mapping[str, Any], message: str, *, stored: bool) -> None:
+        run_uid = self._run_of(name, doc) if isinstance(doc, Mapping) else None
+        doc_uid = doc.get("uid") if isinstance(doc, Mapping) and isinstance(doc.get("uid"), str) else None
+        self.errors.append(WriterError(name=name, run_uid=run_uid, doc_uid=doc_uid, message=message, stored=stored))
+        logger.error("repository writer: %s document %s of run %s: %s", name, doc_uid, run_uid, message)
+
+    def _log(self, kind: str, message: str, run: _Run | None, level: str, payload: dict[str, Any]) -> None:
+        try:
+            self.store.log_event(
+                kind,
+                message,
+                campaign_id=run.campaign_id if run else None,
+                experiment_id=run.experiment_id if run else None,
+                level=level,
+                payload=payload,
+            )
+        except RepositoryError as exc:  # the database is gone: the error list still has it
+            logger.error("repository writer: cannot record event %s: %s", kind, exc)
+
+    def _check(self, name: str, doc: Mapping[str, Any]) -> None:
+        if not self.validate:
+            return
+        from event_model import DocumentNames, schema_validators
+
+        try:
+            validator = schema_validators[DocumentNames[name]]
+        except KeyError:
+            message = f"unknown document name {name!r}"
+        else:
+            try:
+                validator.validate(doc)
+                return
+            except Exception as exc:  # noqa: BLE001 - jsonschema.ValidationError and friends
+                message = f"schema: {getattr(exc, 'message', exc)}"
+        run_uid = self._run_of(name, doc)
+        self._fail(name, doc, message, stored=True)
+        self._log(
+            "document.invalid",
+            f"{name} document of run {run_uid} does not follow event-model's schema: {message}",
+            self._runs.get(run_uid or ""),
+            "error",
+            {"name": name, "run_uid": run_uid, "uid": doc.get("uid") if isinstance(doc.get("uid"), str) else None,
+             "error": message},
+        )
+
+    # ------------------------------------------------------------------ per document
+
+    def _handle(self, name: str, doc: dict[str, Any]) -> None:
+        if not isinstance(doc, Mapping):
+            raise RepositoryError(f"{name} document is a {type(doc).__name__}, not a mapping")
+        self._check(name, doc)
+        handler = getattr(self, f"_on_{name}", None)
+        if handler is not None:
+            handler(doc)
+        else:
+            self.store.record_document(self._run_of(name, doc), name, doc)
+
+    def _on_start(self, doc: dict[str, Any]) -> None:
+        uid = doc.get("uid")
+        if not isinstance(uid, str):
+            self.store.record_document(None, "start", doc)
+            return
+        md = doc.get("sdl") if isinstance(doc.get("sdl"), Mapping) else {}
+        experiment_id = md.get("experiment_id")
+        experiment_id = experiment_id if isinstance(experiment_id, int) and not isinstance(experiment_id, bool) else None
+        measurements = md.get("measurements") if isinstance(md.get("measurements"), Mapping) else {}
+        quality_key = md.get("quality_key") if isinstance(md.get("quality_key"), str) else None
+        instrument = md.get("instrument") if isinstance(md.get("instrument"), str) else None
+        campaign_id = None
+        if experiment_id is not None:
+            experiment = self.store.get_experiment(experiment_id)
+            if experiment is None:
+                self._fail("start", doc, f"md['sdl']['experiment_id']={experiment_id} names no experiment", stored=True)
+                self._log(
+                    "document.unlinked",
+                    f"run {uid}: md['sdl']['experiment_id']={experiment_id} names no experiment; stored unlinked",
+                    None,
+                    "error",
+                    {"run_uid": uid, "experiment_id": experiment_id},
+                )
+                experiment_id = None
+            else:
+                campaign_id = experiment.campaign_id
+        run = _Run(
+            experiment_id=experiment_id,
+            campaign_id=campaign_id,
+            instrument=instrument,
+            measurements={str(k): dict(v) for k, v in measurements.items() if isinstance(v, Mapping)},
+            quality_key=quality_key,
+        )
+        plan_name = doc.get("plan_name") if isinstance(doc.get("plan_name"), str) else None
+        self.store.record_run_start(uid, experiment_id=experiment_id, plan_name=plan_name, start_time=_epoch(doc.get("time")))
+        self._runs[uid] = run
+        self.store.record_document(uid, "start", doc)
+
+    def _on_descriptor(self, doc: dict[str, Any]) -> None:
+        run_uid = self._run_of("descriptor", doc)
+        if isinstance(doc.get("uid"), str) and run_uid is not None:
+            self._descriptors[doc["uid"]] = run_uid
+        self.store.record_document(run_uid, "descriptor", doc)
+
+    def _on_resource(self, doc: dict[str, Any]) -> None:
+        run_uid = self._run_of("resource", doc)
+        if isinstance(doc.get("uid"), str) and run_uid is not None:
+            self._resources[doc["uid"]] = run_uid
+        self.store.record_document(run_uid, "resource", doc)
+
+    def _on_stream_resource(self, doc: dict[str, Any]) -> None:
+        run_uid = self._run_of("stream_resource", doc)
+        if isinstance(doc.get("uid"), str) and run_uid is not None:
+            self._resources[doc["uid"]] = run_uid
+        self.store.record_document(run_uid, "stream_resource", doc)
+
+    def _measurements_of(self, run_uid: str | None, event: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+        run = self._runs.get(run_uid or "")
+        if run is None or not run.measurements:
+            return []
+        data = event.get("data") if isinstance(event.get("data"), Mapping) else {}
+        stamps = event.get("timestamps") if isinstance(event.get("timestamps"), Mapping) else {}
+        present = [k for k in run.measurements if k in data]
+        if not present:
+            return []
+        if run.experiment_id is None:
+            self._log(
+                "measurement.rejected",
+                f"run {run_uid}: event {event.get('uid')} has measurements but the run names no experiment",
+                run,
+                "warning",
+                {"run_uid": run_uid, "event_uid": event.get("uid"), "keys": present},
+            )
+            return []
+        quality = "ok"
+        if run.quality_key is not None:
+            flag = data.get(run.quality_key)
+            quality = str(flag) if flag not in (None, "") else "ok"
+        rows = []
+        for key in present:
+            spec = run.measurements[key]
+            raw = data[key]
+            value = _number(raw)
+            if value is None:
+                self._log(
+                    "measurement.rejected",
+                    f"run {run_uid}: {key}={raw!r} is not a finite number; not stored as a measurement",
+                    run,
+                    "warning",
+                    {"run_uid": run_uid, "event_uid": event.get("uid"), "data_key": key, "value": repr(raw)[:200],
+                     "property": spec.get("property")},
+                )
+                continue
+            unc_key = spec.get("uncertainty_key")
+            uncertainty = _number(data.get(unc_key)) if isinstance(unc_key, str) else None
+            rows.append(
+                (
+                    run.experiment_id,
+                    {
+                        "property": spec.get("property") or key,
+                        "value": value,
+                        "unit": spec.get("unit"),
+                        "uncertainty": uncertainty,
+                        "instrument": run.instrument,
+                        "quality": quality,
+                        "run_uid": run_uid,
+                        "event_uid": event.get("uid") if isinstance(event.get("uid"), str) else None,
+                        "timestamp": _epoch(stamps.get(key)) or _epoch(event.get("time")),
+                    },
+                )
+            )
+        return rows
+
+    def _on_event(self, doc: dict[str, Any]) -> None:
+        run_uid = self._run_of("event", doc)
+        self.store.record_document(run_uid, "event", doc, measurements=self._measurements_of(run_uid, doc))
+
+    def _on_event_page(self, doc: dict[str, Any]) -> None:
+        from event_model import unpack_event_page
+
+        run_uid = self._run_of("event_page", doc)
+        rows: list[tuple[int, dict[str, Any]]] = []
+        for event in unpack_event_page(doc):
+            rows.extend(self._measurements_of(run_uid, event))
+        self.store.record_document(run_uid, "event_page", doc, measurements=rows)
+
+    def _on_stop(self, doc: dict[str, Any]) -> None:
+        run_uid = self._run_of("stop", doc)
+        run = self._runs.get(run_uid or "")
+        if run_uid is None or run is None:
+            self.store.record_document(None, "stop", doc)
+            raise RepositoryError(f"stop document {doc.get('uid')} names unknown run {doc.get('run_start')!r}")
+        self.store.record_document(run_uid, "stop", doc)
+        exit_status = str(doc.get("exit_status") or "unknown")
+        reason = doc.get("reason") if isinstance(doc.get("reason"), str) else None
+        self.store.record_run_stop(run_uid, exit_status=exit_status, reason=reason, stop_time=_epoch(doc.get("time")))
+        if exit_status != "success":
+            self.store.invalidate_run_measurements(run_uid, reason=f"run exit status {exit_status}: {reason or ''}".strip())
+        self._runs.pop(run_uid, None)
+        self._descriptors = {d: r for d, r in self._descriptors.items() if r != run_uid}
+        self._resources = {d: r for d, r in self._resources.items() if r != run_uid}

@@ -1,0 +1,113 @@
+"""Objectives: maximize, minimize or hit a target range, as one utility per measurement (higher = better).
+
+Choice made here (and why): the models learn the *raw* property (band gap, toughness), because
+that is what was measured and what the uncertainty metrics are about; the acquisition works on
+the *utility* through a BoTorch ``GenericMCObjective`` applied to posterior samples. So a
+target range (e.g. band gap 1.1-1.7 eV, utility = minus the distance to the range, 0 inside)
+rewards candidates whose whole predictive distribution sits in the band, which fitting a model
+on the kinked utility itself would blur.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+__all__ = ["Objective"]
+
+logger = logging.getLogger(__name__)
+
+Goal = Literal["maximize", "minimize", "target"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One property and what "better" means for it.
+
+    Args:
+        goal: ``maximize``, ``minimize`` or ``target``.
+        target_range: ``(low, high)`` for ``target`` (ignored otherwise).
+        property: Property name (e.g. ``gap_gllbsc``), for logs and records.
+        unit: Unit text.
+    """
+
+    goal: Goal = "maximize"
+    target_range: tuple[float, float] | None = None
+    property: str = "y"
+    unit: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.goal not in ("maximize", "minimize", "target"):
+            raise ValueError(f"objective.goal must be maximize, minimize or target, got {self.goal!r}")
+        if self.goal == "target":
+            tr = self.target_range
+            if tr is None or len(tr) != 2 or not float(tr[0]) <= float(tr[1]):
+                raise ValueError(f"objective.target_range must be (low, high) with low <= high, got {tr!r}")
+            object.__setattr__(self, "target_range", (float(tr[0]), float(tr[1])))
+
+    @classmethod
+    def from_any(cls, obj: Any) -> Objective:
+        """From ``cfg.objective`` (pydantic), a dict, or an Objective."""
+        if isinstance(obj, Objective):
+            return obj
+        get = obj.get if isinstance(obj, dict) else (lambda k, d=None: getattr(obj, k, d))
+        tr = get("target_range", None)
+        return cls(
+            goal=get("goal", "maximize"),
+            target_range=None if tr is None else (float(tr[0]), float(tr[1])),
+            property=get("property", "y") or "y",
+            unit=get("unit", None),
+        )
+
+    def utility(self, y: Any) -> Any:
+        """Utility of raw values (tensor in -> tensor out, with gradients; else numpy array)."""
+        t = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y, dtype=np.float64))
+        if self.goal == "maximize":
+            u = t
+        elif self.goal == "minimize":
+            u = -t
+        else:
+            lo, hi = self.target_range  # type: ignore[misc]
+            u = -(torch.clamp(lo - t, min=0.0) + torch.clamp(t - hi, min=0.0))
+        return u if isinstance(y, torch.Tensor) else u.numpy()
+
+    def optimistic(self, mean: torch.Tensor, std: torch.Tensor, beta: float) -> torch.Tensor:
+        """Upper bound of the utility over ``mean ± sqrt(beta) * std`` (a cheap pre-filter score).
+
+        Every utility here is 1-Lipschitz, so ``utility(mean) + sqrt(beta) * std`` bounds it.
+        """
+        return self.utility(mean) + float(beta) ** 0.5 * std
+
+    def mc_objective(self) -> Any:
+        """BoTorch ``GenericMCObjective``: ``samples (... x q x 1)`` -> utilities ``(... x q)``."""
+        from botorch.acquisition.objective import GenericMCObjective
+
+        return GenericMCObjective(lambda samples, X=None: self.utility(samples[..., 0]))
+
+    def best_value(self, values: Sequence[float] | np.ndarray) -> float | None:
+        """The measured value with the highest utility (None when there is none)."""
+        arr = np.asarray(values, dtype=np.float64).reshape(-1)
+        arr = arr[np.isfinite(arr)]
+        if arr.size == 0:
+            return None
+        return float(arr[int(np.argmax(self.utility(arr)))])
+
+    def best_utility(self, values: Sequence[float] | np.ndarray) -> float | None:
+        """Highest utility among measured values (None when there is none)."""
+        best = self.best_value(values)
+        return None if best is None else float(self.utility(np.array([best]))[0])
+
+    def reached(self, values: Sequence[float] | np.ndarray, goal_value: float | None) -> bool:
+        """Whether a stopping goal is met: ``goal_value`` in raw units (max/min), or in-range (target)."""
+        best = self.best_value(values)
+        if best is None:
+            return False
+        if goal_value is None:
+            return self.goal == "target" and self.utility(np.array([best]))[0] >= 0.0
+        return best >= goal_value if self.goal == "maximize" else best <= goal_value if self.goal == "minimize" \
+            else bool(self.utility(np.array([best]))[0] >= -abs(goal_value))

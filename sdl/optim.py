@@ -1,0 +1,113 @@
+"""Pick a q-batch: over a finite pool (chunked, sequential greedy) or in a box (``optimize_acqf``).
+
+Why our own greedy loop and not ``optimize_acqf_discrete``: it is the same algorithm (score all
+choices in chunks, take the arg-max, add it to ``X_pending``, repeat q times), but we need the
+*row numbers* of the chosen candidates, not their feature vectors: two crystals can share a
+composition descriptor and must stay two candidates. Memory is bounded by ``chunk`` rows per call.
+
+Large pools are first cut to the ``k`` best rows by a cheap optimistic score
+(:meth:`sdl.objectives.Objective.optimistic` of the posterior mean and std) before any q > 1
+acquisition, so the sequential-greedy cost does not grow with the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdl.objectives import Objective
+
+__all__ = ["greedy_select", "top_k", "thompson_select", "optimize_box"]
+
+logger = logging.getLogger(__name__)
+
+
+def top_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores (ties broken by position, so deterministic)."""
+    k = min(int(k), score.shape[0])
+    order = torch.argsort(score, descending=True, stable=True)
+    return order[:k]
+
+
+def _score(acqf: Any, X: torch.Tensor, chunk: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([acqf(part) for part in X.unsqueeze(-2).split(chunk)]).reshape(-1)
+
+
+def greedy_select(acqf: Any, choices: torch.Tensor, q: int, chunk: int = 4096) -> tuple[list[int], list[float]]:
+    """Sequential greedy q-batch over ``choices`` (``n x d``), each pick joining ``X_pending``.
+
+    Returns:
+        Row numbers into ``choices`` (distinct, at most ``min(q, n)``) and their acquisition values.
+    """
+    n = choices.shape[0]
+    base_pending = acqf.X_pending
+    alive = torch.ones(n, dtype=torch.bool)
+    picks: list[int] = []
+    values: list[float] = []
+    try:
+        for _ in range(min(q, n)):
+            rows = alive.nonzero().reshape(-1)
+            vals = _score(acqf, choices[rows], chunk)
+            vals = torch.where(torch.isnan(vals), torch.full_like(vals, -torch.inf), vals)
+            j = int(torch.argmax(vals))
+            best = int(rows[j])
+            picks.append(best)
+            values.append(float(vals[j]))
+            alive[best] = False
+            chosen = choices[picks]
+            acqf.set_X_pending(chosen if base_pending is None else torch.cat([base_pending, chosen], dim=-2))
+    finally:
+        acqf.set_X_pending(base_pending)
+    return picks, values
+
+
+def thompson_select(
+    draw: torch.Tensor, objective: Objective, q: int
+) -> tuple[list[int], list[float]]:
+    """Thompson sampling: for each of ``q`` slots take the arg-max utility of one posterior draw.
+
+    Args:
+        draw: ``s x n`` posterior draws (``s >= q``; ensemble members or GP joint samples) over
+            the available candidates; slot ``i`` uses draw ``i mod s``.
+        objective: Utility of raw values.
+        q: Batch size.
+
+    Returns:
+        Distinct row numbers into the candidates and the utility each won with.
+    """
+    n = draw.shape[-1]
+    util = objective.utility(draw)
+    taken = torch.zeros(n, dtype=torch.bool)
+    picks: list[int] = []
+    values: list[float] = []
+    for i in range(min(q, n)):
+        u = util[i % util.shape[0]].masked_fill(taken, -torch.inf)
+        j = int(torch.argmax(u))
+        picks.append(j)
+        values.append(float(u[j]))
+        taken[j] = True
+    return picks, values
+
+
+def optimize_box(
+    acqf: Any, bounds: torch.Tensor, q: int, seed: int, num_restarts: int = 8, raw_samples: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``optimize_acqf`` in the encoded box, sequential greedy, reproducible under ``seed``.
+
+    Returns:
+        ``q x d`` encoded points (before rounding) and their acquisition values.
+    """
+    from botorch.optim import optimize_acqf
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        np.random.seed(int(seed) % (2**32))
+        X, vals = optimize_acqf(
+            acqf, bounds=bounds, q=q, num_restarts=num_restarts, raw_samples=raw_samples, sequential=True,
+            options={"batch_limit": 8, "maxiter": 100, "seed": int(seed)},
+        )
+    return X.detach(), vals.detach().reshape(-1)

@@ -1,0 +1,166 @@
+"""A local Prefect server for watching campaigns (``sdl ui``), isolated from the user's ~/.prefect.
+
+Why a module of its own: the server must be started the same way by the CLI and by the UI test:
+its own ``PREFECT_HOME`` (so a lab's runs never mix with other Prefect projects), analytics off,
+a free port on 127.0.0.1 (4200 may be taken on a shared machine), and the task-run recorder's batch
+sizes raised, because with SQLite behind the server many task runs otherwise give "database is
+locked" → HTTP 503 → multi-second client back-off (KNOWN_FACTS). This module never imports prefect:
+it runs ``python -m prefect server start`` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["PrefectServer", "free_port", "server_environment", "prefect_quiet_environment"]
+
+logger = logging.getLogger(__name__)
+
+#: Settings every Prefect process of this project gets (server and client side).
+QUIET_SETTINGS: dict[str, str] = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "200",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on ``host`` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def prefect_quiet_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Return ``environ`` (default ``os.environ``) with the project's Prefect settings added.
+
+    Values already set by the user win, so a person can still tune them.
+    """
+    env = dict(os.environ if environ is None else environ)
+    for key, value in QUIET_SETTINGS.items():
+        env.setdefault(key, value)
+    return env
+
+
+def server_environment(home: Path, port: int, host: str = "127.0.0.1") -> dict[str, str]:
+    """Environment for a Prefect server process with its own home on ``host:port``."""
+    env = prefect_quiet_environment()
+    env["PREFECT_HOME"] = str(home)
+    env["PREFECT_SERVER_API_HOST"] = host
+    env["PREFECT_SERVER_API_PORT"] = str(port)
+    # The server process itself must not try to talk to another API.
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@dataclass
+class PrefectServer:
+    """A ``prefect server start`` subprocess on 127.0.0.1 with its own ``PREFECT_HOME``.
+
+    Args:
+        home: Directory used as ``PREFECT_HOME`` (its SQLite database and logs live there).
+        port: TCP port; ``None`` picks a free one.
+        host: Interface to bind; 127.0.0.1 keeps the UI private to this machine.
+        log_file: Where the server's output goes (default ``home/server.log``).
+    """
+
+    home: Path
+    port: int | None = None
+    host: str = "127.0.0.1"
+    log_file: Path | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The UI's address (the API is under ``/api``)."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        """Value for ``PREFECT_API_URL`` in processes that should report to this server."""
+        return f"{self.url}/api"
+
+    def start(self, timeout: float = 120.0) -> PrefectServer:
+        """Start the server and wait until its health endpoint answers.
+
+        Raises:
+            RuntimeError: The server exited or did not become healthy within ``timeout`` seconds;
+                the message quotes the end of its log.
+        """
+        self.home = Path(self.home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.port is None:
+            self.port = free_port(self.host)
+        log_path = self.log_file or self.home / "server.log"
+        env = server_environment(self.home, self.port, self.host)
+        command = [
+            sys.executable, "-m", "prefect", "server", "start",
+            "--host", self.host, "--port", str(self.port),
+        ]
+        logger.info("starting Prefect server on %s (PREFECT_HOME=%s)", self.url, self.home)
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"Prefect server exited with code {self.process.returncode}: {_tail(log_path)}"
+                )
+            if self.healthy():
+                logger.info("Prefect server ready at %s", self.url)
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"Prefect server not healthy after {timeout:.0f} s: {_tail(log_path)}")
+
+    def healthy(self) -> bool:
+        """True when the API answers ``/api/health``."""
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def wait(self) -> int:
+        """Block until the server exits (``sdl ui`` in the foreground); return its exit code."""
+        assert self.process is not None, "server not started"
+        return self.process.wait()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=timeout)
+
+    def __enter__(self) -> PrefectServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _tail(path: Path, chars: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,1344 @@
+"""``Store``: the one door to the knowledge repository.
+
+Why it looks like this:
+
+* Sessions are short: every public method opens a session, does one thing in one committed
+  transaction and closes it, so a ``kill -9`` at any moment leaves the database in a state that a
+  restarted campaign can read back (issue 5's crash-safe resume).
+* Every experiment or campaign state change is that one transaction *plus* one row in the
+  append-only ``events`` table, and is checked against :data:`TRANSITIONS`.
+* ``propose_experiment`` is idempotent on its key: a repeated key returns the existing row.
+* Queries return frozen dataclasses or plain dicts, never live ORM objects, so callers cannot
+  lazily load from a closed session or mutate rows behind the store's back.
+* SQLite connections get WAL mode, foreign keys and a busy timeout, and take the write lock at
+  ``BEGIN`` (``BEGIN IMMEDIATE``), so concurrent writers wait instead of failing on a lock
+  upgrade. PostgreSQL goes through the same code from a ``postgresql+psycopg://`` URL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sdl.exceptions import IllegalTransition, RepositoryError
+from sdl.repository.schema import (
+    CAMPAIGN_STATES,
+    EXPERIMENT_STATES,
+    FAILURE_KINDS,
+    BlueskyDocument,
+    BlueskyRun,
+    Campaign,
+    Event,
+    Experiment,
+    Material,
+    Measurement,
+    ModelVersion,
+    Sample,
+    utcnow,
+)
+
+__all__ = [
+    "Store",
+    "TRANSITIONS",
+    "PROVENANCE_KEYS",
+    "SAMPLE_STATES",
+    "CampaignRecord",
+    "MaterialRecord",
+    "ExperimentRecord",
+    "SampleRecord",
+    "MeasurementRecord",
+    "RunRecord",
+    "DocumentRecord",
+    "ModelVersionRecord",
+    "EventRecord",
+    "ObservationRecord",
+    "BestRecord",
+    "alembic_config",
+    "to_jsonable",
+]
+
+logger = logging.getLogger(__name__)
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "proposed": frozenset({"running", "abandoned"}),
+    "running": frozenset({"completed", "failed", "abandoned"}),
+    "completed": frozenset(),
+    "failed": frozenset(),
+    "abandoned": frozenset(),
+}
+"""The experiment state machine: the only allowed ``from → to`` changes."""
+
+PROVENANCE_KEYS = (
+    "model_version_id",
+    "model_version",
+    "acquisition_value",
+    "predicted_mean",
+    "predicted_std",
+    "batch_id",
+)
+"""Provenance keys stored in their own columns; any other key goes to ``provenance_extra``."""
+
+SAMPLE_STATES = ("created", "synthesized", "measured", "lost")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclasses.dataclass(frozen=True)
+class CampaignRecord:
+    """A campaign row."""
+
+    id: int
+    name: str
+    description: str
+    config_snapshot: dict[str, Any]
+    config_hash: str
+    code_version: str | None
+    seed: int | None
+    budget: int | None
+    state: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class MaterialRecord:
+    """A material row (``structure`` is pymatgen JSON, ``cif`` CIF text, either may be None)."""
+
+    id: int
+    canonical_key: str
+    formula: str | None
+    structure: dict[str, Any] | None
+    cif: str | None
+    params: dict[str, Any] | None
+    source_id: str | None
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentRecord:
+    """An experiment row with its proposal provenance."""
+
+    id: int
+    campaign_id: int
+    material_id: int | None
+    candidate_key: str
+    params: dict[str, Any]
+    state: str
+    idempotency_key: str
+    model_version_id: int | None
+    model_version: str | None
+    acquisition_value: float | None
+    predicted_mean: float | None
+    predicted_std: float | None
+    batch_id: str | None
+    provenance_extra: dict[str, Any] | None
+    instruments: list[str] | None
+    failure_kind: str | None
+    failure_reason: str | None
+    proposed_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRecord:
+    """A sample row."""
+
+    id: int
+    experiment_id: int
+    instrument: str
+    sample_uid: str
+    state: str
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasurementRecord:
+    """A measurement row, plus the campaign and candidate it belongs to (for cross-campaign use)."""
+
+    id: int
+    experiment_id: int
+    sample_id: int | None
+    property: str
+    value: float
+    unit: str | None
+    uncertainty: float | None
+    instrument: str | None
+    timestamp: dt.datetime
+    quality: str
+    run_uid: str | None
+    event_uid: str | None
+    campaign_id: int
+    candidate_key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """A Bluesky run row."""
+
+    uid: str
+    experiment_id: int | None
+    plan_name: str | None
+    exit_status: str | None
+    reason: str | None
+    start_time: dt.datetime
+    stop_time: dt.datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentRecord:
+    """A stored Bluesky document."""
+
+    id: int
+    run_uid: str | None
+    name: str
+    sequence: int
+    doc_uid: str | None
+    document: dict[str, Any]
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelVersionRecord:
+    """A model version row."""
+
+    id: int
+    campaign_id: int
+    model: str
+    version: int
+    n_train: int
+    metrics: dict[str, Any]
+    info: dict[str, Any]
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class EventRecord:
+    """An event-log row."""
+
+    id: int
+    ts: dt.datetime
+    campaign_id: int | None
+    experiment_id: int | None
+    kind: str
+    level: str
+    message: str
+    payload: dict[str, Any] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ObservationRecord:
+    """What the engine learns from: one completed experiment and the mean of its ok values."""
+
+    experiment_id: int
+    candidate_key: str
+    params: dict[str, Any]
+    value: float
+    n_measurements: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BestRecord:
+    """The best completed experiment of a campaign for one property and goal."""
+
+    experiment_id: int
+    candidate_key: str
+    params: dict[str, Any]
+    value: float
+    utility: float
+
+
+def _record(cls: type, row: Any, **extra: Any) -> Any:
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in extra]
+    return cls(**{n: getattr(row, n) for n in names}, **extra)
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON data from documents and configs (numpy scalars/arrays, tuples, datetimes, paths).
+
+    Non-finite floats become ``None``: PostgreSQL's JSONB has no NaN and both backends must
+    store the same thing.
+    """
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays
+    if callable(tolist):
+        return to_jsonable(tolist())
+    return str(value)
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(to_jsonable(value), allow_nan=False, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _configure_sqlite(engine: sa.Engine) -> None:
+    """WAL, foreign keys and a busy timeout on every connection; the write lock taken at BEGIN."""
+
+    @sa_event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # let SQLAlchemy's BEGIN below be the only one
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _make_engine(url: str) -> sa.Engine:
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise RepositoryError(f"invalid database URL {url!r}: {exc}") from exc
+    kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "future": True}
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+    elif parsed.get_backend_name() == "postgresql":
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = sa.create_engine(parsed, **kwargs)
+    except (SQLAlchemyError, ImportError) as exc:
+        raise RepositoryError(f"cannot open database {parsed.render_as_string(hide_password=True)}: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    return engine
+
+
+def alembic_config(connection: sa.Connection | None = None, url: str | None = None) -> Any:
+    """An Alembic ``Config`` for the packaged migrations (no ``alembic.ini`` needed)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+# --------------------------------------------------------------------------- Store
+
+
+class Store:
+    """Transactions, the experiment state machine, idempotency and the loop's queries.
+
+    Args:
+        engine: A SQLAlchemy engine made by :meth:`from_url` (SQLite or PostgreSQL).
+    """
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @classmethod
+    def from_url(cls, url: str, *, create: bool = False) -> Store:
+        """Open the repository at ``url``; with ``create=True`` also migrate it to head.
+
+        Args:
+            url: ``sqlite:///path.db`` or ``postgresql+psycopg://user@host:port/db``.
+            create: Run :meth:`upgrade` (idempotent) before returning.
+        """
+        store = cls(_make_engine(url))
+        if create:
+            store.upgrade()
+        return store
+
+    @property
+    def url(self) -> str:
+        """The database URL with any password hidden."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Apply the packaged Alembic revisions up to ``revision``."""
+        from alembic import command
+
+        try:
+            with self.engine.connect() as conn:
+                command.upgrade(alembic_config(conn), revision)
+                conn.commit()
+        except SQLAlchemyError as exc:
+            raise RepositoryError(f"migration of {self.url} failed: {exc}") from exc
+
+    def current_revision(self) -> str | None:
+        """The Alembic revision the database is at (None for an empty database)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"version_table": "sdl_alembic_version"})
+            return ctx.get_current_revision()
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self, what: str) -> Iterator[Session]:
+        """One session, one transaction, committed on success; database errors → RepositoryError."""
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        except (RepositoryError, ValueError, KeyError):
+            raise
+        except SQLAlchemyError as exc:
+            raise RepositoryError(f"{what} failed on {self.url}: {exc.__class__.__name__}: {exc}") from exc
+
+    @staticmethod
+    def _event(
+        session: Session,
+        kind: str,
+        message: str,
+        *,
+        campaign_id: int | None = None,
+        experiment_id: int | None = None,
+        level: str = "info",
+        payload: Mapping[str, Any] | None = None,
+        ts: dt.datetime | None = None,
+    ) -> Event:
+        row = Event(
+            ts=ts or utcnow(),
+            campaign_id=campaign_id,
+            experiment_id=experiment_id,
+            kind=kind,
+            level=level,
+            message=message,
+            payload=to_jsonable(dict(payload)) if payload is not None else None,
+        )
+        session.add(row)
+        return row
+
+    # ----------------------------------------------------------------- campaigns
+
+    def get_or_create_campaign(
+        self,
+        name: str,
+        *,
+        snapshot: Mapping[str, Any],
+        config_hash: str,
+        seed: int | None,
+        budget: int | None,
+        description: str = "",
+        code_version: str | None = None,
+    ) -> CampaignRecord:
+        """The campaign called ``name``, created on first use.
+
+        A re-run with a different config hash (or budget, seed) is allowed: the row takes the new
+        values and a ``campaign.config_changed`` event keeps the old ones.
+        """
+        if not name:
+            raise RepositoryError("campaign name must not be empty")
+        snap = to_jsonable(dict(snapshot))
+        for attempt in range(2):
+            try:
+                with self._tx("get_or_create_campaign") as s:
+                    row = s.scalars(sa.select(Campaign).where(Campaign.name == name).with_for_update()).one_or_none()
+                    if row is None:
+                        now = utcnow()
+                        row = Campaign(
+                            name=name,
+                            description=description,
+                            config_snapshot=snap,
+                            config_hash=config_hash,
+                            code_version=code_version,
+                            seed=seed,
+                            budget=budget,
+                            state="running",
+                            created_at=now,
+                            updated_at=now,
+                        )
+                        s.add(row)
+                        s.flush()
+                        self._event(
+                            s,
+                            "campaign.created",
+                            f"campaign {name!r} created",
+                            campaign_id=row.id,
+                            payload={"config_hash": config_hash, "seed": seed, "budget": budget},
+                        )
+                    else:
+                        changed = {
+                            k: {"old": getattr(row, k), "new": v}
+                            for k, v in (
+                                ("config_hash", config_hash),
+                                ("seed", seed),
+                                ("budget", budget),
+                                ("code_version", code_version),
+                            )
+                            if getattr(row, k) != v
+                        }
+                        if changed:
+                            row.config_snapshot = snap
+                            row.config_hash = config_hash
+                            row.seed = seed
+                            row.budget = budget
+                            row.code_version = code_version
+                            row.description = description or row.description
+                            row.updated_at = utcnow()
+                            self._event(
+                                s,
+                                "campaign.config_changed",
+                                f"campaign {name!r} re-run with changed {', '.join(sorted(changed))}",
+                                campaign_id=row.id,
+                                level="warning",
+                                payload=changed,
+                            )
+                            logger.warning("campaign %r re-run with changed %s", name, ", ".join(sorted(changed)))
+                    s.flush()
+                    return _record(CampaignRecord, row)
+            except RepositoryError as exc:
+                if attempt == 0 and isinstance(exc.__cause__, IntegrityError):
+                    continue  # another process created it between our select and insert
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get_campaign(self, campaign: int | str) -> CampaignRecord | None:
+        """A campaign by id or name, or None."""
+        with self._tx("get_campaign") as s:
+            clause = Campaign.id == campaign if isinstance(campaign, int) else Campaign.name == campaign
+            row = s.scalars(sa.select(Campaign).where(clause)).one_or_none()
+            return None if row is None else _record(CampaignRecord, row)
+
+    def campaigns(self) -> list[CampaignRecord]:
+        """All campaigns, by id."""
+        with self._tx("campaigns") as s:
+            return [_record(CampaignRecord, r) for r in s.scalars(sa.select(Campaign).order_by(Campaign.id))]
+
+    def set_campaign_state(self, campaign_id: int, state: str, *, reason: str = "") -> None:
+        """Mark a campaign running, completed, stopped or failed (one event row)."""
+        if state not in CAMPAIGN_STATES:
+            raise RepositoryError(f"campaign state {state!r} is not one of {CAMPAIGN_STATES}")
+        with self._tx("set_campaign_state") as s:
+            row = s.get(Campaign, campaign_id, with_for_update=True)
+            if row is None:
+                raise RepositoryError(f"no campaign with id={campaign_id}")
+            old = row.state
+            row.state = state
+            row.updated_at = utcnow()
+            self._event(
+                s,
+                f"campaign.{state}",
+                f"campaign {row.name!r} {old} → {state}" + (f": {reason}" if reason else ""),
+                campaign_id=campaign_id,
+                payload={"from": old, "to": state, "reason": reason},
+            )
+
+    # ----------------------------------------------------------------- materials
+
+    def upsert_material(
+        self,
+        key: str,
+        *,
+        formula: str | None = None,
+        structure: Mapping[str, Any] | str | None = None,
+        params: Mapping[str, Any] | None = None,
+        source_id: str | None = None,
+    ) -> int:
+        """The id of the material with canonical ``key``; created, or missing fields filled in.
+
+        Args:
+            key: From :func:`sdl.materials.canonical_key`.
+            structure: pymatgen ``Structure.as_dict()`` JSON, or CIF text (a ``str``).
+        """
+        if not key:
+            raise RepositoryError("material canonical key must not be empty")
+        fields: dict[str, Any] = {"formula": formula, "params": to_jsonable(params) if params is not None else None}
+        fields["source_id"] = source_id
+        if isinstance(structure, str):
+            fields["cif"] = structure
+        elif structure is not None:
+            fields["structure"] = to_jsonable(structure)
+        for attempt in range(2):
+            try:
+                with self._tx("upsert_material") as s:
+                    row = s.scalars(sa.select(Material).where(Material.canonical_key == key)).one_or_none()
+                    if row is None:
+                        row = Material(canonical_key=key, created_at=utcnow(), **fields)
+                        s.add(row)
+                    else:
+                        for name, value in fields.items():
+                            if value is not None and getattr(row, name) is None:
+                                setattr(row, name, value)
+                    s.flush()
+                    return row.id
+            except RepositoryError as exc:
+                if attempt == 0 and isinstance(exc.__cause__, IntegrityError):
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get_material(self, material: int | str) -> MaterialRecord | None:
+        """A material by id or canonical key, or None."""
+        with self._tx("get_material") as s:
+            clause = Material.id == material if isinstance(material, int) else Material.canonical_key == material
+            row = s.scalars(sa.select(Material).where(clause)).one_or_none()
+            return None if row is None else _record(MaterialRecord, row)
+
+    # ----------------------------------------------------------------- experiments
+
+    def propose_experiment(
+        self,
+        campaign_id: int,
+        *,
+        idempotency_key: str,
+        candidate_key: str,
+        params: Mapping[str, Any],
+        material_id: int | None = None,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Record a proposed experiment; a repeated ``idempotency_key`` returns the existing id.
+
+        Args:
+            provenance: ``model_version_id``, ``model_version``, ``acquisition_value``,
+                ``predicted_mean``, ``predicted_std``, ``batch_id``; other keys are kept in
+                ``provenance_extra``.
+
+        Raises:
+            RepositoryError: The key exists for another campaign or another candidate.
+        """
+        if not idempotency_key:
+            raise RepositoryError("idempotency_key must not be empty")
+        prov = dict(provenance or {})
+        columns = {k: prov.pop(k, None) for k in PROVENANCE_KEYS}
+        for k in ("acquisition_value", "predicted_mean", "predicted_std"):
+            if columns[k] is not None:
+                columns[k] = float(columns[k])
+                if not math.isfinite(columns[k]):
+                    columns[k] = None
+        existing = self._experiment_by_key(idempotency_key)
+        if existing is not None:
+            return self._check_repeat(existing, campaign_id, candidate_key)
+        try:
+            with self._tx("propose_experiment") as s:
+                row = Experiment(
+                    campaign_id=campaign_id,
+                    material_id=material_id,
+                    candidate_key=candidate_key,
+                    params=to_jsonable(dict(params)),
+                    state="proposed",
+                    idempotency_key=idempotency_key,
+                    provenance_extra=to_jsonable(prov) if prov else None,
+                    proposed_at=utcnow(),
+                    **columns,
+                )
+                s.add(row)
+                s.flush()
+                self._event(
+                    s,
+                    "experiment.proposed",
+                    f"experiment {row.id} proposed: {candidate_key}",
+                    campaign_id=campaign_id,
+                    experiment_id=row.id,
+                    payload={"idempotency_key": idempotency_key, "batch_id": columns["batch_id"]},
+                )
+                return row.id
+        except RepositoryError as exc:
+            if not isinstance(exc.__cause__, IntegrityError):
+                raise
+            existing = self._experiment_by_key(idempotency_key)
+            if existing is None:  # the integrity error was something else (e.g. unknown campaign)
+                raise
+            return self._check_repeat(existing, campaign_id, candidate_key)
+
+    def _experiment_by_key(self, idempotency_key: str) -> ExperimentRecord | None:
+        with self._tx("experiment lookup") as s:
+            row = s.scalars(sa.select(Experiment).where(Experiment.idempotency_key == idempotency_key)).one_or_none()
+            return None if row is None else _record(ExperimentRecord, row)
+
+    @staticmethod
+    def _check_repeat(existing: ExperimentRecord, campaign_id: int, candidate_key: str) -> int:
+        if existing.campaign_id != campaign_id or existing.candidate_key != candidate_key:
+            raise RepositoryError(
+                f"idempotency_key={existing.idempotency_key!r} already names experiment {existing.id} "
+                f"(campaign {existing.campaign_id}, candidate {existing.candidate_key!r}), "
+                f"not campaign {campaign_id} candidate {candidate_key!r}"
+            )
+        return existing.id
+
+    def _transition(
+        self,
+        experiment_id: int,
+        to: str,
+        message: str,
+        *,
+        payload: Mapping[str, Any] | None = None,
+        **changes: Any,
+    ) -> None:
+        with self._tx(f"experiment {experiment_id} → {to}") as s:
+            row = s.get(Experiment, experiment_id, with_for_update=True)
+            if row is None:
+                raise RepositoryError(f"no experiment with id={experiment_id}")
+            if to not in TRANSITIONS[row.state]:
+                raise IllegalTransition(
+                    f"experiment {experiment_id}: {row.state} → {to} is not allowed "
+                    f"(from {row.state}: {sorted(TRANSITIONS[row.state]) or 'none'})"
+                )
+            old = row.state
+            row.state = to
+            for name, value in changes.items():
+                setattr(row, name, value)
+            self._event(
+                s,
+                f"experiment.{to}",
+                f"experiment {experiment_id} {old} → {to}" + (f": {message}" if message else ""),
+                campaign_id=row.campaign_id,
+                experiment_id=experiment_id,
+                level="warning" if to in ("failed", "abandoned") else "info",
+                payload={"from": old, "to": to, **(payload or {})},
+            )
+
+    def start_experiment(self, experiment_id: int, *, instruments: Sequence[str]) -> None:
+        """proposed → running, on these instruments."""
+        self._transition(
+            experiment_id,
+            "running",
+            "",
+            payload={"instruments": list(instruments)},
+            instruments=list(instruments),
+            started_at=utcnow(),
+        )
+
+    def complete_experiment(self, experiment_id: int) -> None:
+        """running → completed."""
+        self._transition(experiment_id, "completed", "", finished_at=utcnow())
+
+    def fail_experiment(self, experiment_id: int, *, reason: str, kind: str) -> None:
+        """running → failed, for an ``instrument`` or a ``material`` reason."""
+        if kind not in FAILURE_KINDS:
+            raise RepositoryError(f"failure kind {kind!r} is not one of {FAILURE_KINDS}")
+        self._transition(
+            experiment_id,
+            "failed",
+            f"{kind}: {reason}",
+            payload={"kind": kind, "reason": reason},
+            failure_kind=kind,
+            failure_reason=reason,
+            finished_at=utcnow(),
+        )
+
+    def abandon_experiment(self, experiment_id: int, *, reason: str) -> None:
+        """proposed|running → abandoned (e.g. caught mid-run by a crash and not reconcilable)."""
+        self._transition(
+            experiment_id,
+            "abandoned",
+            reason,
+            payload={"reason": reason},
+            failure_reason=reason,
+            finished_at=utcnow(),
+        )
+
+    def get_experiment(self, experiment_id: int) -> ExperimentRecord | None:
+        """One experiment by id, or None."""
+        with self._tx("get_experiment") as s:
+            row = s.get(Experiment, experiment_id)
+            return None if row is None else _record(ExperimentRecord, row)
+
+    def experiments(self, campaign_id: int, states: Iterable[str] | None = None) -> list[ExperimentRecord]:
+        """Experiments of a campaign (optionally only in ``states``), in proposal order."""
+        query = sa.select(Experiment).where(Experiment.campaign_id == campaign_id)
+        if states is not None:
+            wanted = list(states)
+            unknown = set(wanted) - set(EXPERIMENT_STATES)
+            if unknown:
+                raise RepositoryError(f"unknown experiment state(s) {sorted(unknown)}; known: {EXPERIMENT_STATES}")
+            query = query.where(Experiment.state.in_(wanted))
+        with self._tx("experiments") as s:
+            return [_record(ExperimentRecord, r) for r in s.scalars(query.order_by(Experiment.id))]
+
+    def pending_experiments(self, campaign_id: int) -> list[ExperimentRecord]:
+        """Experiments proposed or running: what the engine must treat as pending."""
+        return self.experiments(campaign_id, states=("proposed", "running"))
+
+    # ----------------------------------------------------------------- samples, measurements
+
+    def add_sample(self, experiment_id: int, *, instrument: str, sample_uid: str, state: str = "synthesized") -> int:
+        """Record a sample; the same ``(instrument, sample_uid)`` again returns the existing id."""
+        if state not in SAMPLE_STATES:
+            raise RepositoryError(f"sample state {state!r} is not one of {SAMPLE_STATES}")
+        for attempt in range(2):
+            try:
+                with self._tx("add_sample") as s:
+                    row = s.scalars(
+                        sa.select(Sample).where(Sample.instrument == instrument, Sample.sample_uid == sample_uid)
+                    ).one_or_none()
+                    if row is not None:
+                        if row.experiment_id != experiment_id:
+                            raise RepositoryError(
+                                f"sample {sample_uid!r} of {instrument!r} belongs to experiment "
+                                f"{row.experiment_id}, not {experiment_id}"
+                            )
+                        return row.id
+                    row = Sample(
+                        experiment_id=experiment_id,
+                        instrument=instrument,
+                        sample_uid=sample_uid,
+                        state=state,
+                        created_at=utcnow(),
+                    )
+                    s.add(row)
+                    s.flush()
+                    return row.id
+            except RepositoryError as exc:
+                if attempt == 0 and isinstance(exc.__cause__, IntegrityError):
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def set_sample_state(self, sample_id: int, state: str) -> None:
+        """Change a sample's state (e.g. ``measured``, ``lost``)."""
+        if state not in SAMPLE_STATES:
+            raise RepositoryError(f"sample state {state!r} is not one of {SAMPLE_STATES}")
+        with self._tx("set_sample_state") as s:
+            row = s.get(Sample, sample_id, with_for_update=True)
+            if row is None:
+                raise RepositoryError(f"no sample with id={sample_id}")
+            row.state = state
+
+    def samples(self, experiment_id: int) -> list[SampleRecord]:
+        """Samples of an experiment."""
+        with self._tx("samples") as s:
+            rows = s.scalars(sa.select(Sample).where(Sample.experiment_id == experiment_id).order_by(Sample.id))
+            return [_record(SampleRecord, r) for r in rows]
+
+    @staticmethod
+    def _measurement_row(experiment_id: int, m: Mapping[str, Any]) -> Measurement:
+        prop = m.get("property")
+        if not prop:
+            raise RepositoryError(f"measurement of experiment {experiment_id} has no property name")
+        value = m.get("value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+            raise RepositoryError(f"measurement {prop!r} of experiment {experiment_id}: value {value!r} is not a number")
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise RepositoryError(f"measurement {prop!r}: value {value!r} is not a number") from exc
+        if not math.isfinite(number):
+            raise RepositoryError(f"measurement {prop!r} of experiment {experiment_id}: value {number} is not finite")
+        unc = m.get("uncertainty")
+        if unc is not None:
+            try:
+                unc = float(unc)
+            except (TypeError, ValueError) as exc:
+                raise RepositoryError(f"measurement {prop!r}: uncertainty {unc!r} is not a number") from exc
+            if not math.isfinite(unc):
+                unc = None
+        quality = m.get("quality") or "ok"
+        if not isinstance(quality, str) or len(quality) > 32:
+            raise RepositoryError(f"measurement {prop!r}: quality flag {quality!r} must be a short string")
+        return Measurement(
+            experiment_id=experiment_id,
+            sample_id=m.get("sample_id"),
+            property=str(prop),
+            value=number,
+            unit=m.get("unit"),
+            uncertainty=unc,
+            instrument=m.get("instrument"),
+            timestamp=m.get("timestamp") or utcnow(),
+            quality=quality,
+            run_uid=m.get("run_uid"),
+            event_uid=m.get("event_uid"),
+        )
+
+    def add_measurement(
+        self,
+        experiment_id: int,
+        *,
+        property: str,  # noqa: A002 - the domain's word
+        value: float,
+        unit: str | None = None,
+        uncertainty: float | None = None,
+        instrument: str | None = None,
+        quality: str = "ok",
+        run_uid: str | None = None,
+        sample_id: int | None = None,
+        timestamp: dt.datetime | None = None,
+        event_uid: str | None = None,
+    ) -> int:
+        """Store one measurement; non-numeric or non-finite values raise RepositoryError."""
+        row = self._measurement_row(experiment_id, locals())
+        with self._tx("add_measurement") as s:
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def invalidate_run_measurements(self, run_uid: str, *, reason: str) -> int:
+        """Flag every measurement of a run ``invalid`` (the run did not succeed); returns how many."""
+        with self._tx("invalidate_run_measurements") as s:
+            result = s.execute(
+                sa.update(Measurement)
+                .where(Measurement.run_uid == run_uid, Measurement.quality != "invalid")
+                .values(quality="invalid")
+            )
+            n = result.rowcount or 0
+            run = s.get(BlueskyRun, run_uid)
+            experiment_id = run.experiment_id if run else None
+            campaign_id = s.get(Experiment, experiment_id).campaign_id if experiment_id else None  # type: ignore[union-attr]
+            self._event(
+                s,
+                "measurements.invalidated",
+                f"{n} measurement(s) of run {run_uid} flagged invalid: {reason}",
+                campaign_id=campaign_id,
+                experiment_id=experiment_id,
+                level="warning",
+                payload={"run_uid": run_uid, "count": n, "reason": reason},
+            )
+            return n
+
+    def measurements(self, *, experiment_id: int | None = None, campaign_id: int | None = None) -> list[MeasurementRecord]:
+        """Measurements of one experiment or campaign, in insertion order."""
+        query = self._measurement_query()
+        if experiment_id is not None:
+            query = query.where(Measurement.experiment_id == experiment_id)
+        if campaign_id is not None:
+            query = query.where(Experiment.campaign_id == campaign_id)
+        return self._measurement_records(query.order_by(Measurement.id))
+
+    def measurements_of(self, property: str, *, quality: str | None = "ok") -> list[MeasurementRecord]:  # noqa: A002
+        """All measurements of ``property`` across campaigns (only ``quality`` ones; None = any)."""
+        query = self._measurement_query().where(Measurement.property == property)
+        if quality is not None:
+            query = query.where(Measurement.quality == quality)
+        return self._measurement_records(query.order_by(Measurement.id))
+
+    @staticmethod
+    def _measurement_query() -> sa.Select[Any]:
+        return sa.select(Measurement, Experiment.campaign_id, Experiment.candidate_key).join(
+            Experiment, Experiment.id == Measurement.experiment_id
+        )
+
+    def _measurement_records(self, query: sa.Select[Any]) -> list[MeasurementRecord]:
+        with self._tx("measurements") as s:
+            return [
+                _record(MeasurementRecord, m, campaign_id=cid, candidate_key=ckey) for m, cid, ckey in s.execute(query)
+            ]
+
+    # ----------------------------------------------------------------- Bluesky
+
+    def record_run_start(
+        self,
+        uid: str,
+        *,
+        experiment_id: int | None,
+        plan_name: str | None,
+        start_time: dt.datetime | None = None,
+    ) -> None:
+        """Record a run's start (idempotent on ``uid``), with one event row."""
+        with self._tx("record_run_start") as s:
+            if s.get(BlueskyRun, uid) is not None:
+                return
+            s.add(BlueskyRun(uid=uid, experiment_id=experiment_id, plan_name=plan_name, start_time=start_time or utcnow()))
+            campaign_id = None
+            if experiment_id is not None:
+                exp = s.get(Experiment, experiment_id)
+                if exp is None:
+                    raise RepositoryError(f"run {uid}: no experiment with id={experiment_id}")
+                campaign_id = exp.campaign_id
+            self._event(
+                s,
+                "run.start",
+                f"run {uid} ({plan_name}) started",
+                campaign_id=campaign_id,
+                experiment_id=experiment_id,
+                payload={"run_uid": uid, "plan_name": plan_name},
+            )
+
+    def record_run_stop(
+        self,
+        uid: str,
+        *,
+        exit_status: str,
+        reason: str | None = None,
+        stop_time: dt.datetime | None = None,
+    ) -> None:
+        """Record a run's stop (exit status ``success``, ``fail`` or ``abort``), with one event row."""
+        with self._tx("record_run_stop") as s:
+            run = s.get(BlueskyRun, uid, with_for_update=True)
+            if run is None:
+                raise RepositoryError(f"stop of unknown run {uid}")
+            run.exit_status = exit_status
+            run.reason = reason or None
+            run.stop_time = stop_time or utcnow()
+            campaign_id = s.get(Experiment, run.experiment_id).campaign_id if run.experiment_id else None  # type: ignore[union-attr]
+            self._event(
+                s,
+                "run.stop",
+                f"run {uid} stopped: {exit_status}" + (f" ({reason})" if reason else ""),
+                campaign_id=campaign_id,
+                experiment_id=run.experiment_id,
+                level="info" if exit_status == "success" else "warning",
+                payload={"run_uid": uid, "exit_status": exit_status, "reason": reason},
+            )
+
+    def record_document(
+        self,
+        run_uid: str | None,
+        name: str,
+        doc: Mapping[str, Any],
+        *,
+        measurements: Sequence[tuple[int, Mapping[str, Any]]] = (),
+    ) -> int:
+        """Store one Bluesky document (and the measurements derived from it) in one transaction.
+
+        Idempotent on the document's own uid (``uid`` or ``datum_id``): storing it again returns
+        the existing row id.
+
+        Args:
+            run_uid: The run's start uid (None when it cannot be known, e.g. an orphan datum).
+            name: Document name (``start``, ``descriptor``, ``event``, ``stop``, ...).
+            doc: The document.
+            measurements: ``(experiment_id, fields)`` pairs for :meth:`add_measurement`.
+        """
+        doc_uid = doc.get("uid") if isinstance(doc.get("uid"), str) else doc.get("datum_id")
+        doc_uid = doc_uid if isinstance(doc_uid, str) else None
+        rows = [self._measurement_row(eid, m) for eid, m in measurements]
+        with self._tx("record_document") as s:
+            if doc_uid is not None:
+                found = s.scalars(sa.select(BlueskyDocument.id).where(BlueskyDocument.doc_uid == doc_uid)).first()
+                if found is not None:
+                    return found
+            last = s.scalar(
+                sa.select(sa.func.max(BlueskyDocument.sequence)).where(
+                    BlueskyDocument.run_uid.is_(None) if run_uid is None else BlueskyDocument.run_uid == run_uid
+                )
+            )
+            row = BlueskyDocument(
+                run_uid=run_uid,
+                name=name,
+                sequence=(last or 0) + 1,
+                doc_uid=doc_uid,
+                document=to_jsonable(dict(doc)),
+                created_at=utcnow(),
+            )
+            s.add(row)
+            s.add_all(rows)
+            s.flush()
+            return row.id
+
+    def runs(self, experiment_id: int | None = None) -> list[RunRecord]:
+        """Bluesky runs (of one experiment), by start time."""
+        query = sa.select(BlueskyRun)
+        if experiment_id is not None:
+            query = query.where(BlueskyRun.experiment_id == experiment_id)
+        with self._tx("runs") as s:
+            return [_record(RunRecord, r) for r in s.scalars(query.order_by(BlueskyRun.start_time, BlueskyRun.uid))]
+
+    def documents(self, run_uid: str) -> list[DocumentRecord]:
+        """The stored documents of a run, in arrival order."""
+        with self._tx("documents") as s:
+            rows = s.scalars(
+                sa.select(BlueskyDocument).where(BlueskyDocument.run_uid == run_uid).order_by(BlueskyDocument.sequence)
+            )
+            return [_record(DocumentRecord, r) for r in rows]
+
+    # ----------------------------------------------------------------- models, events
+
+    def add_model_version(
+        self,
+        campaign_id: int,
+        *,
+        model: str,
+        n_train: int,
+        metrics: Mapping[str, Any],
+        info: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Record a trained model; its version is the next integer for (campaign, model)."""
+        for attempt in range(3):
+            try:
+                with self._tx("add_model_version") as s:
+                    last = s.scalar(
+                        sa.select(sa.func.max(ModelVersion.version)).where(
+                            ModelVersion.campaign_id == campaign_id, ModelVersion.model == model
+                        )
+                    )
+                    row = ModelVersion(
+                        campaign_id=campaign_id,
+                        model=model,
+                        version=(last or 0) + 1,
+                        n_train=int(n_train),
+                        metrics=to_jsonable(dict(metrics)),
+                        info=to_jsonable(dict(info or {})),
+                        created_at=utcnow(),
+                    )
+                    s.add(row)
+                    s.flush()
+                    self._event(
+                        s,
+                        "model.trained",
+                        f"model {model} v{row.version} trained on {n_train} point(s)",
+                        campaign_id=campaign_id,
+                        payload={"model_version_id": row.id, "metrics": row.metrics},
+                    )
+                    return row.id
+            except RepositoryError as exc:
+                if attempt < 2 and isinstance(exc.__cause__, IntegrityError):
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def model_versions(self, campaign_id: int) -> list[ModelVersionRecord]:
+        """Model versions of a campaign, oldest first."""
+        with self._tx("model_versions") as s:
+            rows = s.scalars(
+                sa.select(ModelVersion).where(ModelVersion.campaign_id == campaign_id).order_by(ModelVersion.id)
+            )
+            return [_record(ModelVersionRecord, r) for r in rows]
+
+    def log_event(
+        self,
+        kind: str,
+        message: str,
+        *,
+        campaign_id: int | None = None,
+        experiment_id: int | None = None,
+        level: str = "info",
+        payload: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Append one row to the event log (there is no way to change or delete it)."""
+        if level not in ("debug", "info", "warning", "error", "critical"):
+            raise RepositoryError(f"event level {level!r} is not one of debug, info, warning, error, critical")
+        with self._tx("log_event") as s:
+            row = self._event(
+                s, kind, message, campaign_id=campaign_id, experiment_id=experiment_id, level=level, payload=payload
+            )
+            s.flush()
+            return row.id
+
+    def events(
+        self,
+        campaign_id: int | None = None,
+        kind: str | None = None,
+        *,
+        experiment_id: int | None = None,
+    ) -> list[EventRecord]:
+        """Events, oldest first, optionally of one campaign / experiment / kind (``kind`` may end in ``*``)."""
+        query = sa.select(Event)
+        if campaign_id is not None:
+            query = query.where(Event.campaign_id == campaign_id)
+        if experiment_id is not None:
+            query = query.where(Event.experiment_id == experiment_id)
+        if kind is not None:
+            query = query.where(Event.kind.like(kind[:-1] + "%") if kind.endswith("*") else Event.kind == kind)
+        with self._tx("events") as s:
+            return [_record(EventRecord, r) for r in s.scalars(query.order_by(Event.id))]
+
+    # ----------------------------------------------------------------- what the loop asks
+
+    def observations(self, campaign_id: int, property: str) -> list[ObservationRecord]:  # noqa: A002
+        """Completed experiments with ``ok`` measurements of ``property`` (mean per experiment)."""
+        query = (
+            sa.select(
+                Experiment.id,
+                Experiment.candidate_key,
+                Experiment.params,
+                sa.func.avg(Measurement.value),
+                sa.func.count(Measurement.id),
+            )
+            .join(Measurement, Measurement.experiment_id == Experiment.id)
+            .where(
+                Experiment.campaign_id == campaign_id,
+                Experiment.state == "completed",
+                Measurement.property == property,
+                Measurement.quality == "ok",
+            )
+            .group_by(Experiment.id, Experiment.candidate_key, Experiment.params)
+            .order_by(Experiment.id)
+        )
+        with self._tx("observations") as s:
+            return [
+                ObservationRecord(experiment_id=i, candidate_key=k, params=p, value=float(v), n_measurements=int(n))
+                for i, k, p, v, n in s.execute(query)
+            ]
+
+    @staticmethod
+    def _utility(value: float, goal: str, target_range: Sequence[float] | None) -> float:
+        if goal == "maximize":
+            return value
+        if goal == "minimize":
+            return -value
+        if goal == "target":
+            if target_range is None or len(target_range) != 2:
+                raise RepositoryError(f"goal 'target' needs target_range=(low, high), got {target_range!r}")
+            low, high = float(target_range[0]), float(target_range[1])
+            return -max(low - value, 0.0, value - high)
+        raise RepositoryError(f"goal {goal!r} is not one of maximize, minimize, target")
+
+    def best_so_far(
+        self,
+        campaign_id: int,
+        property: str,  # noqa: A002
+        goal: str,
+        target_range: Sequence[float] | None = None,
+    ) -> BestRecord | None:
+        """The completed experiment whose mean ok value is best for ``goal`` (ties: the earliest)."""
+        best: BestRecord | None = None
+        for obs in self.observations(campaign_id, property):
+            utility = self._utility(obs.value, goal, target_range)
+            if best is None or utility > best.utility:
+                best = BestRecord(obs.experiment_id, obs.candidate_key, obs.params, obs.value, utility)
+        return best
+
+    @staticmethod
+    def _objective_of(snapshot: Mapping[str, Any]) -> tuple[str | None, str, Sequence[float] | None]:
+        objective = snapshot.get("objective") if isinstance(snapshot, Mapping) else None
+        if isinstance(objective, list) and objective:  # tolerate a list of objectives: first one
+            objective = objective[0]
+        if not isinstance(objective, Mapping):
+            return None, "maximize", None
+        return objective.get("property"), objective.get("goal", "maximize"), objective.get("target_range")
+
+    def campaign_summaries(self) -> list[dict[str, Any]]:
+        """One dict per campaign for ``sdl status``: counts per state, best value, measurement count."""
+        with self._tx("campaign_summaries") as s:
+            counts: dict[int, dict[str, int]] = {}
+            for cid, state, n in s.execute(
+                sa.select(Experiment.campaign_id, Experiment.state, sa.func.count()).group_by(
+                    Experiment.campaign_id, Experiment.state
+                )
+            ):
+                counts.setdefault(cid, {})[state] = int(n)
+            n_meas = dict(
+                s.execute(
+                    sa.select(Experiment.campaign_id, sa.func.count(Measurement.id))
+                    .join(Measurement, Measurement.experiment_id == Experiment.id)
+                    .group_by(Experiment.campaign_id)
+                ).all()
+            )
+            campaigns = [_record(CampaignRecord, r) for r in s.scalars(sa.select(Campaign).order_by(Campaign.id))]
+        summaries = []
+        for c in campaigns:
+            prop, goal, target = self._objective_of(c.config_snapshot)
+            best = None
+            if prop is not None:
+                try:
+                    best = self.best_so_far(c.id, prop, goal, target)
+                except RepositoryError as exc:
+                    logger.warning("campaign %r: cannot compute best value: %s", c.name, exc)
+            summaries.append(
+                {
+                    "id": c.id,
+                    "name": c.name,
+                    "state": c.state,
+                    "budget": c.budget,
+                    "counts": {state: counts.get(c.id, {}).get(state, 0) for state in EXPERIMENT_STATES},
+                    "objective": prop,
+                    "goal": goal,
+                    "best_value": best.value if best else None,
+                    "best_candidate": best.candidate_key if best else None,
+                    "n_measurements": int(n_meas.get(c.id, 0)),
+                    "created_at": c.created_at,
+                    "updated_at": c.updated_at,
+                }
+            )
+        return summaries
+
+    def export_rows(self, campaign_name: str, objective_property: str | None = None) -> list[dict[str, Any]]:
+        """One flat dict per experiment of a campaign, for ``sdl export``.
+
+        Columns: ``experiment_id, state, candidate_key, param.<name>…, <property>`` (mean of the
+        ok measurements, None when there are none), ``<property>_n`` and the provenance and
+        timestamps. Raises RepositoryError for an unknown campaign.
+        """
+        campaign = self.get_campaign(campaign_name)
+        if campaign is None:
+            known = ", ".join(c.name for c in self.campaigns()) or "none"
+            raise RepositoryError(f"no campaign named {campaign_name!r} (known: {known})")
+        prop = objective_property or self._objective_of(campaign.config_snapshot)[0]
+        values: dict[int, tuple[float, int]] = {}
+        if prop is not None:
+            with self._tx("export_rows") as s:
+                for eid, mean, n in s.execute(
+                    sa.select(Measurement.experiment_id, sa.func.avg(Measurement.value), sa.func.count())
+                    .join(Experiment, Experiment.id == Measurement.experiment_id)
+                    .where(
+                        Experiment.campaign_id == campaign.id,
+                        Measurement.property == prop,
+                        Measurement.quality == "ok",
+                    )
+                    .group_by(Measurement.experiment_id)
+                ):
+                    values[eid] = (float(mean), int(n))
+        experiments = self.experiments(campaign.id)
+        param_names: list[str] = []
+        for e in experiments:
+            for k in e.params:
+                if k not in param_names:
+                    param_names.append(k)
+        rows = []
+        for e in experiments:
+            row: dict[str, Any] = {
+                "experiment_id": e.id,
+                "campaign": campaign.name,
+                "state": e.state,
+                "candidate_key": e.candidate_key,
+            }
+            for k in param_names:
+                v = e.params.get(k)
+                row[f"param.{k}"] = json.dumps(v) if isinstance(v, (dict, list)) else v
+            if prop is not None:
+                mean_n = values.get(e.id)
+                row[prop] = mean_n[0] if mean_n else None
+                row[f"{prop}_n"] = mean_n[1] if mean_n else 0
+            row.update(
+                {
+                    "model_version": e.model_version,
+                    "model_version_id": e.model_version_id,
+                    "acquisition_value": e.acquisition_value,
+                    "predicted_mean": e.predicted_mean,
+                    "predicted_std": e.predicted_std,
+                    "batch_id": e.batch_id,
+                    "instruments": ",".join(e.instruments or []),
+                    "failure_kind": e.failure_kind,
+                    "failure_reason": e.failure_reason,
+                    "proposed_at": e.proposed_at,
+                    "started_at": e.started_at,
+                    "finished_at": e.finished_at,
+                }
+            )
+            rows.append(row)
+        return rows

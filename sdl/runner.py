@@ -1,0 +1,120 @@
+"""The process's single Bluesky ``RunEngine``, behind a lock, safe to call from worker threads.
+
+Known facts (docs/ARCHITECTURE.md, KNOWN_FACTS.md): ``RunEngine()`` installs signal handlers and
+fails outside the main thread, so it is built with ``context_managers=[]``; each RunEngine leaks a
+thread, so there is one per process; it is not re-entrant, so calls are serialized by a lock.
+:func:`run_plan` never raises for a failed plan: it reports the outcome (with the *underlying*
+exception, e.g. :class:`~sdl.exceptions.MaterialFailure`, unwrapped from ``FailedStatus``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["RunOutcome", "get_run_engine", "run_plan"]
+
+logger = logging.getLogger(__name__)
+
+Subscriber = Callable[[str, dict[str, Any]], Any]
+
+_LOCK = threading.RLock()
+_ENGINE: Any = None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What became of one plan.
+
+    Attributes:
+        run_uids: Start-document uids of every run the plan opened, in order.
+        exit_status: ``success``, ``fail`` or ``abort``.
+        plan_result: The plan's return value (``None`` on failure).
+        exception: The error that ended the plan, unwrapped from ``FailedStatus``.
+    """
+
+    run_uids: tuple[str, ...]
+    exit_status: str
+    plan_result: Any = None
+    exception: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the plan succeeded."""
+        return self.exit_status == "success" and self.exception is None
+
+
+def get_run_engine() -> Any:
+    """The process's RunEngine (built on first use, from any thread)."""
+    global _ENGINE
+    with _LOCK:
+        if _ENGINE is None:
+            from bluesky import RunEngine
+
+            _ENGINE = RunEngine(context_managers=[], call_returns_result=True)
+        return _ENGINE
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    from bluesky.utils import FailedStatus
+    from ophyd.utils.errors import StatusTimeoutError
+
+    from sdl.exceptions import InstrumentTimeout
+
+    inner: BaseException | None = exc
+    if isinstance(exc, FailedStatus) and exc.args:
+        status = exc.args[0]
+        getter = getattr(status, "exception", None)
+        inner = getter() if callable(getter) else None
+        if isinstance(inner, StatusTimeoutError):
+            device = getattr(getattr(status, "device", None), "name", None)
+            url = getattr(getattr(status, "device", None), "url", None)
+            wrapped = InstrumentTimeout(f"no result within the status timeout: {inner}", instrument=device, url=url)
+            wrapped.__cause__ = inner
+            inner = wrapped
+    return inner or exc
+
+
+def run_plan(plan: Iterable[Any], *, subscribers: Iterable[Subscriber] = ()) -> RunOutcome:
+    """Run one plan on the process's RunEngine (serialized with every other caller).
+
+    Args:
+        plan: A Bluesky plan (generator).
+        subscribers: ``(name, doc)`` callables subscribed for this plan only.
+
+    Returns:
+        A :class:`RunOutcome`; failures are reported there, not raised.
+    """
+    with _LOCK:
+        engine = get_run_engine()
+        starts: list[str] = []
+        stops: list[str] = []
+
+        def collect(name: str, doc: dict[str, Any]) -> None:
+            if name == "start":
+                starts.append(doc["uid"])
+            elif name == "stop":
+                stops.append(doc.get("exit_status", ""))
+
+        tokens = [engine.subscribe(collect)] + [engine.subscribe(cb) for cb in subscribers]
+        try:
+            result = engine(plan)
+        except BaseException as exc:  # noqa: BLE001 - reported in the outcome
+            if engine.state != "idle":
+                try:
+                    engine.abort(reason=f"plan failed: {exc}")
+                except Exception:  # noqa: BLE001
+                    logger.exception("could not abort the RunEngine after a failure")
+            error = _unwrap(exc)
+            status = "abort" if "abort" in stops else "fail"
+            logger.info("plan ended with %s: %s", status, error)
+            return RunOutcome(tuple(starts), status, None, error)
+        finally:
+            for token in tokens:
+                engine.unsubscribe(token)
+        exit_status = getattr(result, "exit_status", "success")
+        uids = tuple(getattr(result, "run_start_uids", ()) or starts)
+        return RunOutcome(uids, exit_status, getattr(result, "plan_result", None), None)

@@ -1,0 +1,116 @@
+"""Simulator subprocesses for the ``simulated: true`` instruments of a campaign.
+
+Why: a campaign must run end to end through pyserial with no set-up (CI, the demo). ``sdl run``
+starts one simulator process per simulated instrument on a free port (``simulators.server``, the
+code behind ``sdl simulate``), reads the URL it prints first, and stops the processes at the end.
+Each simulator keeps a journal of its jobs in a file next to the database, named after the
+campaign and the instrument, so that after a crash the new simulator (same journal) can tell the
+resumed campaign which jobs finished: that is how an experiment caught mid-run is reconciled
+instead of being synthesized twice. ``exit_with_parent`` makes a simulator die with ``sdl run``
+even on ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdl.exceptions import InstrumentConnectionError
+
+__all__ = ["SimulatorFleet", "journal_path"]
+
+logger = logging.getLogger(__name__)
+
+
+def journal_path(state_dir: Path, campaign: str, instrument: str) -> Path:
+    """Journal file of one simulated instrument of one campaign (stable across restarts)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{campaign}.{instrument}")
+    return Path(state_dir) / f"{safe}.journal.jsonl"
+
+
+@dataclass
+class SimulatorFleet:
+    """The simulators of one campaign; a context manager that stops them all at the end.
+
+    Args:
+        state_dir: Directory for journals and logs (next to the database).
+        campaign: Campaign name (journal files are named after it and the instrument).
+        time_scale: Overrides every instrument's ``simulator.time_scale`` when set.
+    """
+
+    state_dir: Path
+    campaign: str
+    time_scale: float | None = None
+    processes: dict[str, Any] = field(default_factory=dict)
+
+    def start(self, instruments: Iterable[Any], seed: int = 0) -> dict[str, str]:
+        """Start a simulator for each ``simulated`` instrument; return ``{name: url}``.
+
+        Args:
+            instruments: ``sdl.config`` instrument entries.
+            seed: Campaign seed; an instrument without its own ``simulator.seed`` gets
+                ``seed + index`` so that faults are reproducible but differ between instruments.
+
+        Raises:
+            InstrumentConnectionError: A simulator did not start (the message names it and its log).
+        """
+        from simulators.server import start_simulator
+
+        self.state_dir = Path(self.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        urls: dict[str, str] = {}
+        started = time.monotonic()
+        try:
+            for index, inst in enumerate(instruments):
+                if not inst.simulated:
+                    continue
+                sim = inst.simulator
+                log = self.state_dir / f"{self.campaign}.{inst.name}.log"
+                try:
+                    proc = start_simulator(
+                        inst.world,
+                        instrument="robot" if inst.role == "synthesis" else "station",
+                        journal=journal_path(self.state_dir, self.campaign, inst.name),
+                        exit_with_parent=True,
+                        time_scale=self.time_scale if self.time_scale is not None else sim.time_scale,
+                        seed=sim.seed if sim.seed is not None else seed + index,
+                        noise_std=sim.noise_std or None,
+                        off_table=sim.off_table,
+                        properties=list(inst.measures) or None,
+                        serial=f"SIM-{inst.name}",
+                        faults=sim.faults.model_dump(),
+                        log_path=log,
+                    )
+                except RuntimeError as exc:
+                    raise InstrumentConnectionError(
+                        f"simulator did not start: {exc} (log: {log})", instrument=inst.name
+                    ) from exc
+                self.processes[inst.name] = proc
+                urls[inst.name] = proc.url
+                logger.info("simulated instrument %s listening at %s", inst.name, proc.url)
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("started %d simulator(s) in %.1f s", len(urls), time.monotonic() - started)
+        return urls
+
+    def journal(self, name: str) -> Path:
+        """Journal path of instrument ``name``."""
+        return journal_path(self.state_dir, self.campaign, name)
+
+    def stop(self) -> None:
+        """Stop every simulator this fleet started."""
+        for proc in self.processes.values():
+            proc.stop()
+        self.processes.clear()
+
+    def __enter__(self) -> SimulatorFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
