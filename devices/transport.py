@@ -12,6 +12,7 @@ retried with back-off until ``busy_timeout``; ``ERR`` is never retried.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -122,11 +123,24 @@ class LineTransport:
     def close(self) -> None:
         """Close the line (idempotent)."""
         port, self._port = self._port, None
-        if port is not None:
+        if port is None:
+            return
+        sock = getattr(port, "_socket", None)
+        if sock is not None:
+            # pyserial's socket:// close() sleeps 0.3 s "for quick reconnects"; a retrying driver
+            # reconnects on purpose, so close the socket directly and skip the sleep.
             try:
-                port.close()
-            except (serial.SerialException, OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
                 pass
+            sock.close()
+            port._socket = None
+            port.is_open = False
+            return
+        try:
+            port.close()
+        except (serial.SerialException, OSError):
+            pass
 
     def _reconnect(self) -> None:
         self.close()

@@ -64,7 +64,7 @@ class qMaxVariance(MCAcquisitionFunction):
         return dev.max(dim=-1).values.mean(dim=0)
 
 
-def default_sampler(model: Any, seed: int, num_samples: int = 256) -> MCSampler:
+def default_sampler(model: Any, seed: int, num_samples: int = 128) -> MCSampler:
     """Every member once for ensembles; a seeded scrambled-Sobol normal sampler otherwise."""
     if isinstance(model, EnsembleModel):
         return MemberSampler(getattr(model, "ensemble_size", None) or model.predictions.shape[0])

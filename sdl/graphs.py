@@ -123,11 +123,12 @@ class GaussianBasis(torch.nn.Module):
 
     def __init__(self, cutoff: float, num_rbf: int) -> None:
         super().__init__()
-        if num_rbf < 2:
-            raise ValueError(f"GaussianBasis needs at least 2 functions, got {num_rbf=}")
+        if num_rbf < 1:
+            raise ValueError(f"GaussianBasis needs at least 1 function, got {num_rbf=}")
         centers = torch.linspace(0.0, float(cutoff), int(num_rbf))
         self.register_buffer("centers", centers)
-        self.gamma = float(1.0 / (centers[1] - centers[0]).item() ** 2)
+        spacing = float(cutoff) / max(1, int(num_rbf) - 1)
+        self.gamma = 1.0 / spacing**2
 
     def forward(self, distances: torch.Tensor) -> torch.Tensor:
         """Return ``[E, num_rbf]`` basis values."""

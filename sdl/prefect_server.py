@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PrefectServer", "free_port", "server_environment", "prefect_quiet_environment"]
+__all__ = ["PrefectServer", "free_port", "server_environment", "prefect_quiet_environment", "prepare_client_environment"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,26 @@ def prefect_quiet_environment(environ: dict[str, str] | None = None) -> dict[str
     for key, value in QUIET_SETTINGS.items():
         env.setdefault(key, value)
     return env
+
+
+def prepare_client_environment(state_dir: Path) -> str:
+    """Set this process's Prefect environment before prefect is imported; returns the mode.
+
+    With ``PREFECT_API_URL`` set, runs report to that server (``"server"``). Without it, Prefect
+    runs in ephemeral mode (``"ephemeral"``): its home goes under ``state_dir`` (next to the
+    database) unless ``PREFECT_HOME`` is set, so nothing lands in ``~/.prefect``. Either way
+    analytics are off and the ``sdl`` and ``devices`` loggers reach Prefect's run logs.
+    """
+    for key, value in QUIET_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sdl,devices")
+    if os.environ.get("PREFECT_API_URL"):
+        return "server"
+    home = Path(state_dir) / "prefect"
+    if "PREFECT_HOME" not in os.environ:
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(home)
+    return "ephemeral"
 
 
 def server_environment(home: Path, port: int, host: str = "127.0.0.1") -> dict[str, str]:

@@ -35,7 +35,10 @@ def fitted(data) -> tuple[GNNEnsemble, object]:
 
 
 def test_options_default_and_duck_typed() -> None:
+    from sdl.config import GNNEnsembleOptions
+
     assert GNNEnsemble(None).options == EnsembleOptions()
+    assert GNNEnsemble(GNNEnsembleOptions()).options == EnsembleOptions()
     ens = GNNEnsemble(SimpleNamespace(members=2, hidden=8, unrelated="x"), seed=3)
     assert ens.options.members == 2 and ens.options.hidden == 8 and ens.options.epochs == 150
     assert "members=2" in repr(ens) and "cutoff=6.0" in repr(ens)

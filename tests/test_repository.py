@@ -304,3 +304,42 @@ def test_repository_does_not_import_torch_or_prefect() -> None:
             "print(sorted(m for m in ('torch', 'prefect', 'pymatgen') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_canonical_material_keys_on_real_perovskites() -> None:
+    import csv
+    import gzip
+    import random
+
+    from pymatgen.core import Structure
+
+    from sdl.materials import canonical_key
+
+    world = __import__("pathlib").Path(__file__).resolve().parents[1] / "simulators/worlds/perovskites_demo.csv.gz"
+    with gzip.open(world, "rt") as fh:
+        rows = [r for _, r in zip(range(6), csv.DictReader(fh), strict=False)]
+    keys = []
+    for row in rows:
+        s = Structure.from_str(row["cif"], fmt="cif")
+        key = canonical_key(structure=s)
+        keys.append(key)
+        assert key.startswith(f"struct:{s.composition.reduced_formula}:sg")
+        assert canonical_key(structure=row["cif"]) == key == canonical_key(structure=s.as_dict())
+        # another cell, another origin, another atom order: the same material
+        other = s.copy()
+        other.make_supercell([[1, 1, 0], [-1, 1, 0], [0, 0, 1]])
+        other.translate_sites(list(range(len(other))), [0.137, 0.29, 0.41])
+        sites = list(other)
+        random.Random(0).shuffle(sites)
+        assert canonical_key(structure=Structure.from_sites(sites)) == key
+        strained = s.copy()
+        strained.scale_lattice(s.volume * 1.03)
+        assert canonical_key(structure=strained) != key
+    assert len(set(keys)) == len({r["id"] for r in rows})  # distinct compounds, distinct keys
+    assert canonical_key(params={"t": 1.0, "a": 0.1 + 0.2}) == canonical_key(params={"a": 0.3, "t": 1}) == (
+        'params:{"a":0.3,"t":1}')
+    assert canonical_key(formula="O3SrTi") == canonical_key(formula="SrTiO3") == "formula:SrTiO3"
+    with pytest.raises(ValueError, match="params.x"):
+        canonical_key(params={"x": math.nan})
+    with pytest.raises(ValueError, match="needs a structure"):
+        canonical_key()

@@ -115,27 +115,34 @@ def status(
     if as_json:
         typer.echo(json.dumps([{k: _plain(v) for k, v in s.items()} for s in summaries], indent=2))
         return
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"Campaigns in {store.url}")
-    for column in ("campaign", "state", "budget", "proposed", "running", "completed", "failed", "abandoned"):
-        table.add_column(column, justify="left" if column in ("campaign", "state") else "right")
-    table.add_column("best", justify="right")
-    table.add_column("measurements", justify="right")
+    table = Table(title=f"Campaigns in {store.url}", box=box.SIMPLE_HEAD, pad_edge=False)
+    headers = {"proposed": "prop", "running": "run", "completed": "done", "failed": "fail", "abandoned": "aband"}
+    table.add_column("campaign", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("budget", justify="right")
+    for header in headers.values():
+        table.add_column(header, justify="right")
+    table.add_column("best", justify="right", no_wrap=True)
+    table.add_column("objective")
+    table.add_column("meas", justify="right")
     colours = {"running": "cyan", "completed": "green", "stopped": "yellow", "failed": "red"}
+    goals = {"maximize": "max", "minimize": "min", "target": "target"}
     for s in summaries:
-        best = "—" if s["best_value"] is None else f"{s['best_value']:.6g}"
-        if s["best_value"] is not None and s["objective"]:
-            best = f"{best} ({s['goal']} {s['objective']}, {s['best_candidate']})"
         table.add_row(
             s["name"],
             Text(s["state"], style=colours.get(s["state"], "")),
             "—" if s["budget"] is None else str(s["budget"]),
-            *(str(s["counts"][k]) for k in ("proposed", "running", "completed", "failed", "abandoned")),
-            best,
+            *(str(s["counts"][k]) for k in headers),
+            "—" if s["best_value"] is None else f"{s['best_value']:.6g}",
+            f"{goals.get(s['goal'], s['goal'])} {s['objective']}" if s["objective"] else "—",
             str(s["n_measurements"]),
         )
-    console = Console(soft_wrap=True)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=max(console.width, 120))
     if not summaries:
         console.print(f"No campaigns in {store.url} yet.")
         return

@@ -1,9 +1,158 @@
-"""CLI commands: placeholder until its issue lands (registers nothing)."""
+"""``sdl run``, ``sdl ui`` and ``sdl serve``: run campaigns, watch them, launch them from the UI.
+
+Prefect is imported inside the commands, after the environment is prepared (its home next to the
+database in ephemeral mode, analytics off), because prefect reads its settings at import.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
 import typer
+
+__all__ = ["register"]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run(
+    file: Path = typer.Argument(..., help="Campaign YAML file."),
+    db: str | None = typer.Option(None, "--db", help="Repository URL (default: SDL_DATABASE_URL, the YAML, sqlite:///sdl.db)."),
+    budget: int | None = typer.Option(None, "--budget", min=1, help="Experiments to reach an end state (overrides the YAML)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed (overrides the YAML)."),
+    time_scale: float | None = typer.Option(None, "--time-scale", min=0.0, help="Simulators' time scale (overrides the YAML)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print Prefect's task logs in the terminal."),
+) -> None:
+    """Run a campaign to its end; rerunning the same campaign on the same database resumes it."""
+    from sdl.config import load_campaign
+    from sdl.exceptions import CampaignConfigError, SDLError
+    from sdl.lab import state_dir_for
+    from sdl.prefect_server import prepare_client_environment
+    from sdl.settings import resolve_database_url
+
+    try:
+        cfg = load_campaign(file)
+    except CampaignConfigError as exc:
+        _fail(str(exc))
+    if not cfg.instruments:
+        _fail(f"{file}: instruments: the campaign lists no instruments, so it cannot be run")
+    url = resolve_database_url(db, cfg)
+    mode = prepare_client_environment(state_dir_for(url))
+    if not verbose:
+        import logging
+
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        for handler in logging.getLogger().handlers:  # prefect's loggers also propagate to the root
+            handler.setLevel(logging.WARNING)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()
+    console.print(f"[bold]{cfg.name}[/]: budget {budget or cfg.budget.experiments} experiments, "
+                  f"model {cfg.model.name}, repository {_safe(url)}, Prefect {mode}"
+                  + (f" ({os.environ['PREFECT_API_URL']})" if mode == "server" else ""), highlight=False)
+    from sdl.flows import run_campaign
+
+    with Progress(
+        TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=console, transient=False,
+    ) as progress:
+        bar = progress.add_task(cfg.name, total=budget or cfg.budget.experiments, best="")
+
+        def on_progress(info: dict[str, Any]) -> None:
+            best = info.get("best_value")
+            text = f"best {cfg.objective.property} = {best:.4g} ({info.get('best_candidate')})" if best is not None else ""
+            progress.update(bar, completed=info["done"], total=info["budget"], best=text)
+
+        try:
+            summary = run_campaign(file, db_url=url, budget=budget, seed=seed, time_scale=time_scale,
+                                   on_progress=on_progress)
+        except (SDLError, OSError) as exc:
+            progress.stop()
+            _fail(f"{file}: {exc}", code=1)
+        progress.update(bar, completed=summary["counts"].get("completed", 0) + summary["counts"].get("failed", 0)
+                        + summary["counts"].get("abandoned", 0))
+    _print_summary(console, cfg, summary)
+
+
+def _print_summary(console: Any, cfg: Any, summary: dict[str, Any]) -> None:
+    counts = summary["counts"]
+    unit = cfg.objective.unit or ""
+    console.print(f"\n[bold]{summary['campaign']}[/] {summary['state']}: {summary['stop_reason']}", highlight=False)
+    console.print(f"  experiments: {counts.get('completed', 0)} completed, {counts.get('failed', 0)} failed, "
+                  f"{counts.get('abandoned', 0)} abandoned (budget {summary['budget']})", highlight=False)
+    if summary.get("best_value") is not None:
+        console.print(f"  best found:          {cfg.objective.property} = {summary['best_value']:.4g} {unit} "
+                      f"({summary['best_candidate']})", highlight=False)
+    if summary.get("true_best_value") is not None:
+        console.print(f"  best in the world:   {cfg.objective.property} = {summary['true_best_value']:.4g} {unit} "
+                      f"({summary['true_best_candidate']})", highlight=False)
+    for what, path in summary.get("plots", {}).items():
+        console.print(f"  plot {what}: {path}", highlight=False)
+
+
+def _safe(url: str) -> str:
+    import re
+
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def ui(
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port on 127.0.0.1 (0: a free one)."),
+    home: Path = typer.Option(Path("sdl-runs/prefect-server"), "--home", help="PREFECT_HOME of the server."),
+) -> None:
+    """Start a local Prefect server (UI and API) on 127.0.0.1 and print how to report to it."""
+    from rich.console import Console
+
+    from sdl.prefect_server import PrefectServer
+
+    console = Console()
+    server = PrefectServer(home=home.resolve(), port=port or None)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        _fail(f"Prefect server: {exc}", code=1)
+    console.print(f"Prefect UI:  [link={server.url}]{server.url}[/link]", highlight=False)
+    console.print(f"Report to it from another shell:\n  export PREFECT_API_URL={server.api_url}\n"
+                  f"  sdl run campaigns/demo.yaml\nLaunch campaigns from the UI:  sdl serve", highlight=False)
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        server.stop()
+    raise typer.Exit(code)
+
+
+def serve(
+    name: str = typer.Option("sdl-campaign", "--name", help="Deployment name."),
+) -> None:
+    """Serve the campaign flow as a deployment (launch campaigns from the UI with a YAML path)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("PREFECT_API_URL is not set: start `sdl ui` and export the URL it prints")
+    from sdl.prefect_server import prepare_client_environment
+
+    prepare_client_environment(Path("sdl-runs"))
+    from sdl.flows import serve_campaigns
+
+    try:
+        serve_campaigns(name)
+    except KeyboardInterrupt:
+        sys.exit(0)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the sdl app."""
+    """Add ``run``, ``ui`` and ``serve`` to the sdl app."""
+    app.command("run")(run)
+    app.command("ui")(ui)
+    app.command("serve")(serve)

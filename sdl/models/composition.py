@@ -56,11 +56,14 @@ def _features_of(formula: str) -> tuple[float, ...]:
     except Exception as exc:  # noqa: BLE001 - pymatgen raises several types for bad formulas
         raise ValueError(f"cannot parse formula {formula!r}: {exc}") from exc
     fr = comp.fractional_composition
-    symbols = [el.symbol for el in fr.elements]
+    symbols = [getattr(el, "symbol", str(el)) for el in fr.elements]
     if not symbols:
-        raise ValueError(f"empty composition {formula!r}")
+        raise ValueError(f"cannot parse formula {formula!r}: empty composition")
     w = np.array([fr[s] for s in symbols], dtype=np.float64)
-    P = np.array([_element_vector(s) for s in symbols], dtype=np.float64)  # [n_el, n_prop]
+    try:
+        P = np.array([_element_vector(s) for s in symbols], dtype=np.float64)  # [n_el, n_prop]
+    except ValueError as exc:  # dummy species such as "Xx"
+        raise ValueError(f"cannot parse formula {formula!r}: {exc}") from exc
     # Missing element data (e.g. no Pauling X for noble gases): fall back to the other elements' mean.
     col_mean = np.nanmean(np.where(np.isnan(P), np.nan, P), axis=0)
     P = np.where(np.isnan(P), np.nan_to_num(col_mean, nan=0.0), P)

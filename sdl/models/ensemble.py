@@ -17,6 +17,7 @@ Everything is deterministic under ``seed`` on CPU (``index_add_`` on CPU is dete
 from __future__ import annotations
 
 import copy
+import math
 import logging
 import time
 from collections.abc import Hashable, Sequence
@@ -220,7 +221,6 @@ class GNNEnsemble:
             val_idx = train_idx.unique()
         val_batch = packed.batch(val_idx)
         opt = torch.optim.AdamW(net.parameters(), lr=o.learning_rate, weight_decay=1e-5)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, o.patience // 4))
         best = float("inf")
         best_state = copy.deepcopy(net.state_dict())
         best_epoch = 0
@@ -233,6 +233,14 @@ class GNNEnsemble:
         if report.warm_start:
             best = initial  # a warm start keeps its previous weights unless training beats them
         for epoch in range(1, n_epochs + 1):
+            # Cosine decay over the run; with a time budget, over whichever ends first (epochs or
+            # time), so a budget-limited fit still anneals. (Time-aware = not bit-reproducible.)
+            progress = (epoch - 1) / n_epochs
+            if budget is not None and budget > 0:
+                progress = max(progress, (time.perf_counter() - t_start) / budget)
+            lr = o.learning_rate * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+            for group in opt.param_groups:
+                group["lr"] = lr
             net.train()
             order = train_idx[torch.randperm(train_idx.shape[0], generator=gen)]
             for start in range(0, order.shape[0], bs):
@@ -244,7 +252,6 @@ class GNNEnsemble:
                 opt.step()
             epochs_run = epoch
             val = self._val_mae(net, val_batch, y[val_idx], n_atoms[val_idx])
-            sched.step(val)
             logger.debug("member %d epoch %d: val MAE %.4f, lr %.2e", m, epoch, val, opt.param_groups[0]["lr"])
             if val < best - 1e-7:
                 best, best_epoch = val, epoch

@@ -326,6 +326,8 @@ def _make_engine(url: str) -> sa.Engine:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError as exc:
         raise RepositoryError(f"invalid database URL {url!r}: {exc}") from exc
+    if parsed.drivername in ("postgresql", "postgres"):  # psycopg 3 is the driver we ship, not psycopg2
+        parsed = parsed.set(drivername="postgresql+psycopg")
     kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "future": True}
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""

@@ -1,0 +1,117 @@
+"""Proposal latency for q = 8 over 1k / 10k / 100k crystal candidates (GNN ensemble and composition GP).
+
+How the pools are built: the CMR cubic-perovskite table
+(``../shared/data/perovskites_cmr_mp_oqmd/cmr_castelli_perovskites.csv.gz``, 18,928 crystals) when
+present, else the shipped ``simulators/worlds/perovskites_2k.csv.gz``; pools larger than the table
+are the table tiled (copies get ids ``<id>~<copy>``; the same CIF text is parsed once, but every
+copy gets its own crystal graph, so graph construction is measured at full size).
+
+For each pool size and model, with 64 measured crystals (e_form, minimize) after the seeded
+initial design, it prints:
+
+* ``first``: the first model ``propose(q=8)``: fit + scoring every candidate (GNN: graph
+  construction + M forward passes; GP: composition descriptors + posterior) + batch selection.
+* ``again``: a second ``propose(q=8)`` with the first batch pending (no refit): the acquisition and
+  selection alone (pre-filter to 2,048, then sequential greedy qUCB / qLogNEI).
+* ``score/s``: ensemble scoring throughput with a cold graph cache, crystals per second,
+  graph construction included (GNN only).
+
+Usage: ``OMP_NUM_THREADS=2 python benchmarks/proposal_latency.py [--sizes 1000 10000 100000]
+[--models gnn-ensemble gp] [--acquisition qucb] [--epochs 30]``. Prints a table; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import pandas as pd
+import torch
+
+from sdl.engine import Engine, Observation
+from sdl.space import CandidatePool
+
+ROOT = Path(__file__).resolve().parent.parent
+CMR = ROOT.parent / "shared" / "data" / "perovskites_cmr_mp_oqmd" / "cmr_castelli_perovskites.csv.gz"
+SHIPPED = ROOT / "simulators" / "worlds" / "perovskites_2k.csv.gz"
+
+
+def load_base() -> tuple[pd.DataFrame, str]:
+    """The crystal table to tile, and where it came from."""
+    if CMR.is_file():
+        return pd.read_csv(CMR, usecols=["id", "formula", "e_form", "cif"]), str(CMR)
+    return pd.read_csv(SHIPPED, usecols=["id", "formula", "e_form", "cif"]), str(SHIPPED)
+
+
+def make_pool(base: pd.DataFrame, n: int) -> CandidatePool:
+    """First ``n`` rows of the table tiled as often as needed."""
+    copies = -(-n // len(base))
+    frames = []
+    for c in range(copies):
+        f = base.copy()
+        if c:
+            f["id"] = f["id"].astype(str) + f"~{c}"
+        frames.append(f)
+    frame = pd.concat(frames, ignore_index=True).iloc[:n]
+    return CandidatePool.from_frame(frame, structure_column="cif", formula_column="formula", source=f"tiled[{n}]")
+
+
+def run_one(pool: CandidatePool, model: str, acquisition: str, epochs: int, n_obs: int = 64) -> dict[str, float]:
+    """Time two proposals on one pool."""
+    truth = pool.values("e_form")
+    options = {"members": 5, "hidden": 64, "layers": 3, "epochs": epochs, "patience": 10}
+    eng = Engine(objective=NS(goal="minimize"), model=NS(name=model, options=options),
+                 acquisition=NS(function=acquisition, batch_size=8, beta=2.0), seed=0, pool=pool,
+                 initial_design=NS(strategy="random", size=n_obs))
+    t = time.perf_counter()
+    design = eng.propose(n_obs)
+    eng.observe([Observation(p.key, p.params, float(truth[pool.index_of(p.key)])) for p in design])
+    out: dict[str, float] = {"design_s": time.perf_counter() - t}
+    t = time.perf_counter()
+    first = eng.propose(8)
+    out["first_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    eng.propose(8, pending=[p.key for p in first])
+    out["again_s"] = time.perf_counter() - t
+    if model == "gnn-ensemble":
+        ens = eng._ensemble
+        ens.converter.clear_cache()
+        structures = pool.structures()
+        t = time.perf_counter()
+        ens.predict_members(structures, pool.keys, batch_size=1024)
+        out["score_per_s"] = len(pool) / (time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    """Parse arguments, run every (size, model), print a table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--models", nargs="+", default=["gnn-ensemble", "gp"])
+    ap.add_argument("--acquisition", default="qucb")
+    ap.add_argument("--epochs", type=int, default=30)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    base, source = load_base()
+    print(f"base table: {source} ({len(base)} crystals); torch threads: {torch.get_num_threads()}")
+    print(f"{'N':>8} {'model':>13} {'acq':>8} {'parse s':>8} {'first s':>8} {'again s':>8} {'score/s':>9}")
+    for n in args.sizes:
+        pool = make_pool(base, n)
+        t = time.perf_counter()
+        if "gnn-ensemble" in args.models:
+            pool.structures()
+        parse_s = time.perf_counter() - t
+        for model in args.models:
+            r = run_one(pool, model, args.acquisition, args.epochs)
+            score = f"{r['score_per_s']:9.0f}" if "score_per_s" in r else f"{'-':>9}"
+            print(f"{n:>8} {model:>13} {args.acquisition:>8} {parse_s:8.1f} {r['first_s']:8.2f} "
+                  f"{r['again_s']:8.2f} {score}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

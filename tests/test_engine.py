@@ -1,0 +1,233 @@
+"""The engine's guarantees on real data: crossed-barrel designs and cubic perovskites.
+
+``BootstrapRidgeEnsemble`` is a small real model (bootstrap ridge regressions on composition
+descriptors) with the GNN ensemble's interface, so the pool-ensemble path is tested in seconds;
+one test runs the real ``sdl.models.ensemble.GNNEnsemble`` with tiny settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace as NS
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sdl.engine import Engine, Observation, Proposal
+from sdl.exceptions import EngineError
+from sdl.models.composition import composition_features
+from sdl.space import CandidatePool, ParameterSpace
+
+WORLDS = Path(__file__).resolve().parent.parent / "simulators" / "worlds"
+BARREL_COLUMNS = ["n", "theta", "r", "t"]
+
+
+class BootstrapRidgeEnsemble:
+    """M ridge regressions on bootstrap resamples, over composition descriptors of structures."""
+
+    def __init__(self, options: Any, seed: int) -> None:
+        self.members = int((options or {}).get("members", 4))
+        self.seed = seed
+        self.coefs: list[np.ndarray] = []
+
+    def _Z(self, structures: list[Any]) -> np.ndarray:
+        F = composition_features([s.composition.formula for s in structures])
+        return np.hstack([F / 100.0, np.ones((F.shape[0], 1))])
+
+    def fit(self, structures: list[Any], y: Any, keys: list[str] | None = None) -> None:
+        Z, y = self._Z(structures), np.asarray(y, dtype=np.float64)
+        rng = np.random.default_rng(self.seed)
+        self.coefs = []
+        for _ in range(self.members):
+            b = rng.integers(0, len(y), len(y))
+            self.coefs.append(np.linalg.solve(Z[b].T @ Z[b] + 0.1 * np.eye(Z.shape[1]), Z[b].T @ y[b]))
+
+    def predict_members(self, structures: list[Any], keys: list[str] | None = None, batch_size: int = 1024) -> torch.Tensor:
+        Z = self._Z(structures)
+        return torch.as_tensor(np.stack([Z @ c for c in self.coefs]))
+
+
+@pytest.fixture(scope="module")
+def barrel() -> CandidatePool:
+    return CandidatePool.from_csv(WORLDS / "crossed_barrel.csv", id_column=None, parameter_columns=BARREL_COLUMNS)
+
+
+@pytest.fixture(scope="module")
+def perov() -> CandidatePool:
+    frame = pd.read_csv(WORLDS / "perovskites_2k.csv.gz").iloc[:300]
+    return CandidatePool.from_frame(frame, structure_column="cif", formula_column="formula", source="perovskites_2k[:300]")
+
+
+def engine(pool: CandidatePool | None = None, model: str = "gp", acq: str = "qlognei", seed: int = 0,
+           size: int = 6, goal: str = "maximize", target: tuple[float, float] | None = None,
+           space: ParameterSpace | None = None, **kw: Any) -> Engine:
+    return Engine(
+        objective=NS(goal=goal, target_range=target, property="y", unit=None),
+        model=NS(name=model, options={"members": 4}), acquisition=NS(function=acq, batch_size=3, beta=2.0),
+        seed=seed, pool=pool, space=space, initial_design=NS(strategy="random", size=size), **kw,
+    )
+
+
+def run(eng: Engine, truth: dict[str, float], rounds: int, q: int, pending_every: int = 0) -> list[list[Proposal]]:
+    """Rounds of propose/observe; every ``pending_every``-th round leaves one proposal pending."""
+    batches, pending = [], []
+    for r in range(rounds):
+        batch = eng.propose(q, pending=pending)
+        batches.append(batch)
+        keep = batch[:1] if pending_every and r % pending_every == 0 else []
+        pending += [p.key for p in keep]
+        eng.observe([Observation(p.key, p.params, truth[p.key]) for p in batch if p not in keep])
+    return batches
+
+
+@pytest.mark.parametrize("acq", ["qlognei", "qucb", "thompson"])
+def test_gp_pool_never_repeats_and_only_proposes_table_rows(barrel: CandidatePool, acq: str) -> None:
+    truth = dict(zip(barrel.keys, barrel.values("toughness")))
+    eng = engine(barrel, "gp", acq)
+    seen: set[str] = set()
+    for batch in run(eng, truth, rounds=4, q=3, pending_every=2):
+        keys = [p.key for p in batch]
+        assert len(keys) == len(set(keys)) == 3
+        assert not seen & set(keys)
+        seen |= set(keys)
+        for p in batch:
+            assert p.key in barrel and barrel.key_for_params(p.params) == p.key  # a row of the table
+    assert batch[0].strategy == "gp" and batch[0].predicted_std is not None and batch[0].predicted_std > 0
+    assert batch[0].model_version == eng.model_version and eng.model_version.startswith("gp-")
+
+
+def test_pool_exhaustion_returns_fewer_then_raises(barrel: CandidatePool) -> None:
+    rows = sorted(sum(barrel.replicates[:10], []))
+    small = CandidatePool.from_frame(barrel.source_frame.iloc[rows], id_column=None, parameter_columns=BARREL_COLUMNS)
+    assert len(small) == 10
+    truth = dict(zip(small.keys, small.values("toughness")))
+    eng = engine(small, "gp", "qucb", size=4)
+    b1 = eng.propose(4)
+    eng.observe([Observation(p.key, p.params, truth[p.key]) for p in b1])
+    b2 = eng.propose(8, pending=[b1[0].key, "n=12;theta=200;r=2.5;t=1.4"])
+    assert len(b2) == 6 and not {p.key for p in b2} & {p.key for p in b1}
+    with pytest.raises(EngineError, match="pool exhausted"):
+        eng.propose(1, pending=[p.key for p in b2])
+
+
+def test_proposals_are_reproducible_and_designs_shared(barrel: CandidatePool) -> None:
+    truth = dict(zip(barrel.keys, barrel.values("toughness")))
+    keys = lambda bs: [[p.key for p in b] for b in bs]  # noqa: E731
+    a = run(engine(barrel, "gp", "qlogei", seed=1), truth, rounds=4, q=3)
+    b = run(engine(barrel, "gp", "qlogei", seed=1), truth, rounds=4, q=3)
+    assert keys(a) == keys(b) and [x.batch_id for x in a[-1]] == [x.batch_id for x in b[-1]]
+    c = run(engine(barrel, "random", seed=1), truth, rounds=4, q=3)
+    assert keys(c)[:2] == keys(a)[:2]  # same initial design (6 points) whatever the strategy
+    assert keys(c)[2:] != keys(a)[2:]
+    assert a[0][0].strategy == "initial-design" and a[2][0].strategy == "gp" and c[2][0].strategy == "random"
+    d = run(engine(barrel, "gp", "qlogei", seed=2), truth, rounds=1, q=3)
+    assert keys(d)[0] != keys(a)[0]
+
+
+def test_ensemble_pool_mode_with_pending_and_target(perov: CandidatePool) -> None:
+    truth = dict(zip(perov.keys, perov.values("gap_gllbsc")))
+    for acq in ["qucb", "qlognei", "max-variance", "thompson"]:
+        eng = engine(perov, "gnn-ensemble", acq, goal="target", target=(1.1, 1.7), size=6,
+                     ensemble_factory=BootstrapRidgeEnsemble)
+        seen: set[str] = set()
+        for batch in run(eng, truth, rounds=4, q=4, pending_every=1):
+            keys = {p.key for p in batch}
+            assert len(keys) == 4 and not keys & seen
+            seen |= keys
+        assert batch[0].strategy == "gnn-ensemble" and batch[0].predicted_std is not None
+        again = run(engine(perov, "gnn-ensemble", acq, goal="target", target=(1.1, 1.7), size=6,
+                           ensemble_factory=BootstrapRidgeEnsemble), truth, rounds=4, q=4, pending_every=1)
+        assert [p.key for p in again[-1]] == [p.key for p in batch]
+
+
+def test_target_range_campaign_finds_in_range_materials(perov: CandidatePool) -> None:
+    gaps = perov.values("gap_gllbsc")
+    truth = dict(zip(perov.keys, gaps))
+    in_range = lambda k: 1.1 <= truth[k] <= 1.7  # noqa: E731
+    base_rate = float(np.mean([in_range(k) for k in perov.keys]))
+    eng = engine(perov, "gp", "qlogei", goal="target", target=(1.1, 1.7), size=10)
+    batches = run(eng, truth, rounds=10, q=4)
+    model_picks = [p.key for b in batches[3:] for p in b]
+    hit_rate = float(np.mean([in_range(k) for k in model_picks]))
+    assert hit_rate > 1.5 * base_rate, (hit_rate, base_rate)
+    assert 1.1 <= eng.best_value() <= 1.7
+
+
+def test_composition_gp_uncertainty_metrics(perov: CandidatePool) -> None:
+    truth = dict(zip(perov.keys, perov.values("e_form")))
+    eng = engine(perov, "gp", "qucb", size=20)
+    run(eng, truth, rounds=3, q=10)
+    m = eng.uncertainty_metrics(k=3)
+    assert m["n"] == 30 and m["k"] == 3 and m["strategy"] == "gp"
+    for name in ("mae", "rmse", "spearman_abs_error_std", "miscalibration_area", "coverage_68", "coverage_95"):
+        assert name in m
+    assert m["mae"] < np.abs(np.array(list(truth.values())) - np.mean(list(truth.values()))).mean() * 1.5
+    assert engine(perov, "random").uncertainty_metrics() == {}
+
+
+def test_real_gnn_ensemble_integrates(perov: CandidatePool) -> None:
+    pytest.importorskip("sdl.models.ensemble")
+    truth = dict(zip(perov.keys, perov.values("e_form")))
+    eng = Engine(objective=NS(goal="minimize"), acquisition=NS(function="qucb", batch_size=2, beta=2.0),
+                 model=NS(name="gnn-ensemble", options={"members": 2, "hidden": 16, "layers": 1, "epochs": 3}),
+                 seed=0, pool=perov, initial_design=NS(strategy="random", size=8))
+    batches = run(eng, truth, rounds=5, q=2)
+    keys = [p.key for b in batches for p in b]
+    assert len(keys) == len(set(keys)) == 10
+    assert batches[-1][0].strategy == "gnn-ensemble" and batches[-1][0].predicted_std is not None
+
+
+def test_continuous_mixed_space_mode(barrel: CandidatePool) -> None:
+    space = ParameterSpace([
+        {"name": "n", "type": "categorical", "choices": [6, 8, 10, 12]},
+        {"name": "theta", "type": "integer", "low": 0, "high": 200},
+        {"name": "r", "type": "continuous", "low": 1.5, "high": 2.5},
+        {"name": "t", "type": "continuous", "low": 0.7, "high": 1.4},
+    ])
+    # The world: the measured toughness of the nearest recorded design (real values, no model).
+    Xt = barrel.space.encode(barrel.frame[BARREL_COLUMNS].to_dict("records"))
+    yt = barrel.values("toughness")
+    world = lambda p: float(yt[int(torch.cdist(barrel.space.encode([p]), Xt).argmin())])  # noqa: E731
+    eng = engine(None, "gp", "qlogei", space=space, size=6)
+    seen: set[str] = set()
+    for _ in range(3):
+        batch = eng.propose(3, pending=sorted(seen)[:1])
+        for p in batch:
+            assert p.key == space.key_of(p.params) and p.key not in seen
+            assert p.params["n"] in (6, 8, 10, 12) and isinstance(p.params["theta"], int)
+            seen.add(p.key)
+        eng.observe([Observation(p.key, p.params, world(p.params)) for p in batch])
+    assert batch[0].strategy == "gp"
+    with pytest.raises(EngineError, match="needs a candidate pool"):
+        engine(None, "gnn-ensemble", space=space)
+
+
+def test_bad_observations_and_config(barrel: CandidatePool) -> None:
+    eng = engine(barrel, "gp")
+    with pytest.raises(EngineError, match="unknown candidate key"):
+        eng.observe([Observation("nope", {}, 1.0)])
+    with pytest.raises(EngineError, match="must be finite"):
+        eng.observe([Observation(barrel.keys[0], {}, float("nan"))])
+    eng.observe([Observation("whatever", {"n": 6, "theta": 0, "r": 1.5, "t": 0.7}, 1.0)])  # matched by recipe
+    assert eng.measured_keys == {barrel.keys[0]}
+    with pytest.raises(EngineError, match="unknown strategy"):
+        engine(barrel, "svm")
+    with pytest.raises(EngineError, match="acquisition.function"):
+        engine(barrel, "gp", "ei")
+
+
+def test_from_campaign(tmp_path: Path) -> None:
+    cfg = NS(
+        seed=3, objective=NS(property="toughness", unit="J", goal="maximize", target_range=None),
+        model=NS(name="random", options={}), acquisition=NS(function="qucb", batch_size=2, beta=2.0),
+        initial_design=NS(strategy="random", size=2), retrain=NS(every=1),
+        search_space=NS(parameters=None, candidates=NS(
+            file=WORLDS / "crossed_barrel.csv", id_column=None, structure_column=None, structure_format="cif",
+            parameter_columns=BARREL_COLUMNS, formula_column=None)),
+    )
+    eng = Engine.from_campaign(cfg)
+    assert eng.pool is not None and len(eng.pool) == 600 and eng.seed == 3
+    assert len(eng.propose()) == 2

@@ -1,0 +1,72 @@
+"""Plans: run shape, md["sdl"] convention (docs/ARCHITECTURE.md), the runner from worker threads."""
+
+from __future__ import annotations
+
+import threading
+
+import event_model
+from instruments_helpers import crystal_sim, crystal_truth  # noqa: F401 - fixtures
+
+from devices.plans import synthesize_and_characterize
+from devices.robot import SynthesisRobot
+from devices.station import CharacterizationStation
+from sdl.runner import run_plan
+
+
+def _devices(url: str) -> tuple[SynthesisRobot, CharacterizationStation]:
+    return (SynthesisRobot(name="robot", url=url, timeout=30),
+            CharacterizationStation(name="station", url=url, properties=["e_form", "gap_gllbsc"]))
+
+
+def test_synthesize_and_characterize_makes_two_valid_runs_with_sdl_metadata(crystal_sim) -> None:  # noqa: F811
+    robot, station = _devices(crystal_sim.url)
+    recipe = {"job_id": "plan-1", "candidate": "perov_60"}
+    docs: list[tuple[str, dict]] = []
+    outcome = run_plan(
+        synthesize_and_characterize(robot, station, recipe, md={"sdl": {"campaign_id": 3, "experiment_id": 17},
+                                                               "operator": "ci"}),
+        subscribers=[lambda n, d: docs.append((n, d))],
+    )
+    assert outcome.ok and len(outcome.run_uids) == 2
+    assert outcome.plan_result == outcome.run_uids
+    for name, doc in docs:
+        event_model.schema_validators[event_model.DocumentNames[name]].validate(doc)
+    starts = [d for n, d in docs if n == "start"]
+    assert [s["plan_name"] for s in starts] == ["synthesize", "characterize"]
+    synth, char = (s["sdl"] for s in starts)
+    assert synth == {"campaign_id": 3, "experiment_id": 17, "recipe": recipe, "instrument": "robot",
+                     "measurements": {}, "quality_key": None}
+    assert char["instrument"] == "station" and char["quality_key"] == "station_quality"
+    assert char["measurements"]["station_e_form"] == {"property": "e_form", "unit": "eV",
+                                                      "uncertainty_key": "station_e_form_std"}
+    assert all(s["operator"] == "ci" for s in starts)
+    event = [d for n, d in docs if n == "event"][-1]
+    for key, spec in char["measurements"].items():
+        assert event["data"][key] == crystal_truth()["perov_60"][spec["property"]]
+    assert [d["exit_status"] for n, d in docs if n == "stop"] == ["success", "success"]
+
+
+def test_run_plan_is_safe_from_worker_threads(crystal_sim) -> None:  # noqa: F811
+    truth = crystal_truth()
+    cids = sorted(truth)[10:14]
+    results: dict[str, float] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int, cid: str) -> None:
+        try:
+            robot, station = _devices(crystal_sim.url)
+            docs: list[tuple[str, dict]] = []
+            outcome = run_plan(synthesize_and_characterize(robot, station, {"job_id": f"thread-{i}", "candidate": cid}),
+                               subscribers=[lambda n, d: docs.append((n, d))])
+            assert outcome.ok, outcome.exception
+            results[cid] = [d for n, d in docs if n == "event"][-1]["data"]["station_e_form"]
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i, c)) for i, c in enumerate(cids)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert results == {c: truth[c]["e_form"] for c in cids}
