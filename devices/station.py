@@ -42,6 +42,7 @@ class CharacterizationStation(Device):
         properties: The properties to read (columns of the world, e.g. ``["e_form"]``).
         units: Units per property; default: asked from the station (``STATUS?``).
         raw: Also fetch the raw pattern (``MEASURE RAW``) and expose it as array keys.
+        raw_timeout: Seconds to wait for the first line of a raw-data reply (computed on demand).
         timeout: Seconds a measurement may take before its Status fails.
         poll_interval: Seconds between ``MEASURE STATUS`` polls.
         line_timeout: Seconds to wait for one reply line.
@@ -63,6 +64,7 @@ class CharacterizationStation(Device):
         properties: list[str],
         units: dict[str, str] | None = None,
         raw: bool = False,
+        raw_timeout: float = 30.0,
         timeout: float = 300.0,
         poll_interval: float = 0.05,
         line_timeout: float = 2.0,
@@ -81,6 +83,7 @@ class CharacterizationStation(Device):
         self.properties = list(properties)
         self._units = dict(units) if units is not None else None
         self.raw = raw
+        self.raw_timeout = raw_timeout
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.transport = transport or LineTransport(
@@ -165,7 +168,7 @@ class CharacterizationStation(Device):
                                       instrument=self.name, url=self.url)
             reading = self._reading_from(job_id, result)
             if self.raw:
-                _, rows = self.transport.stream("MEASURE RAW", job_id)
+                _, rows = self.transport.stream("MEASURE RAW", job_id, timeout=self.raw_timeout)
                 if any(len(r) < 2 for r in rows):
                     raise InstrumentProtocolError("raw rows need two columns", instrument=self.name, url=self.url)
                 now = time.time()

@@ -90,6 +90,7 @@ class LineTransport:
         self.on_fault = on_fault
         self.faults: Counter[str] = Counter()
         self._port: serial.SerialBase | None = None
+        self._buffer = bytearray()
         self._lock = threading.Lock()
 
     # -- connection -----------------------------------------------------------------------
@@ -123,6 +124,7 @@ class LineTransport:
     def close(self) -> None:
         """Close the line (idempotent)."""
         port, self._port = self._port, None
+        self._buffer.clear()
         if port is None:
             return
         sock = getattr(port, "_socket", None)
@@ -154,17 +156,39 @@ class LineTransport:
         self.close()
 
     # -- one exchange ---------------------------------------------------------------------
-    def _readline(self) -> bytes:
+    def _readline(self, timeout: float | None = None) -> bytes:
+        """One reply line within ``timeout`` (bounded to MAX_LINE bytes).
+
+        Reads what has arrived in chunks: pyserial's ``read_until`` does one select+recv per byte.
+        """
         assert self._port is not None
-        try:
-            raw = self._port.read_until(b"\n", MAX_LINE)
-        except (serial.SerialException, OSError) as exc:
-            raise self._error(InstrumentConnectionError, f"line dropped: {exc}") from exc
-        if not raw.endswith(b"\n"):
-            if len(raw) >= MAX_LINE:
+        timeout = timeout or self.timeout
+        deadline = time.monotonic() + timeout
+        buffer = self._buffer
+        while True:
+            newline = buffer.find(b"\n")
+            if 0 <= newline < MAX_LINE:
+                line = bytes(buffer[: newline + 1])
+                del buffer[: newline + 1]
+                return line
+            if len(buffer) >= MAX_LINE:
+                buffer.clear()
                 raise self._error(InstrumentProtocolError, f"reply longer than {MAX_LINE} bytes")
-            raise self._error(InstrumentTimeout, f"no complete reply within {self.timeout} s (got {raw[:60]!r})")
-        return raw
+            left = deadline - time.monotonic()
+            if left <= 0:
+                partial = bytes(buffer[:60])
+                buffer.clear()
+                raise self._error(InstrumentTimeout, f"no complete reply within {timeout} s (got {partial!r})")
+            try:
+                self._port.timeout = left
+                chunk = self._port.read(1)  # wait for the first byte ...
+                if chunk:
+                    self._port.timeout = 0  # ... then take whatever else has arrived, without waiting
+                    chunk += self._port.read(MAX_LINE)
+            except (serial.SerialException, OSError) as exc:
+                buffer.clear()
+                raise self._error(InstrumentConnectionError, f"line dropped: {exc}") from exc
+            buffer.extend(chunk)
 
     def _parse(self, raw: bytes) -> Reply:
         try:
@@ -172,16 +196,17 @@ class LineTransport:
         except FrameError as exc:
             raise self._error(InstrumentProtocolError, f"bad reply: {exc.message}") from None
 
-    def _exchange(self, line: bytes) -> Reply:
+    def _exchange(self, line: bytes, timeout: float | None = None) -> Reply:
         self.open()
         assert self._port is not None
         try:
+            self._buffer.clear()
             self._port.reset_input_buffer()
             self._port.write(line)
             self._port.flush()
         except (serial.SerialException, OSError) as exc:
             raise self._error(InstrumentConnectionError, f"line dropped while writing: {exc}") from exc
-        return self._parse(self._readline())
+        return self._parse(self._readline(timeout))
 
     # -- public API -----------------------------------------------------------------------
     def command(
@@ -209,10 +234,16 @@ class LineTransport:
             reply, _ = self._command_locked(format_command(name, job_id, payload), safe=safe, stream=False)
             return reply
 
-    def stream(self, name: str, job_id: str) -> tuple[Reply, list[list[float]]]:
-        """Send a raw-data command (``MEASURE RAW``) and read its ``DATA`` lines up to ``END``."""
+    def stream(self, name: str, job_id: str, *, timeout: float | None = None) -> tuple[Reply, list[list[float]]]:
+        """Send a raw-data command (``MEASURE RAW``) and read its ``DATA`` lines up to ``END``.
+
+        Args:
+            timeout: Seconds for the first reply line (raw data may be computed on demand);
+                default: the line timeout.
+        """
         with self._lock:
-            reply, rows = self._command_locked(format_command(name, job_id), safe=True, stream=True)
+            reply, rows = self._command_locked(format_command(name, job_id), safe=True, stream=True,
+                                               timeout=timeout)
             return reply, rows
 
     def _read_stream(self, count: int) -> list[list[float]]:
@@ -232,14 +263,16 @@ class LineTransport:
         except FrameError as exc:
             raise self._error(InstrumentProtocolError, f"bad data line: {exc.message}") from None
 
-    def _command_locked(self, line: bytes, *, safe: bool, stream: bool) -> tuple[Reply, list[list[float]]]:
+    def _command_locked(
+        self, line: bytes, *, safe: bool, stream: bool, timeout: float | None = None
+    ) -> tuple[Reply, list[list[float]]]:
         what = line.decode("ascii").split(" {", 1)[0].strip()
         attempts = 0
         busy_deadline: float | None = None
         delay = self.retry_delay
         while True:
             try:
-                reply = self._exchange(line)
+                reply = self._exchange(line, timeout)
                 rows: list[list[float]] = []
                 if reply.kind == "OK" and stream:
                     if reply.stream_length is None:

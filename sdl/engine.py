@@ -72,7 +72,8 @@ class Proposal:
         acquisition_value: The value it won with (None for design / random picks).
         predicted_mean: Model mean of the raw property (None without a model).
         predicted_std: Model std of the raw property (None without a model).
-        model_version: Version of the model that proposed it (``initial-design-s<seed>`` before any).
+        model_version: Version of the model that proposed it (``design-s<seed>`` before any model,
+            ``random-s<seed>`` for random picks).
         batch_id: Same for every proposal of one ``propose()`` call; reproducible.
         strategy: ``initial-design``, ``random``, ``gp`` or ``gnn-ensemble``.
     """
@@ -170,7 +171,17 @@ class Engine:
         self._ensemble: Any = None
         self._n_at_fit = -1
         self._n_fits = 0
-        self._version = f"{DESIGN}-s{self.seed}"
+        self._version = f"design-s{self.seed}"
+        self.gp_kernel = str(_get(self.model_options, "kernel", "matern52") or "matern52")
+        self.gp_descriptors = str(_get(self.model_options, "descriptors", "auto") or "auto")
+        if self.strategy == "gp" and pool is not None:
+            if self.gp_descriptors == "parameters" and not pool.parameter_columns:
+                raise EngineError(f"model.options.descriptors: 'parameters' but {pool.source} has no parameter_columns")
+            if self.gp_descriptors == "composition" and pool.formula_column is None and pool.structure_column is None:
+                raise EngineError(f"model.options.descriptors: 'composition' but {pool.source} has no formula "
+                                  "or structure column")
+            if self.gp_descriptors == "auto" and not pool.parameter_columns and not pool.is_crystal:
+                raise EngineError(f"model gp: {pool.source} has neither parameter_columns nor formulas/structures")
         self._features: torch.Tensor | None = None
         self._design_order: np.ndarray | None = None
 
@@ -315,7 +326,7 @@ class Engine:
                 self._design_order = np.random.default_rng([self.seed, 0xD5]).permutation(len(pool))
             free = np.isin(self._design_order, avail)
             picks = self._design_order[free][:q].tolist()
-            return self._make(picks, None, None, None, DESIGN, pending, version=f"{DESIGN}-s{self.seed}")
+            return self._make(picks, None, None, None, DESIGN, pending, version=f"design-s{self.seed}")
         if self.strategy == "random":
             from sdl.models.random import random_choice
 
@@ -385,7 +396,7 @@ class Engine:
         if self._features is None:
             pool = self.pool
             assert pool is not None
-            if pool.parameter_columns:
+            if pool.parameter_columns and self.gp_descriptors != "composition":
                 self._features = pool.parameter_matrix()
             else:
                 from sdl.models.composition import composition_features
@@ -406,7 +417,7 @@ class Engine:
 
             X_all = self._pool_features()
             bounds = torch.stack([X_all.min(dim=0).values, X_all.max(dim=0).values])
-            self._model = fit_gp(X_all[torch.as_tensor(idx)], y, bounds=bounds)
+            self._model = fit_gp(X_all[torch.as_tensor(idx)], y, bounds=bounds, kernel=self.gp_kernel)
         else:
             from sdl.models.pool_ensemble import PoolEnsembleModel
 
@@ -470,7 +481,7 @@ class Engine:
             method = "sobol" if self.design_method == "sobol" else "random"
             n_draw = self.design_size + len(taken) + q
             recipes = self._fresh(space.sample(n_draw, self.seed, method), taken, q)
-            return self._make_space(recipes, None, DESIGN, pending, f"{DESIGN}-s{self.seed}")
+            return self._make_space(recipes, None, DESIGN, pending, f"design-s{self.seed}")
         if self.strategy == "random":
             recipes = self._fresh(space.sample(4 * q + len(taken), state_seed, "random"), taken, q)
             return self._make_space(recipes, None, "random", pending, f"random-s{self.seed}")
@@ -533,7 +544,7 @@ class Engine:
 
         X = self.space.encode([o.params for o in self._obs])  # type: ignore[union-attr]
         y = torch.tensor([o.value for o in self._obs], dtype=torch.float64)
-        self._model = fit_gp(X, y, bounds=self.space.bounds)  # type: ignore[union-attr]
+        self._model = fit_gp(X, y, bounds=self.space.bounds, kernel=self.gp_kernel)  # type: ignore[union-attr]
         self._after_fit(n)
 
     def _make_space(
@@ -591,7 +602,7 @@ class Engine:
             def fit_predict(tr: np.ndarray, y_tr: np.ndarray, te: np.ndarray) -> tuple[Any, Any]:
                 from sdl.models.gp import fit_gp, predict_gp
 
-                m = fit_gp(X[torch.as_tensor(tr)], torch.as_tensor(y_tr), bounds=bounds)
+                m = fit_gp(X[torch.as_tensor(tr)], torch.as_tensor(y_tr), bounds=bounds, kernel=self.gp_kernel)
                 return predict_gp(m, X[torch.as_tensor(te)])
         else:
             pool = self.pool

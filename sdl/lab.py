@@ -80,9 +80,13 @@ def job_id_for(idempotency_key: str, token: str = "") -> str:
 def state_dir_for(database_url: str) -> Path:
     """Directory next to the database for journals, plots and the Prefect home (``sdl-runs/``).
 
-    Beside a SQLite file; for a server database (PostgreSQL) in the working directory.
+    Beside a SQLite file; for a server database (PostgreSQL) in the working directory. The
+    ``SDL_STATE_DIR`` environment variable overrides both.
     """
     from sqlalchemy.engine import make_url
+
+    if os.environ.get("SDL_STATE_DIR"):
+        return Path(os.environ["SDL_STATE_DIR"]).expanduser().resolve()
 
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":

@@ -94,7 +94,7 @@ def thompson_select(
 
 
 def optimize_box(
-    acqf: Any, bounds: torch.Tensor, q: int, seed: int, num_restarts: int = 8, raw_samples: int = 256
+    acqf: Any, bounds: torch.Tensor, q: int, seed: int, num_restarts: int = 6, raw_samples: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``optimize_acqf`` in the encoded box, sequential greedy, reproducible under ``seed``.
 
@@ -108,6 +108,6 @@ def optimize_box(
         np.random.seed(int(seed) % (2**32))
         X, vals = optimize_acqf(
             acqf, bounds=bounds, q=q, num_restarts=num_restarts, raw_samples=raw_samples, sequential=True,
-            options={"batch_limit": 8, "maxiter": 100, "seed": int(seed)},
+            options={"batch_limit": 8, "maxiter": 75, "seed": int(seed)},
         )
     return X.detach(), vals.detach().reshape(-1)

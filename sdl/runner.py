@@ -3,6 +3,9 @@
 Known facts (docs/ARCHITECTURE.md, KNOWN_FACTS.md): ``RunEngine()`` installs signal handlers and
 fails outside the main thread, so it is built with ``context_managers=[]``; each RunEngine leaks a
 thread, so there is one per process; it is not re-entrant, so calls are serialized by a lock.
+A RunEngine is busy for the whole of a plan (a synthesis may take an hour), so a lab with several
+instruments working at once may ask for one engine per instrument (``key=<instrument name>``):
+the number of engines stays bounded by the number of instruments.
 :func:`run_plan` never raises for a failed plan: it reports the outcome (with the *underlying*
 exception, e.g. :class:`~sdl.exceptions.MaterialFailure`, unwrapped from ``FailedStatus``).
 """
@@ -21,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 Subscriber = Callable[[str, dict[str, Any]], Any]
 
-_LOCK = threading.RLock()
-_ENGINE: Any = None
+_LOCK = threading.Lock()
+_ENGINES: dict[str, tuple[Any, threading.Lock]] = {}
 
 
 @dataclass(frozen=True)
@@ -47,15 +50,18 @@ class RunOutcome:
         return self.exit_status == "success" and self.exception is None
 
 
-def get_run_engine() -> Any:
-    """The process's RunEngine (built on first use, from any thread)."""
-    global _ENGINE
+def _engine(key: str) -> tuple[Any, threading.Lock]:
     with _LOCK:
-        if _ENGINE is None:
+        if key not in _ENGINES:
             from bluesky import RunEngine
 
-            _ENGINE = RunEngine(context_managers=[], call_returns_result=True)
-        return _ENGINE
+            _ENGINES[key] = (RunEngine(context_managers=[], call_returns_result=True), threading.Lock())
+        return _ENGINES[key]
+
+
+def get_run_engine(key: str = "default") -> Any:
+    """The process's RunEngine for ``key`` (built on first use, from any thread)."""
+    return _engine(key)[0]
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -78,18 +84,19 @@ def _unwrap(exc: BaseException) -> BaseException:
     return inner or exc
 
 
-def run_plan(plan: Iterable[Any], *, subscribers: Iterable[Subscriber] = ()) -> RunOutcome:
-    """Run one plan on the process's RunEngine (serialized with every other caller).
+def run_plan(plan: Iterable[Any], *, subscribers: Iterable[Subscriber] = (), key: str = "default") -> RunOutcome:
+    """Run one plan on the process's RunEngine (serialized with every other caller of that engine).
 
     Args:
         plan: A Bluesky plan (generator).
         subscribers: ``(name, doc)`` callables subscribed for this plan only.
+        key: Which engine: ``"default"``, or e.g. an instrument name for one engine per instrument.
 
     Returns:
         A :class:`RunOutcome`; failures are reported there, not raised.
     """
-    with _LOCK:
-        engine = get_run_engine()
+    engine, lock = _engine(key)
+    with lock:
         starts: list[str] = []
         stops: list[str] = []
 

@@ -176,13 +176,17 @@ class Lab:
 
     # -- journal --------------------------------------------------------------------------
     def _replay(self, records: list[dict[str, Any]]) -> None:
-        for rec in records:
-            jid = rec.get("job_id")
-            event = rec.get("event")
+        for number, rec in enumerate(records, 1):
+            jid = rec.get("job_id") if isinstance(rec, dict) else None
+            event = rec.get("event") if isinstance(rec, dict) else None
             if not isinstance(jid, str):
                 continue
             if event == "started":
-                self.jobs[jid] = Job(jid, rec["kind"], rec["recipe"], rec["started_at"], rec["finishes_at"])
+                try:
+                    self.jobs[jid] = Job(jid, str(rec["kind"]), dict(rec["recipe"]), float(rec["started_at"]),
+                                         float(rec["finishes_at"]))
+                except (KeyError, TypeError, ValueError):
+                    logger.warning("journal %s record %d: incomplete 'started' record skipped", self.journal.path, number)
             elif jid in self.jobs and event in ("finished", "failed", "aborted"):
                 job = self.jobs[jid]
                 job.state = {"finished": "done", "failed": "failed", "aborted": "aborted"}[event]
@@ -214,7 +218,12 @@ class Lab:
                 self._log("failed", job, error=error, failure="material")
                 job.state, job.error, job.failure = "failed", error, "material"
             else:
-                point = self.world.resolve(job.recipe)
+                try:
+                    point = self.world.resolve(job.recipe)
+                except WorldError as exc:  # checked at START; only a changed world file gets here
+                    self._log("failed", job, error=exc.message, failure="instrument")
+                    job.state, job.error, job.failure, job.ended_at = "failed", exc.message, "instrument", now
+                    return
                 result = {"sample": {"id": f"sample-{job.job_id}", "key": point.key}, "note": point.note}
                 self._log("finished", job, result=result)
                 job.state, job.result = "done", result
@@ -297,13 +306,16 @@ class Lab:
             if verb == "RAW":
                 if job.state != "done":
                     raise FrameError("STATE", f"job {job.job_id} is {job.state}, no raw data")
-                try:
-                    description, rows = self.world.raw(self.world.resolve(job.recipe))
-                except WorldError as exc:
-                    raise FrameError(exc.code, exc.message) from None
-                return [format_ok(f"DATA {len(rows)}"), *(format_data(r) for r in rows),
-                        format_ok_end()]
-            raise FrameError("UNKNOWN", f"unknown command {cmd.name}")
+                recipe = job.recipe
+            else:
+                raise FrameError("UNKNOWN", f"unknown command {cmd.name}")
+        # Raw data (an XRD pattern) may take a while the first time: compute it outside the lock
+        # so that the other instrument served by this process keeps answering.
+        try:
+            _, rows = self.world.raw(self.world.resolve(recipe))
+        except WorldError as exc:
+            raise FrameError(exc.code, exc.message) from None
+        return [format_ok(f"DATA {len(rows)}"), *(format_data(r) for r in rows), format_ok_end()]
 
     def _job(self, job_id: str | None, kind: str | None) -> Job:
         job = self.jobs.get(job_id or "")

@@ -63,8 +63,7 @@ def test_station_reads_the_worlds_recorded_values(crystal_sim) -> None:  # noqa:
 
 
 def test_station_streams_the_xrd_pattern_as_array_keys(crystal_sim) -> None:  # noqa: F811
-    station = CharacterizationStation(name="xrd", url=crystal_sim.url, properties=["e_form"], raw=True,
-                                      line_timeout=10)
+    station = CharacterizationStation(name="xrd", url=crystal_sim.url, properties=["e_form"], raw=True)
     docs: list[tuple[str, dict]] = []
     outcome = run_plan(characterize(station, {"job_id": "dev-xrd", "candidate": "perov_33"}),
                        subscribers=[lambda n, d: docs.append((n, d))])
@@ -139,3 +138,22 @@ def test_unreachable_instrument_names_itself_and_its_url() -> None:
     outcome = run_plan(synthesize(robot, {"job_id": "g1", "candidate": "perov_33"}))
     assert isinstance(outcome.exception, InstrumentConnectionError)
     assert "[ghost at socket://127.0.0.1:9]" in str(outcome.exception)
+
+
+def test_status_timeout_fails_the_run_and_aborts_on_the_robot(tmp_path: Path) -> None:
+    with simulator(CRYSTAL_WORLD, tmp_path, instrument="robot", time_scale=1.0) as sim:  # 60 s synthesis
+        robot = SynthesisRobot(name="robot", url=sim.url, timeout=0.5)
+        started = time.monotonic()
+        outcome = run_plan(synthesize(robot, {"job_id": "dev-slow", "candidate": "perov_33"}))
+        assert time.monotonic() - started < 10
+        assert isinstance(outcome.exception, InstrumentError) and "timeout" in str(outcome.exception)
+        deadline = time.monotonic() + 5
+        while reconcile(robot, "dev-slow")["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reconcile(robot, "dev-slow")["state"] == "aborted"  # DeviceStatus failure called stop()
+
+
+def test_lazy_package_exports() -> None:
+    import devices
+
+    assert devices.SynthesisRobot is SynthesisRobot and devices.reconcile is reconcile

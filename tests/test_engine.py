@@ -169,7 +169,6 @@ def test_composition_gp_uncertainty_metrics(perov: CandidatePool) -> None:
 
 
 def test_real_gnn_ensemble_integrates(perov: CandidatePool) -> None:
-    pytest.importorskip("sdl.models.ensemble")
     truth = dict(zip(perov.keys, perov.values("e_form")))
     eng = Engine(objective=NS(goal="minimize"), acquisition=NS(function="qucb", batch_size=2, beta=2.0),
                  model=NS(name="gnn-ensemble", options={"members": 2, "hidden": 16, "layers": 1, "epochs": 3}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import event_model
 from instruments_helpers import crystal_sim, crystal_truth  # noqa: F401 - fixtures
@@ -70,3 +71,29 @@ def test_run_plan_is_safe_from_worker_threads(crystal_sim) -> None:  # noqa: F81
         t.join(60)
     assert not errors, errors
     assert results == {c: truth[c]["e_form"] for c in cids}
+
+
+def test_one_engine_per_key_lets_instruments_work_at_once(tmp_path) -> None:
+    from instruments_helpers import CRYSTAL_WORLD, simulator
+
+    from devices.plans import characterize, synthesize
+    from sdl.runner import get_run_engine
+
+    with simulator(CRYSTAL_WORLD, tmp_path, time_scale=0.02) as sim:  # synthesis 1.2 s, measurement 0.4 s
+        robot, station = _devices(sim.url)
+        finished: list[str] = []
+
+        def run(key: str, plan) -> None:
+            outcome = run_plan(plan, key=key)
+            assert outcome.ok, outcome.exception
+            finished.append(key)
+
+        slow = threading.Thread(target=run, args=("robot", synthesize(robot, {"job_id": "keyed-1", "candidate": "perov_33"})))
+        slow.start()
+        deadline = time.monotonic() + 20
+        while robot.state.get() != "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        run("station", characterize(station, {"job_id": "keyed-1", "candidate": "perov_33"}))
+        slow.join(30)
+        assert finished == ["station", "robot"]  # the measurement did not wait for the synthesis
+        assert get_run_engine("robot") is not get_run_engine("station")

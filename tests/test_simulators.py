@@ -199,3 +199,18 @@ def test_simulator_exits_with_its_parent(tmp_path: Path) -> None:
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("simulator outlived its SIGKILLed parent")
+
+
+def test_a_torn_journal_line_from_a_crash_is_skipped(tmp_path: Path) -> None:
+    from simulators.instruments import Journal, Lab
+
+    journal = tmp_path / "j.jsonl"
+    lab = Lab(load_world(CRYSTAL_WORLD), time_scale=0.0, journal=Journal(journal))
+    from devices.protocol import parse_command
+
+    lab.handle(parse_command('SYNTH START t1 {"candidate":"perov_33"}'))
+    lab.tick()
+    with journal.open("a") as handle:
+        handle.write('{"event":"started","job_id":"t2","ki')  # the crash hit mid-write
+    reloaded = Lab(load_world(CRYSTAL_WORLD), time_scale=0.0, journal=Journal(journal))
+    assert set(reloaded.jobs) == {"t1"} and reloaded.jobs["t1"].state == "done"

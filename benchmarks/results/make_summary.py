@@ -89,6 +89,26 @@ def liang(path: Path, n_top: int = 30) -> str:
     return "\n".join(out)
 
 
+def liang_figure(liang_path: Path, ours: Path, out: Path) -> Path:
+    """Our crossed-barrel recall curves beside Liang's GP-Matern52+LCB runs (median, IQR)."""
+    from sdl.plots import plot_recall_curves
+
+    res = json.loads(ours.read_text())
+    runs = np.asarray(json.loads(liang_path.read_text())["runs"], dtype=float) / res["n_top"]
+    curves = {}
+    for name, s in res["strategies"].items():
+        curves[f"sdl {name} ({len(res['seeds'])} seeds)"] = {
+            "median": s["summary"]["recall_median"], "q25": s["summary"]["recall_q25"], "q75": s["summary"]["recall_q75"]
+        }
+    b = res["budget"]
+    q25, med, q75 = np.percentile(runs[:, :b], [25, 50, 75], axis=0)
+    curves[f"Liang et al. GP-M52+LCB ({runs.shape[0]} runs)"] = {"median": med, "q25": q25, "q75": q75}
+    return plot_recall_curves(
+        curves, out, pool_size=res["pool_size"], n_top=res["n_top"],
+        title="Crossed barrel: top 5 % recall, this engine vs Liang et al. 2021",
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--liang", type=Path, default=Path("../shared/data/liang2021_bo_benchmark/TopCount_collection_GP_Matern52_LCB2.json"))
@@ -100,6 +120,9 @@ def main() -> None:
     if args.liang.exists():
         print("### Liang reference (crossed barrel)\n")
         print(liang(args.liang))
+        ours = HERE / "crossed_barrel" / "results.json"
+        if ours.exists():
+            print(f"\nfigure: {liang_figure(args.liang, ours, HERE / 'crossed_barrel' / 'recall_vs_liang.png')}")
 
 
 if __name__ == "__main__":

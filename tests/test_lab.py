@@ -1,0 +1,172 @@
+"""The lab without Prefect: instrument pool, one campaign end to end, resume decisions.
+
+Real simulator processes (through pyserial), real RunEngines on the real Ophyd devices, real
+SQLite and PostgreSQL repositories.
+"""
+
+from __future__ import annotations
+
+import gzip
+import csv
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sdl.config import load_campaign
+from sdl.lab import InstrumentPool, job_id_for, open_lab, run_plain
+
+REPO = Path(__file__).resolve().parent.parent
+WORLD = REPO / "simulators" / "worlds" / "perovskites_demo.csv.gz"
+
+
+def write_campaign(tmp_path: Path, *, name: str = "lab-test", budget: int = 5, robots: int = 1,
+                   stations: int = 1, faults: str = "", model: str = "random") -> Path:
+    """A small crystal campaign on the demo world with fast simulators."""
+    sim = "{time_scale: 0.002" + (f", faults: {{{faults}}}" if faults else "") + "}"
+    lines = [
+        f"name: {name}",
+        "seed: 3",
+        "search_space:",
+        "  candidates: {file: %s, id_column: id, structure_column: cif, formula_column: formula}" % WORLD,
+        "objective: {property: e_form, unit: eV, goal: minimize}",
+        f"model: {{name: {model}}}",
+        "acquisition: {function: qucb, batch_size: 2}",
+        "initial_design: {strategy: random, size: 2}",
+        f"budget: {{experiments: {budget}}}",
+        "retrain: {every: 2}",
+        "instruments:",
+    ]
+    for i in range(robots):
+        lines.append(f"  - {{name: robot{i}, role: synthesis, simulated: true, world: {WORLD}, simulator: {sim}}}")
+    for i in range(stations):
+        lines.append(f"  - {{name: station{i}, role: characterization, simulated: true, world: {WORLD}, "
+                     f"measures: [e_form], simulator: {sim}}}")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def world_values() -> dict[str, float]:
+    with gzip.open(WORLD, "rt", newline="") as handle:
+        return {row["id"]: float(row["e_form"]) for row in csv.DictReader(handle)}
+
+
+def journal(lab, instrument: str) -> list[dict]:
+    path = lab.state_dir / f"{lab.cfg.name}.{instrument}.journal.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_pool_lends_each_instrument_to_one_experiment_at_a_time() -> None:
+    pool = InstrumentPool({"r1": ("synthesis", object()), "r2": ("synthesis", object()),
+                           "s1": ("characterization", object())})
+    busy: dict[str, int] = {}
+    worst = {"r1": 0, "r2": 0}
+    lock = threading.Lock()
+
+    def work() -> None:
+        with pool.lease("synthesis") as (name, _):
+            with lock:
+                busy[name] = busy.get(name, 0) + 1
+                worst[name] = max(worst[name], busy[name])
+            time.sleep(0.01)
+            with lock:
+                busy[name] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert worst == {"r1": 1, "r2": 1}
+    assert pool.free("synthesis") == 2 and pool.free("characterization") == 1
+    with pool.lease("synthesis", "r2") as (name, _):
+        assert name == "r2" and pool.free("synthesis") == 1
+    with pytest.raises(Exception, match="role 'nothing'"):
+        with pool.lease("nothing"):
+            pass
+
+
+def test_job_ids_are_wire_safe_and_deterministic() -> None:
+    assert job_id_for("my campaign:12", "c1-5") == "c1-5.my_campaign:12"
+    assert job_id_for("x" * 300)[-3:] == "xxx" and len(job_id_for("x" * 300)) == 128
+
+
+def test_plain_campaign_runs_to_its_budget(tmp_path: Path, database_url: str) -> None:
+    cfg = load_campaign(write_campaign(tmp_path, budget=5))
+    truth = world_values()
+    with open_lab(cfg, database_url, state_dir=tmp_path / "state") as lab:
+        outcomes = []
+        run_plain(lab, on_outcome=outcomes.append)
+        store, cid = lab.store, lab.campaign_id
+        experiments = store.experiments(cid)
+        assert [e.state for e in experiments] == ["completed"] * 5
+        assert len(outcomes) == 5 and len({e.candidate_key for e in experiments}) == 5
+        for e in experiments:
+            ok = [m for m in store.measurements(experiment_id=e.id) if m.quality == "ok"]
+            assert len(ok) == 1 and ok[0].property == "e_form"
+            assert ok[0].value == pytest.approx(truth[e.candidate_key])  # the world's real value
+            assert e.instruments == ["robot0"] and e.idempotency_key == f"{cfg.name}:{e.id}"
+        started = [r["job_id"] for r in journal(lab, "robot0") if r["event"] == "started"]
+        assert len(started) == len(set(started)) == 5
+        assert store.get_campaign(cid).state == "completed"
+        kinds = {ev.kind for ev in store.events(cid)}
+        assert {"experiment.proposed", "experiment.running", "experiment.completed"} <= kinds
+        best = lab.best()
+        assert best.value == min(truth[e.candidate_key] for e in experiments)
+        report = lab.round_report()
+        assert report.best_value == best.value and report.plots["best_so_far"].is_file()
+
+
+def test_two_robots_work_at_the_same_time(tmp_path: Path, sqlite_url: str) -> None:
+    cfg = load_campaign(write_campaign(tmp_path, name="two-robots", budget=6, robots=2, stations=2))
+    with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state", time_scale=0.01) as lab:
+        run_plain(lab)
+        spans = []
+        for robot in ("robot0", "robot1"):
+            records = journal(lab, robot)
+            started = {r["job_id"]: r["started_at"] for r in records if r["event"] == "started"}
+            ended = {r["job_id"]: r["t"] for r in records if r["event"] == "finished"}
+            spans += [(robot, started[j], ended[j]) for j in started]
+        assert {s[0] for s in spans} == {"robot0", "robot1"}
+        overlapping = any(a[0] != b[0] and a[1] < b[2] and b[1] < a[2] for a in spans for b in spans)
+        assert overlapping, spans
+        assert lab.counts()["completed"] == 6
+
+
+def test_recover_reconciles_each_state_with_the_robot(tmp_path: Path, sqlite_url: str) -> None:
+    """Experiments left by a 'crashed' process: proposed, running-unknown, running-done, running-aborted."""
+    cfg = load_campaign(write_campaign(tmp_path, name="recover", budget=6))
+    with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state") as lab:
+        store = lab.store
+        robot = lab.pool.devices["robot0"]
+        t_proposed, t_unknown, t_done, t_aborted = lab.propose(2) + lab.propose(2)
+        for t in (t_unknown, t_done, t_aborted):
+            store.start_experiment(t.experiment_id, instruments=["robot0"])
+        body = {k: v for k, v in t_done.recipe.items() if k != "job_id"}
+        robot.transport.command("SYNTH START", t_done.job_id, body)
+        body = {k: v for k, v in t_aborted.recipe.items() if k != "job_id"}
+        robot.transport.command("SYNTH START", t_aborted.job_id, body)
+        robot.transport.command("SYNTH ABORT", t_aborted.job_id)
+        deadline = time.time() + 10
+        while robot.transport.command("JOB?", t_done.job_id).data["state"] != "done":
+            assert time.time() < deadline
+            time.sleep(0.02)
+        lab._inflight.clear()  # a new process knows nothing but the repository
+
+    with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state") as lab:
+        run_plain(lab)  # resumes first
+        store = lab.store
+        assert store.get_experiment(t_aborted.experiment_id).state == "abandoned"
+        states = [e.state for e in store.experiments(lab.campaign_id)]
+        assert len(states) == 6 and states.count("abandoned") == 1 and states.count("completed") == 5
+        started = [r["job_id"] for r in journal(lab, "robot0") if r["event"] == "started"]
+        assert len(started) == len(set(started)) == 6  # nothing synthesized twice
+        decisions = {e.experiment_id: e.payload["decision"]
+                     for e in store.events(lab.campaign_id, "experiment.reconciled")}
+        assert decisions == {t_unknown.experiment_id: "start", t_done.experiment_id: "characterize",
+                             t_aborted.experiment_id: "end"}
+        resumed = [e.experiment_id for e in store.events(lab.campaign_id, "experiment.resumed")]
+        assert resumed == [t_proposed.experiment_id]
