@@ -441,7 +441,7 @@ class Engine:
             return self._model.mean_std()
         from sdl.models.gp import predict_gp
 
-        return predict_gp(self._model, self._pool_features(), chunk=self.chunk_size)
+        return predict_gp(self._model, self._pool_features())
 
     def _make(
         self,

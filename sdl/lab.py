@@ -53,6 +53,7 @@ __all__ = [
     "InstrumentPool",
     "Lab",
     "job_id_for",
+    "campaign_token",
     "state_dir_for",
     "open_lab",
     "END_STATES",
@@ -75,6 +76,12 @@ def job_id_for(idempotency_key: str, token: str = "") -> str:
     if token:
         safe = f"{token}.{safe}"
     return safe[-128:]
+
+
+def campaign_token(campaign: Any) -> str:
+    """Prefix of a campaign's job ids: id and creation time, so that two databases sharing a
+    journal directory (a campaign re-created under the same name) never share a job id."""
+    return f"c{campaign.id}-{int(campaign.created_at.timestamp())}"
 
 
 def state_dir_for(database_url: str) -> Path:
@@ -367,8 +374,7 @@ class Lab:
             code_version=sdl.__version__,
         )
         self.campaign_id = record.id
-        # Job ids must differ between two databases that share a journal directory.
-        self._token = f"c{record.id}-{int(record.created_at.timestamp())}"
+        self._token = campaign_token(record)
         if record.state != "running":
             self.store.set_campaign_state(record.id, "running", reason="sdl run (resume)")
         from sdl.engine import Observation

@@ -103,7 +103,11 @@ class Objective:
         return None if best is None else float(self.utility(np.array([best]))[0])
 
     def reached(self, values: Sequence[float] | np.ndarray, goal_value: float | None) -> bool:
-        """Whether a stopping goal is met: ``goal_value`` in raw units (max/min), or in-range (target)."""
+        """Whether a stopping goal is met by the best measurement.
+
+        maximize / minimize: best >= / <= ``goal_value`` (raw units; None = never). target: the best
+        value is inside the range, or within ``|goal_value|`` of it when ``goal_value`` is given.
+        """
         best = self.best_value(values)
         if best is None:
             return False

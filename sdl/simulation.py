@@ -84,6 +84,7 @@ class SimulatorFleet:
                         properties=list(inst.measures) or None,
                         serial=f"SIM-{inst.name}",
                         faults=sim.faults.model_dump(),
+                        log_level="INFO",  # the log then lists every injected fault: an audit trail
                         log_path=log,
                     )
                 except RuntimeError as exc:

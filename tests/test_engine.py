@@ -230,3 +230,14 @@ def test_from_campaign(tmp_path: Path) -> None:
     eng = Engine.from_campaign(cfg)
     assert eng.pool is not None and len(eng.pool) == 600 and eng.seed == 3
     assert len(eng.propose()) == 2
+
+
+def test_from_shipped_campaign_yaml() -> None:
+    from sdl.config import load_campaign
+
+    cfg = load_campaign(Path(__file__).resolve().parent.parent / "campaigns" / "demo.yaml")
+    eng = Engine.from_campaign(cfg)
+    assert eng.strategy == cfg.model.name and eng.pool is not None
+    batch = eng.propose()
+    assert len(batch) == cfg.acquisition.batch_size and all(p.key in eng.pool for p in batch)
+    assert [p.key for p in Engine.from_campaign(cfg).propose()] == [p.key for p in batch]

@@ -23,7 +23,8 @@ WORLD = REPO / "simulators" / "worlds" / "perovskites_demo.csv.gz"
 
 
 def write_campaign(tmp_path: Path, *, name: str = "lab-test", budget: int = 5, robots: int = 1,
-                   stations: int = 1, faults: str = "", model: str = "random") -> Path:
+                   stations: int = 1, faults: str = "", model: str = "random", timeout_s: float = 10.0,
+                   max_failures: int | None = None) -> Path:
     """A small crystal campaign on the demo world with fast simulators."""
     sim = "{time_scale: 0.002" + (f", faults: {{{faults}}}" if faults else "") + "}"
     lines = [
@@ -35,15 +36,16 @@ def write_campaign(tmp_path: Path, *, name: str = "lab-test", budget: int = 5, r
         f"model: {{name: {model}}}",
         "acquisition: {function: qucb, batch_size: 2}",
         "initial_design: {strategy: random, size: 2}",
-        f"budget: {{experiments: {budget}}}",
+        f"budget: {{experiments: {budget}" + (f", max_failures: {max_failures}" if max_failures is not None else "")
+        + "}",
         "retrain: {every: 2}",
         "instruments:",
     ]
     for i in range(robots):
-        lines.append(f"  - {{name: robot{i}, role: synthesis, simulated: true, world: {WORLD}, simulator: {sim}}}")
+        lines.append(f"  - {{name: robot{i}, role: synthesis, simulated: true, world: {WORLD}, timeout_s: {timeout_s}, simulator: {sim}}}")
     for i in range(stations):
         lines.append(f"  - {{name: station{i}, role: characterization, simulated: true, world: {WORLD}, "
-                     f"measures: [e_form], simulator: {sim}}}")
+                     f"measures: [e_form], timeout_s: {timeout_s}, simulator: {sim}}}")
     path = tmp_path / f"{name}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -50,3 +50,10 @@ def test_optimistic_score_bounds_the_utility_in_the_band(mean: float, std: float
     y = torch.tensor([mean + z * 2.0 * std], dtype=torch.float64)
     bound = obj.optimistic(torch.tensor([mean], dtype=torch.float64), torch.tensor([std], dtype=torch.float64), beta)
     assert float(obj.utility(y)) <= float(bound) + 1e-9
+
+
+def test_stopping_goal() -> None:
+    assert Objective("maximize").reached([1.0, 3.0], 2.5) and not Objective("maximize").reached([1.0], 2.5)
+    assert Objective("minimize").reached([1.0, -3.0], -2.0) and not Objective("maximize").reached([1.0], None)
+    gap = Objective("target", target_range=(1.1, 1.7))
+    assert gap.reached([0.2, 1.5], None) and not gap.reached([0.2, 1.8], None) and gap.reached([1.8], 0.2)

@@ -73,8 +73,12 @@ def fit_gp(
     return model
 
 
-def predict_gp(model: Any, X: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std (of the latent function) at ``X``, in chunks; each ``[N]`` float64."""
+def predict_gp(model: Any, X: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (of the latent function) at ``X``, in chunks; each ``[N]`` float64.
+
+    ``chunk`` stays small on purpose: a posterior over n points is a joint one whose cost grows
+    like n^2 (measured: 16k points in 0.4 s with chunks of 512, 7 s with chunks of 4096).
+    """
     means, stds = [], []
     with torch.no_grad():
         for part in X.to(torch.float64).split(chunk):

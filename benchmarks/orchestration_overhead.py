@@ -1,0 +1,179 @@
+"""Per-experiment overhead of the full stack, with zero-latency simulators, split by component.
+
+What one experiment costs the software (not the chemistry): Prefect task runs, Bluesky plans on
+Ophyd devices, serial round trips to the instruments, SQL writes to the repository. The simulators
+run with a time scale of 1e-6, so a synthesis "takes" 60 µs and every millisecond measured is
+overhead. Prints a table; nothing is asserted.
+
+    python benchmarks/orchestration_overhead.py [--n 30] [--db sqlite:///PATH | postgresql+psycopg://...]
+
+Components (each measured on its own, then the whole loop):
+
+* serial: one command / reply through pyserial to the simulator process (``JOB?``);
+* sql: the experiment's state machine (propose, start, complete: three transactions with events);
+* bluesky: the synthesize and characterize plans on the real devices (their serial polling
+  included), first without a subscriber, then with the ``RepositoryWriter`` (documents + measurements);
+* prefect: a no-op task run inside a flow run (sequential), against a plain call;
+* full loop: ``run_plain`` (threads, no Prefect) and the Prefect flow, per experiment, from the
+  first proposal to the last completion (set-up excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+WORLD = ROOT / "simulators" / "worlds" / "perovskites_demo.csv.gz"
+
+
+def campaign_yaml(directory: Path, name: str, budget: int) -> Path:
+    sim = "{time_scale: 0.000001}"
+    text = f"""name: {name}
+seed: 0
+search_space:
+  candidates: {{file: {WORLD}, id_column: id, structure_column: cif, formula_column: formula}}
+objective: {{property: e_form, unit: eV, goal: minimize}}
+model: {{name: random}}
+acquisition: {{function: qucb, batch_size: 1}}
+initial_design: {{strategy: random, size: 1}}
+budget: {{experiments: {budget}}}
+retrain: {{every: 1000}}
+instruments:
+  - {{name: robot, role: synthesis, simulated: true, world: {WORLD}, simulator: {sim}}}
+  - {{name: station, role: characterization, simulated: true, world: {WORLD}, measures: [e_form], simulator: {sim}}}
+"""
+    path = directory / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def per_ms(samples: list[float]) -> str:
+    return f"{1000 * statistics.median(samples):8.2f} ms (median of {len(samples)})"
+
+
+def span_per_experiment(store, campaign_id: int) -> float:
+    events = store.events(campaign_id)
+    first = min(e.ts for e in events if e.kind == "experiment.proposed")
+    last = max(e.ts for e in events if e.kind == "experiment.completed")
+    n = sum(1 for e in events if e.kind == "experiment.completed")
+    return (last - first).total_seconds() / max(n, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=30, help="experiments per measurement")
+    parser.add_argument("--db", default=None, help="repository URL (default: a fresh SQLite file)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sdl-overhead-"))
+    os.environ.setdefault("SDL_STATE_DIR", str(work / "state"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from sdl.prefect_server import prepare_client_environment
+
+    prepare_client_environment(work)
+    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+    db = args.db or f"sqlite:///{work / 'overhead.db'}"
+
+    from devices.plans import characterize, synthesize
+    from sdl.config import load_campaign
+    from sdl.documents import RepositoryWriter
+    from sdl.lab import InstrumentRunEngines, open_lab, run_plain
+
+    rows: list[tuple[str, str]] = []
+    n = args.n
+
+    # -- components, on one lab (simulators, devices, repository) ------------------------------------
+    cfg = load_campaign(campaign_yaml(work, "overhead-parts", 10 * n))
+    with open_lab(cfg, db) as lab:
+        robot, station = lab.pool.devices["robot"], lab.pool.devices["station"]
+        samples = []
+        for _ in range(10 * n):
+            t = time.perf_counter()
+            robot.transport.command("STATUS?")
+            samples.append(time.perf_counter() - t)
+        rows.append(("serial round trip (STATUS?)", per_ms(samples)))
+
+        store, cid = lab.store, lab.campaign_id
+        keys = lab.engine.pool.keys
+        samples = []
+        for i in range(n):
+            t = time.perf_counter()
+            eid = store.propose_experiment(cid, idempotency_key=f"bench:{i}", candidate_key=keys[i], params={})
+            store.start_experiment(eid, instruments=["robot"])
+            store.complete_experiment(eid)
+            samples.append(time.perf_counter() - t)
+        rows.append(("sql: propose + start + complete (3 tx)", per_ms(samples)))
+
+        runners = InstrumentRunEngines()
+        writer = RepositoryWriter(store)
+        eids = [store.propose_experiment(cid, idempotency_key=f"bench-plan:{i}", candidate_key=keys[n + i], params={})
+                for i in range(2 * n)]
+        for label, subscribers, offset in (("no subscriber", [], 0), ("RepositoryWriter", [writer], n)):
+            synth, char = [], []
+            for i in range(n):
+                recipe = {"job_id": f"bench-{label[:2]}-{i}", "candidate": keys[n + offset + i]}
+                md = {"sdl": {"campaign_id": cid, "experiment_id": eids[offset + i]}}
+                t = time.perf_counter()
+                assert runners.run("robot", synthesize(robot, recipe, md=md), subscribers).ok
+                synth.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                outcome = runners.run("station", characterize(station, {**recipe, "measure_job_id": recipe["job_id"] + ".m"},
+                                                              md=md), subscribers)
+                assert outcome.ok, outcome.exception
+                char.append(time.perf_counter() - t)
+            rows.append((f"bluesky synthesize plan ({label})", per_ms(synth)))
+            rows.append((f"bluesky characterize plan ({label})", per_ms(char)))
+
+    # -- prefect task overhead -------------------------------------------------------------------------
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    @task(cache_policy=NO_CACHE, persist_result=False)
+    def noop(i: int) -> int:
+        return i
+
+    @flow(persist_result=False)
+    def many(k: int) -> list[float]:
+        out = []
+        for i in range(k):
+            t = time.perf_counter()
+            noop(i)
+            out.append(time.perf_counter() - t)
+        return out
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        many(2)  # starts the ephemeral server
+        samples = many(5 * n)
+    rows.append(("prefect: one no-op task run in a flow", per_ms(samples)))
+
+    # -- the whole loop -------------------------------------------------------------------------------
+    from sdl.flows import run_campaign
+    from sdl.repository import Store
+
+    cfg = load_campaign(campaign_yaml(work, "overhead-plain", n))
+    with open_lab(cfg, db) as lab:
+        run_plain(lab)
+        rows.append(("full loop without Prefect (run_plain)",
+                     f"{1000 * span_per_experiment(lab.store, lab.campaign_id):8.2f} ms per experiment"))
+    path = campaign_yaml(work, "overhead-flow", n)
+    summary = run_campaign(path, db_url=db)
+    store = Store.from_url(db)
+    rows.append(("full loop in the Prefect flow",
+                 f"{1000 * span_per_experiment(store, summary['campaign_id']):8.2f} ms per experiment"))
+    store.close()
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\nOrchestration overhead per experiment (zero-latency simulators, n={n}, {db.split(':')[0]})")
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

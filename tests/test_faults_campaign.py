@@ -1,0 +1,93 @@
+"""A campaign under injected faults: 10 % line faults per command, plus lost samples and drift.
+
+The simulators log every fault they inject; the campaign must still finish its budget, every
+injected line fault must be in the repository's event log, no faulty reply may become an ``ok``
+measurement, and a material failure must be recorded once and never retried.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_lab import world_values, write_campaign
+
+for _key, _value in {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "200",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+LINE_FAULTS = "timeout: 0.02, garbled: 0.03, drop: 0.02, busy: 0.03"  # 10 % of commands
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_campaign_survives_faults(harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from sdl.flows import run_campaign
+    from sdl.repository import Store
+
+    monkeypatch.setenv("SDL_STATE_DIR", str(tmp_path / "state"))
+    name = f"faulty-{uuid.uuid4().hex[:6]}"
+    faults = f"{LINE_FAULTS}, failed_synthesis: 0.2, drift: 0.2"
+    path = write_campaign(tmp_path, name=name, budget=10, faults=faults, timeout_s=0.4, max_failures=10)
+    db = f"sqlite:///{tmp_path / 'faults.db'}"
+    summary = run_campaign(path, db_url=db)
+
+    counts = summary["counts"]
+    assert summary["state"] == "completed"
+    assert counts["completed"] + counts["failed"] + counts["abandoned"] == 10
+    assert counts["proposed"] == counts["running"] == 0
+
+    injected: Counter[str] = Counter()
+    for log in (tmp_path / "state" / name).glob("*.log"):
+        injected.update(re.findall(r"fault (\w+) injected", log.read_text()))
+    assert sum(injected.values()) >= 5, f"too few faults injected to mean anything: {injected}"
+
+    truth = world_values()
+    store = Store.from_url(db)
+    try:
+        cid = summary["campaign_id"]
+        logged = Counter(e.payload["fault"] for e in store.events(cid, "instrument.fault"))
+        for kind in ("timeout", "garbled", "drop", "busy"):
+            assert logged[kind] == injected[kind], f"{kind}: {injected[kind]} injected, {logged[kind]} logged"
+
+        experiments = {e.id: e for e in store.experiments(cid)}
+        measurements = store.measurements(campaign_id=cid)
+        ok = [m for m in measurements if m.quality == "ok"]
+        for m in ok:  # no garbled or drifted reply became a measurement
+            assert m.value == pytest.approx(truth[m.candidate_key])
+            assert experiments[m.experiment_id].state == "completed"
+        drifted = [m for m in measurements if m.quality == "drift"]
+        for m in drifted:
+            assert m.value != pytest.approx(truth[m.candidate_key])
+        assert {m.experiment_id for m in ok} == {i for i, e in experiments.items() if e.state == "completed"}
+        if drifted:
+            assert store.events(cid, "measurement.flagged")
+
+        failed = [e for e in experiments.values() if e.state == "failed"]
+        assert failed, "failed_synthesis 0.2 over 10 experiments should lose at least one sample"
+        with get_client(sync_client=True) as client:
+            for e in failed:
+                assert e.failure_kind == "material"
+                assert not [m for m in measurements if m.experiment_id == e.id]
+                runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+                    name=TaskRunFilterName(any_=[f"synthesize-{e.idempotency_key}"])))
+                assert len(runs) == 1 and runs[0].run_count == 1, "a material failure was retried"
+                assert runs[0].state.is_failed()
+    finally:
+        store.close()
