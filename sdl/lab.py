@@ -38,7 +38,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -888,8 +888,14 @@ class Lab:
                     return None
                 utility = self.objective.utility(frame[self.property].to_numpy(dtype=float))
                 i = int(utility.argmax())
-                key_col = "id" if "id" in frame.columns else frame.columns[0]
-                return str(frame.iloc[i][key_col]), float(frame[self.property].iloc[i])
+                row = frame.iloc[i]
+                if "id" in frame.columns:
+                    key = str(row["id"])
+                else:  # a table world: the recorded parameters name the best point
+                    names = [c for c in frame.columns if c != self.property]
+                    key = ", ".join(f"{c}={row[c]:g}" if isinstance(row[c], float) else f"{c}={row[c]}"
+                                    for c in names)
+                return key, float(row[self.property])
         return None
 
     def finish(self) -> str:
