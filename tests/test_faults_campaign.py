@@ -2,13 +2,15 @@
 
 The simulators log every fault they inject; the campaign must still finish its budget, every
 injected line fault must be in the repository's event log, no faulty reply may become an ``ok``
-measurement, and a material failure must be recorded once and never retried.
+measurement, and a material failure must be recorded once and never retried (a separate
+campaign in which every synthesis fails makes that check deterministic).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from test_lab import world_values, write_campaign
 for _key, _value in {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "200",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
 }.items():
     os.environ.setdefault(_key, _value)
 
@@ -35,9 +38,6 @@ def harness() -> Iterator[None]:
 
 
 def test_campaign_survives_faults(harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
-
     from sdl.flows import run_campaign
     from sdl.repository import Store
 
@@ -79,14 +79,46 @@ def test_campaign_survives_faults(harness: None, tmp_path: Path, monkeypatch: py
         if drifted:
             assert store.events(cid, "measurement.flagged")
 
-        failed = [e for e in experiments.values() if e.state == "failed"]
-        assert failed, "failed_synthesis 0.2 over 10 experiments should lose at least one sample"
-        with get_client(sync_client=True) as client:
-            for e in failed:
+        for e in experiments.values():
+            if e.state == "failed":
                 assert e.failure_kind == "material"
                 assert not [m for m in measurements if m.experiment_id == e.id]
-                runs = client.read_task_runs(task_run_filter=TaskRunFilter(
-                    name=TaskRunFilterName(any_=[f"synthesize-{e.idempotency_key}"])))
+    finally:
+        store.close()
+
+
+def test_material_failures_are_recorded_and_never_retried(harness: None, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every synthesis loses its sample: each experiment fails once, as ``material``, with no retry."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from sdl.flows import run_campaign
+    from sdl.repository import Store
+
+    monkeypatch.setenv("SDL_STATE_DIR", str(tmp_path / "state"))
+    name = f"lost-{uuid.uuid4().hex[:6]}"
+    path = write_campaign(tmp_path, name=name, budget=3, faults="failed_synthesis: 1.0")
+    db = f"sqlite:///{tmp_path / 'lost.db'}"
+    summary = run_campaign(path, db_url=db)
+    assert summary["counts"]["failed"] == 3 and summary["state"] == "completed"
+    store = Store.from_url(db)
+    try:
+        experiments = store.experiments(summary["campaign_id"])
+        assert len({e.candidate_key for e in experiments}) == 3  # a lost candidate is not proposed again
+        assert not store.measurements(campaign_id=summary["campaign_id"])
+        journal = (tmp_path / "state" / name / f"{name}.robot0.journal.jsonl").read_text().splitlines()
+        assert sum('"event":"started"' in line for line in journal) == 3
+        with get_client(sync_client=True) as client:
+            for e in experiments:
+                assert e.state == "failed" and e.failure_kind == "material" and "sample lost" in e.failure_reason
+                deadline = time.monotonic() + 30  # the server records task runs in batches
+                while True:
+                    runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+                        name=TaskRunFilterName(any_=[f"synthesize-{e.idempotency_key}"])))
+                    if (runs and runs[0].state.is_final()) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.5)
                 assert len(runs) == 1 and runs[0].run_count == 1, "a material failure was retried"
                 assert runs[0].state.is_failed()
     finally:

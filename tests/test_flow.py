@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,8 +73,13 @@ def test_flow_runs_a_campaign_and_reports_it(harness: None, tmp_path: Path, data
     run = runs[0]
     assert run.state.is_completed() and name in run.tags and run.parameters["config_path"] == str(path)
     with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-        names = {t.name for t in tasks}
+        deadline = time.monotonic() + 30  # the server records task runs in batches
+        while True:
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            names = {t.name for t in tasks}
+            if (len(tasks) >= 12 and all(t.state.is_final() for t in tasks)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         for i in range(1, 5):
             assert {f"experiment-{name}:{i}", f"synthesize-{name}:{i}", f"characterize-{name}:{i}"} <= names
         assert all(t.state.is_completed() for t in tasks)

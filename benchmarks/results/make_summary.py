@@ -23,6 +23,10 @@ def _f(x: float | None, nd: int = 1) -> str:
     return f"{x:.{nd}f}" if isinstance(x, float) and not float(x).is_integer() else f"{x:g}"
 
 
+def _af(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
 def _stats(st: dict) -> str:
     return f"{_f(st['median'])} [{_f(st['q25'])}–{_f(st['q75'])}] ({st['reached']}/{st['n']})"
 
@@ -51,8 +55,8 @@ def table(res: dict) -> str:
         first = lv
         rec = [r[b - 1] for r in s["recall"]]
         lines.append(
-            f"| {name} | {_stats(lv['0.5']['experiments_stats'])} | {_f(lv['0.5']['af_median'], 2)} "
-            f"| {_stats(lv['1']['experiments_stats'])} | {_f(lv['1']['af_median'], 2)} "
+            f"| {name} | {_stats(lv['0.5']['experiments_stats'])} | {_af(lv['0.5']['af_median'])} "
+            f"| {_stats(lv['1']['experiments_stats'])} | {_af(lv['1']['af_median'])} "
             f"| {_pct(rec)} | {s['summary']['ef_median'][b - 1]:.2f} | {np.median(s['wall_time_s']):.1f} |"
         )
     if first is not None:
@@ -94,13 +98,15 @@ def liang_figure(liang_path: Path, ours: Path, out: Path) -> Path:
     from sdl.plots import plot_recall_curves
 
     res = json.loads(ours.read_text())
-    runs = np.asarray(json.loads(liang_path.read_text())["runs"], dtype=float) / res["n_top"]
+    raw = json.loads(liang_path.read_text())["runs"]
+    b = res["budget"]
+    # runs end when all top designs were found; pad with the final count
+    runs = np.asarray([(list(r) + [r[-1]] * b)[:b] for r in raw], dtype=float) / res["n_top"]
     curves = {}
     for name, s in res["strategies"].items():
         curves[f"sdl {name} ({len(res['seeds'])} seeds)"] = {
             "median": s["summary"]["recall_median"], "q25": s["summary"]["recall_q25"], "q75": s["summary"]["recall_q75"]
         }
-    b = res["budget"]
     q25, med, q75 = np.percentile(runs[:, :b], [25, 50, 75], axis=0)
     curves[f"Liang et al. GP-M52+LCB ({runs.shape[0]} runs)"] = {"median": med, "q25": q25, "q75": q75}
     return plot_recall_curves(
