@@ -83,7 +83,8 @@ def main() -> None:
     from devices.plans import characterize, synthesize
     from sdl.config import load_campaign
     from sdl.documents import RepositoryWriter
-    from sdl.lab import InstrumentRunEngines, open_lab, run_plain
+    from sdl.lab import open_lab, run_plain
+    from sdl.runner import run_plan
 
     rows: list[tuple[str, str]] = []
     n = args.n
@@ -110,7 +111,6 @@ def main() -> None:
             samples.append(time.perf_counter() - t)
         rows.append(("sql: propose + start + complete (3 tx)", per_ms(samples)))
 
-        runners = InstrumentRunEngines()
         writer = RepositoryWriter(store)
         eids = [store.propose_experiment(cid, idempotency_key=f"bench-plan:{i}", candidate_key=keys[n + i], params={})
                 for i in range(2 * n)]
@@ -120,11 +120,11 @@ def main() -> None:
                 recipe = {"job_id": f"bench-{label[:2]}-{i}", "candidate": keys[n + offset + i]}
                 md = {"sdl": {"campaign_id": cid, "experiment_id": eids[offset + i]}}
                 t = time.perf_counter()
-                assert runners.run("robot", synthesize(robot, recipe, md=md), subscribers).ok
+                assert run_plan(synthesize(robot, recipe, md=md), subscribers=subscribers, key="robot").ok
                 synth.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                outcome = runners.run("station", characterize(station, {**recipe, "measure_job_id": recipe["job_id"] + ".m"},
-                                                              md=md), subscribers)
+                outcome = run_plan(characterize(station, {**recipe, "measure_job_id": recipe["job_id"] + ".m"}, md=md),
+                                   subscribers=subscribers, key="station")
                 assert outcome.ok, outcome.exception
                 char.append(time.perf_counter() - t)
             rows.append((f"bluesky synthesize plan ({label})", per_ms(synth)))

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from sdl.exceptions import InstrumentError, MaterialFailure, SDLError
+from sdl.runner import run_plan
 
 __all__ = [
     "ROBOT",
@@ -221,80 +222,6 @@ class InstrumentPool:
                 self._on_release()
 
 
-class InstrumentRunEngines:
-    """One Bluesky RunEngine per instrument, each behind its own lock.
-
-    Why not the process-wide engine of ``sdl.runner``: a RunEngine runs one plan at a time, and a
-    synthesis holds it for the whole synthesis, so with one engine two robots (or a robot and a
-    station) could never work at the same time. The number of engines (and of the thread each one
-    keeps, KNOWN_FACTS) is bounded by the number of instruments.
-    """
-
-    def __init__(self) -> None:
-        self._engines: dict[str, tuple[Any, threading.Lock]] = {}
-        self._lock = threading.Lock()
-
-    def _engine(self, instrument: str) -> tuple[Any, threading.Lock]:
-        with self._lock:
-            if instrument not in self._engines:
-                from bluesky import RunEngine
-
-                self._engines[instrument] = (
-                    RunEngine(context_managers=[], call_returns_result=True),
-                    threading.Lock(),
-                )
-            return self._engines[instrument]
-
-    def run(self, instrument: str, plan: Any, subscribers: Sequence[Callable[[str, dict], Any]] = ()) -> Any:
-        """Run ``plan`` on ``instrument``'s engine; returns an ``sdl.runner.RunOutcome`` (never raises)."""
-        from sdl.runner import RunOutcome
-
-        engine, lock = self._engine(instrument)
-        with lock:
-            starts: list[str] = []
-
-            def collect(name: str, doc: dict[str, Any]) -> None:
-                if name == "start":
-                    starts.append(doc["uid"])
-
-            tokens = [engine.subscribe(collect)] + [engine.subscribe(cb) for cb in subscribers]
-            try:
-                result = engine(plan)
-            except BaseException as exc:  # noqa: BLE001 - reported in the outcome
-                if engine.state != "idle":
-                    with contextlib.suppress(Exception):
-                        engine.abort(reason=f"plan failed: {exc}")
-                return RunOutcome(tuple(starts), "fail", None, _unwrap(exc))
-            finally:
-                for token in tokens:
-                    engine.unsubscribe(token)
-            uids = tuple(getattr(result, "run_start_uids", ()) or starts)
-            return RunOutcome(uids, getattr(result, "exit_status", "success"), getattr(result, "plan_result", None))
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The device's own error behind a bluesky ``FailedStatus`` (timeouts become InstrumentTimeout)."""
-    from bluesky.utils import FailedStatus
-    from ophyd.utils.errors import StatusTimeoutError
-
-    from sdl.exceptions import InstrumentTimeout
-
-    if isinstance(exc, FailedStatus) and exc.args:
-        status = exc.args[0]
-        getter = getattr(status, "exception", None)
-        inner = getter() if callable(getter) else None
-        if isinstance(inner, StatusTimeoutError):
-            device = getattr(status, "device", None)
-            return InstrumentTimeout(
-                f"no result within the status timeout: {inner}",
-                instrument=getattr(device, "name", None),
-                url=getattr(device, "url", None),
-            )
-        if inner is not None:
-            return inner
-    return exc
-
-
 class Lab:
     """One campaign's laboratory: repository, engine, instruments and the rules that tie them.
 
@@ -338,7 +265,6 @@ class Lab:
         self.property = cfg.objective.property
         self.max_measure_attempts = max_measure_attempts
         self.writer = RepositoryWriter(store)
-        self.runners = InstrumentRunEngines()
         self.pool._on_release = self.notify
         self._lock = threading.RLock()
         self._engine_lock = threading.Lock()
@@ -665,7 +591,7 @@ class Lab:
                         self._counts["proposed"] -= 1
                         self._counts["running"] += 1
                 ticket.robot = name
-                outcome = self.runners.run(name, synthesize(robot, ticket.recipe, md=self._md(ticket)), [self.writer])
+                outcome = run_plan(synthesize(robot, ticket.recipe, md=self._md(ticket)), subscribers=[self.writer], key=name)
             finally:
                 self._current[name] = None
         if not outcome.ok:
@@ -698,8 +624,8 @@ class Lab:
                 self._measure_jobs[measure_job] = name
                 self._current[name] = ticket.experiment_id
                 try:
-                    outcome = self.runners.run(name, characterize(device, recipe, md=self._md(ticket)),
-                                               [self.writer])
+                    outcome = run_plan(characterize(device, recipe, md=self._md(ticket)),
+                                       subscribers=[self.writer], key=name)
                 finally:
                     self._current[name] = None
             if self.writer.pending:
