@@ -237,6 +237,7 @@ class _Monitor:
             "best_value": report.best_value, "best_candidate": report.best_candidate,
             "true_best_value": self.true_best[1] if self.true_best else None,
             "true_best_candidate": self.true_best[0] if self.true_best else None,
+            "best_world_rank": self.lab.world_rank(report.best_value),
             "plots": {k: str(v) for k, v in report.plots.items()},
         }
         md = [f"# {self.name}: {state}", "", f"Stopped because: {self.lab.stop_reason}", "",

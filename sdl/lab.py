@@ -824,6 +824,26 @@ class Lab:
                 return key, float(row[self.property])
         return None
 
+    def world_rank(self, value: float | None) -> tuple[int, int] | None:
+        """Rank of ``value`` among the simulated world's recorded values (1 = the best), and their count.
+
+        Why: "best found" means little without knowing how many recorded materials beat it.
+        """
+        if value is None:
+            return None
+        import pandas as pd
+
+        for inst in self.cfg.instruments:
+            if inst.simulated and inst.world is not None and self.property in inst.measures:
+                try:
+                    column = pd.read_csv(inst.world)[self.property].to_numpy(dtype=float)
+                except Exception:  # noqa: BLE001 - no rank is better than a crash at the end of a campaign
+                    return None
+                utility = self.objective.utility(column)
+                better = int((utility > float(self.objective.utility([value])[0]) + 1e-12).sum())
+                return better + 1, len(column)
+        return None
+
     def finish(self) -> str:
         """Mark the campaign completed (budget reached) or stopped (another rule); returns the state."""
         reason = self.stop_reason or "nothing left to do"

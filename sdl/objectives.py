@@ -66,7 +66,7 @@ class Objective:
 
     def utility(self, y: Any) -> Any:
         """Utility of raw values (tensor in -> tensor out, with gradients; else numpy array)."""
-        t = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y, dtype=np.float64))
+        t = y if isinstance(y, torch.Tensor) else torch.tensor(np.asarray(y, dtype=np.float64))
         if self.goal == "maximize":
             u = t
         elif self.goal == "minimize":

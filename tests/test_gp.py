@@ -38,7 +38,7 @@ def test_composition_features_and_composition_gp() -> None:
     i = FEATURE_NAMES.index("Z_max")
     assert F[0, i] == 82.0  # PbRuO3: Pb is the heaviest element
     assert F[0, FEATURE_NAMES.index("n_elements")] == 3.0
-    X, y = torch.as_tensor(F), torch.as_tensor(frame["e_form"].to_numpy())
+    X, y = torch.as_tensor(F), torch.tensor(frame["e_form"].to_numpy())
     model = fit_gp(X[:200], y[:200])
     mean, _ = predict_gp(model, X[1000:1500])
     assert (mean - y[1000:1500]).abs().mean() < 0.9 * (y[:200].mean() - y[1000:1500]).abs().mean()

@@ -97,6 +97,9 @@ def _print_summary(console: Any, cfg: Any, summary: dict[str, Any]) -> None:
     if summary.get("true_best_value") is not None:
         console.print(f"  best in the world:   {cfg.objective.property} = {summary['true_best_value']:.4g} {unit} "
                       f"({summary['true_best_candidate']})", highlight=False)
+    if summary.get("best_world_rank"):
+        rank, size = summary["best_world_rank"]
+        console.print(f"  rank of best found:  {rank} of {size} recorded values in the world", highlight=False)
     for what, path in summary.get("plots", {}).items():
         console.print(f"  plot {what}: {path}", highlight=False)
 
