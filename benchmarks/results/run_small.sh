@@ -2,6 +2,8 @@
 # Liang et al. 2021 small datasets and three Olympus sets: random vs GP (engine defaults).
 # Run from the repository root with the venv active. Data: ../shared/data (see each SOURCE.md).
 # liang_perovskite ran with 10 seeds; the others with 5 seeds and budget 60 (2 shared CPU cores).
+# P3HT, AgNP and AutoAM were then rerun with --seeds 10 into *_10seeds folders (commands in SUMMARY.md);
+# their 5-seed folders were removed.
 set -u
 export OMP_NUM_THREADS=1
 L=../shared/data/liang2021_bo_benchmark
