@@ -507,11 +507,22 @@ class Lab:
         return tickets
 
     def _model_changed(self, version: str) -> None:
-        """Record a newly fitted model (its prospective metrics so far) in the repository."""
+        """Record a newly fitted model in the repository with its uncertainty quality.
+
+        The metrics are k-fold (5 folds) on the measured data, as ``Engine.uncertainty_metrics``
+        computes them; the prospective metrics (each prediction made at proposal time, compared with
+        the later measurement) are stored beside them under ``prospective``.
+        """
         self._last_model_version = version
         if version.startswith("design") or version.startswith("random"):
             return
-        metrics = self.model_metrics()
+        metrics: dict[str, Any] = {"prospective": self.model_metrics()}
+        try:
+            kfold = self.engine.uncertainty_metrics(k=5)
+        except SDLError as exc:  # too few measurements for 5 folds yet
+            logger.info("no k-fold metrics for %s: %s", version, exc)
+        else:
+            metrics.update({k: v for k, v in kfold.items() if not isinstance(v, list)})
         try:
             self.store.add_model_version(
                 self.campaign_id, model=self.engine.strategy, n_train=self.engine.n_observed,

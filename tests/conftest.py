@@ -8,6 +8,7 @@ tests *fail* under CI (``CI`` set) and are skipped with a visible reason elsewhe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -47,19 +48,18 @@ def postgres_server_url() -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def postgres_url(postgres_server_url: str) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for this test session (dropped afterwards)."""
+@contextlib.contextmanager
+def _temporary_database(server_url: str) -> Iterator[str]:
+    """Create an empty PostgreSQL database next to ``server_url``'s, yield its URL, then drop it."""
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
     name = f"sdl_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = make_url(postgres_server_url).set(database=name).render_as_string(hide_password=False)
     try:
-        yield url
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.execute(
@@ -71,31 +71,20 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
             )
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test session (dropped afterwards)."""
+    with _temporary_database(postgres_server_url) as url:
+        yield url
 
 
 @pytest.fixture
 def fresh_postgres_url(postgres_server_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database for one test (for tests that need an empty schema)."""
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
-
-    name = f"sdl_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(postgres_server_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    with _temporary_database(postgres_server_url) as url:
+        yield url
 
 
 @pytest.fixture

@@ -122,6 +122,20 @@ def test_plain_campaign_runs_to_its_budget(tmp_path: Path, database_url: str) ->
         assert report.best_value == best.value and report.plots["best_so_far"].is_file()
 
 
+def test_each_model_version_is_stored_with_kfold_uncertainty_metrics(tmp_path: Path, sqlite_url: str) -> None:
+    cfg = load_campaign(write_campaign(tmp_path, name="gp-metrics", budget=10, model="gp"))
+    with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state") as lab:
+        run_plain(lab)
+        versions = lab.store.model_versions(lab.campaign_id)
+    assert versions and all(v.model == "gp" for v in versions)
+    scored = [v for v in versions if "miscalibration_area" in v.metrics]
+    assert scored, "once 4+ measurements exist, every model version carries k-fold metrics"
+    for v in scored:
+        m = v.metrics
+        assert m["k"] == min(5, m["n"]) and m["n"] == v.n_train and 0.0 <= m["coverage_68"] <= m["coverage_95"] <= 1.0
+        assert m["mae"] >= 0 and -1.0 <= m["spearman_abs_error_std"] <= 1.0 and "prospective" in m
+
+
 def test_two_robots_work_at_the_same_time(tmp_path: Path, sqlite_url: str) -> None:
     cfg = load_campaign(write_campaign(tmp_path, name="two-robots", budget=6, robots=2, stations=2))
     with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state", time_scale=0.01) as lab:
