@@ -278,6 +278,7 @@ class Lab:
         self._reported = 0
         self._round = 0
         self._last_model_version: str | None = None
+        self._model_version_id: int | None = None  # repository row of the model behind new proposals
         self._counts = {state: 0 for state in ("proposed", "running", *END_STATES)}
         self._measure_jobs: dict[str, str] = {}  # measurement job id → station that has it
         self._recovered: set[str] = set()  # keys of experiments a previous process left unfinished
@@ -495,7 +496,8 @@ class Lab:
                 exp_id = self.store.propose_experiment(
                     self.campaign_id, idempotency_key=key, candidate_key=p.key, params=p.params,
                     provenance={
-                        "model_version": p.model_version, "acquisition_value": p.acquisition_value,
+                        "model_version": p.model_version, "model_version_id": self._model_version_id,
+                        "acquisition_value": p.acquisition_value,
                         "predicted_mean": p.predicted_mean, "predicted_std": p.predicted_std,
                         "batch_id": p.batch_id, "strategy": p.strategy,
                     },
@@ -514,6 +516,7 @@ class Lab:
         the later measurement) are stored beside them under ``prospective``.
         """
         self._last_model_version = version
+        self._model_version_id = None
         if version.startswith("design") or version.startswith("random"):
             return
         metrics: dict[str, Any] = {"prospective": self.model_metrics()}
@@ -524,11 +527,12 @@ class Lab:
         else:
             metrics.update({k: v for k, v in kfold.items() if not isinstance(v, list)})
         try:
-            self.store.add_model_version(
+            self._model_version_id = self.store.add_model_version(
                 self.campaign_id, model=self.engine.strategy, n_train=self.engine.n_observed,
                 metrics=metrics, info={"version": version, "seed": self.seed},
             )
         except Exception:  # noqa: BLE001 - a monitoring record must not stop the lab
+            self._model_version_id = None
             logger.exception("could not record model version %s", version)
 
     # ------------------------------------------------------------------ resume

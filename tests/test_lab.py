@@ -127,7 +127,13 @@ def test_each_model_version_is_stored_with_kfold_uncertainty_metrics(tmp_path: P
     with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state") as lab:
         run_plain(lab)
         versions = lab.store.model_versions(lab.campaign_id)
+        experiments = lab.store.experiments(lab.campaign_id)
     assert versions and all(v.model == "gp" for v in versions)
+    by_id = {v.id: v for v in versions}
+    modelled = [e for e in experiments if not (e.model_version or "").startswith("design")]
+    assert modelled, "proposals after the initial design come from the GP"
+    for e in modelled:  # provenance points at the stored model version that made the proposal
+        assert by_id[e.model_version_id].info["version"] == e.model_version
     scored = [v for v in versions if "miscalibration_area" in v.metrics]
     assert scored, "once 4+ measurements exist, every model version carries k-fold metrics"
     for v in scored:
