@@ -8,16 +8,14 @@ became of a job (:func:`reconcile`). One worker thread per robot keeps one job i
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ophyd import Component as Cpt
-from ophyd import Device, Signal
+from ophyd import Signal
 from ophyd.status import DeviceStatus
 
+from devices.line_device import LineDevice
 from devices.transport import FaultCallback, LineTransport
 from sdl.exceptions import InstrumentError, InstrumentProtocolError, InstrumentRejected, MaterialFailure
 
@@ -26,7 +24,7 @@ __all__ = ["SynthesisRobot", "reconcile"]
 logger = logging.getLogger(__name__)
 
 
-class SynthesisRobot(Device):
+class SynthesisRobot(LineDevice):
     """A synthesis robot on an SDL/1 line.
 
     Args:
@@ -41,6 +39,8 @@ class SynthesisRobot(Device):
         on_fault: Told about every line fault (kind, message).
         transport: Use this transport instead of building one.
     """
+
+    verb = "SYNTH"
 
     job_id = Cpt(Signal, value="", kind="normal")
     state = Cpt(Signal, value="idle", kind="hinted")
@@ -63,18 +63,10 @@ class SynthesisRobot(Device):
         transport: LineTransport | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(prefix, name=name, **kwargs)
-        if timeout <= 0:
-            raise ValueError(f"{timeout=} must be > 0 (a Status needs a finite timeout)")
-        self.url = url
-        self.timeout = timeout
-        self.poll_interval = poll_interval
-        self.transport = transport or LineTransport(
-            url, instrument=name, timeout=line_timeout, retries=retries, busy_timeout=busy_timeout, on_fault=on_fault
+        super().__init__(
+            prefix, name=name, url=url, timeout=timeout, poll_interval=poll_interval, line_timeout=line_timeout,
+            retries=retries, busy_timeout=busy_timeout, on_fault=on_fault, transport=transport, **kwargs,
         )
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-line")
-        self._active: str | None = None
-        self._active_lock = threading.Lock()
 
     def set(self, recipe: dict[str, Any]) -> DeviceStatus:  # type: ignore[override]
         """Start synthesizing ``recipe`` (a dict with ``job_id`` and ``candidate`` or ``params``).
@@ -89,37 +81,21 @@ class SynthesisRobot(Device):
         if "job_id" not in recipe:
             logger.warning("%s: recipe has no job_id; using %s (not crash-safe)", self.name, job_id)
         body = {k: v for k, v in recipe.items() if k != "job_id"}
-        status = DeviceStatus(self, timeout=self.timeout)
-        with self._active_lock:
-            self._active = job_id
         self.job_id.put(job_id)
         self.state.put("starting")
         self.sample.put("")
         self.sample_key.put("")
         self.note.put("")
-        self._worker.submit(self._run, job_id, body, status)
-        return status
+        return self._submit(job_id, body, self._run)
 
     def _run(self, job_id: str, body: dict[str, Any], status: DeviceStatus) -> None:
         try:
-            reply = self.transport.command("SYNTH START", job_id, body)
-            data = reply.data or {}
-            if data.get("duplicate"):
-                logger.info("%s: job %s was already known to the robot (state %s)", self.name, job_id, data.get("state"))
-            state = data.get("state")
-            while state == "running" and not status.done:
-                self.state.put("running")
-                remaining = float(data.get("remaining_s") or 0.0)
-                time.sleep(max(0.005, min(self.poll_interval, remaining)))
-                data = self.transport.command("SYNTH STATUS", job_id).data or {}
-                state = data.get("state")
-            if status.done:  # timed out or stopped meanwhile
+            result = self._job_result(job_id, body, status, on_running=lambda: self.state.put("running"))
+            if result is None:
                 return
-            result = self.transport.command("SYNTH RESULT", job_id).data or {}
             state = result.get("state")
             self.state.put(str(state))
-            with self._active_lock:
-                self._active = None
+            self._release()
             if state == "done":
                 sample = result.get("sample") or {}
                 self.sample.put(str(sample.get("id", "")))
@@ -135,32 +111,17 @@ class SynthesisRobot(Device):
                 status.set_exception(InstrumentProtocolError(
                     f"synthesis {job_id}: unexpected state {state!r}", instrument=self.name, url=self.url))
         except Exception as exc:  # noqa: BLE001 - every failure must reach the Status
-            with self._active_lock:
-                self._active = None
+            self._release()
             self.state.put("error")
             if not status.done:
                 status.set_exception(exc)
 
-    def stop(self, *, success: bool = False) -> None:
-        """Abort the running synthesis on the robot (``SYNTH ABORT``); best effort."""
-        with self._active_lock:
-            job_id, self._active = self._active, None
-        if job_id is None:
-            return
-        try:
-            self.transport.command("SYNTH ABORT", job_id)
-            self.state.put("aborted")
-        except InstrumentError as exc:
-            logger.warning("%s: could not abort job %s: %s", self.name, job_id, exc)
+    def _aborted(self) -> None:
+        self.state.put("aborted")
 
     def reconcile(self, job_id: str) -> dict[str, Any]:
         """The robot's record of a job (see :func:`reconcile`)."""
         return reconcile(self, job_id)
-
-    def close(self) -> None:
-        """Close the serial line and the worker."""
-        self._worker.shutdown(wait=False, cancel_futures=True)
-        self.transport.close()
 
 
 def reconcile(robot: SynthesisRobot, job_id: str) -> dict[str, Any]:

@@ -17,13 +17,13 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ophyd import Component as Cpt
-from ophyd import Device, Signal
+from ophyd import Signal
 from ophyd.status import DeviceStatus
 
+from devices.line_device import LineDevice
 from devices.transport import FaultCallback, LineTransport
 from sdl.exceptions import InstrumentError, InstrumentProtocolError
 
@@ -32,7 +32,7 @@ __all__ = ["CharacterizationStation"]
 logger = logging.getLogger(__name__)
 
 
-class CharacterizationStation(Device):
+class CharacterizationStation(LineDevice):
     """A characterization station on an SDL/1 line.
 
     Args:
@@ -51,6 +51,8 @@ class CharacterizationStation(Device):
         on_fault: Told about every line fault (kind, message).
         transport: Use this transport instead of building one.
     """
+
+    verb = "MEASURE"
 
     job_id = Cpt(Signal, value="", kind="normal")
     recipe = Cpt(Signal, value="{}", kind="omitted")
@@ -74,25 +76,18 @@ class CharacterizationStation(Device):
         transport: LineTransport | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(prefix, name=name, **kwargs)
+        super().__init__(
+            prefix, name=name, url=url, timeout=timeout, poll_interval=poll_interval, line_timeout=line_timeout,
+            retries=retries, busy_timeout=busy_timeout, on_fault=on_fault, transport=transport, **kwargs,
+        )
         if not properties:
             raise ValueError(f"{name}: properties must name at least one property")
-        if timeout <= 0:
-            raise ValueError(f"{timeout=} must be > 0 (a Status needs a finite timeout)")
-        self.url = url
         self.properties = list(properties)
         self._units = dict(units) if units is not None else None
         self.raw = raw
         self.raw_timeout = raw_timeout
-        self.timeout = timeout
-        self.poll_interval = poll_interval
-        self.transport = transport or LineTransport(
-            url, instrument=name, timeout=line_timeout, retries=retries, busy_timeout=busy_timeout, on_fault=on_fault
-        )
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-line")
         self._reading: dict[str, dict[str, Any]] = self._empty_reading()
-        self._active: str | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the published reading
 
     # -- keys -----------------------------------------------------------------------------
     def key(self, prop: str) -> str:
@@ -146,23 +141,14 @@ class CharacterizationStation(Device):
         body = {k: v for k, v in recipe.items() if k not in ("job_id", "measure_job_id")}
         with self._lock:
             self._reading = self._empty_reading()
-            self._active = job_id
         self.job_id.put(job_id)
-        status = DeviceStatus(self, timeout=self.timeout)
-        self._worker.submit(self._run, job_id, body, status)
-        return status
+        return self._submit(job_id, body, self._run)
 
     def _run(self, job_id: str, body: dict[str, Any], status: DeviceStatus) -> None:
         try:
-            data = self.transport.command("MEASURE START", job_id, body).data or {}
-            state = data.get("state")
-            while state == "running" and not status.done:
-                time.sleep(max(0.005, min(self.poll_interval, float(data.get("remaining_s") or 0.0))))
-                data = self.transport.command("MEASURE STATUS", job_id).data or {}
-                state = data.get("state")
-            if status.done:
+            result = self._job_result(job_id, body, status)
+            if result is None:
                 return
-            result = self.transport.command("MEASURE RESULT", job_id).data or {}
             if result.get("state") != "done":
                 raise InstrumentError(f"measurement {job_id} {result.get('state')}: {result.get('error')}",
                                       instrument=self.name, url=self.url)
@@ -176,11 +162,10 @@ class CharacterizationStation(Device):
                 reading[f"{self.name}_xrd_intensity"] = {"value": [r[1] for r in rows], "timestamp": now}
             with self._lock:
                 self._reading = reading
-                self._active = None
+            self._release()
             status.set_finished()
         except Exception as exc:  # noqa: BLE001 - every failure must reach the Status
-            with self._lock:
-                self._active = None
+            self._release()
             if not status.done:
                 status.set_exception(exc)
 
@@ -234,19 +219,3 @@ class CharacterizationStation(Device):
     def hints(self) -> dict[str, list[str]]:
         """Best-effort-callback fields: the property values."""
         return {"fields": [self.key(p) for p in self.properties]}
-
-    def stop(self, *, success: bool = False) -> None:
-        """Abort the running measurement (``MEASURE ABORT``); best effort."""
-        with self._lock:
-            job_id, self._active = self._active, None
-        if job_id is None:
-            return
-        try:
-            self.transport.command("MEASURE ABORT", job_id)
-        except InstrumentError as exc:
-            logger.warning("%s: could not abort measurement %s: %s", self.name, job_id, exc)
-
-    def close(self) -> None:
-        """Close the serial line and the worker."""
-        self._worker.shutdown(wait=False, cancel_futures=True)
-        self.transport.close()
