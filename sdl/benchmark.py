@@ -336,11 +336,14 @@ def load_crystal_dataset(
 # strategies and the engine
 
 
-_MODELS = ("random", "gp", "gnn-ensemble")
+_MODELS = ("random", "gp", "gnn-ensemble", "gnn-mlp", "gnn-scratch")
+#: Benchmark labels that are variants of the crystal model (``model.options`` overrides).
+_GNN_VARIANTS = {"gnn-ensemble": {}, "gnn-mlp": {"head": "mlp"}, "gnn-scratch": {"backbone": "scratch"}}
 _ACQUISITIONS = ("qlogei", "qlognei", "qucb", "max-variance", "thompson")
 
 
-MODEL_DEFAULT_ACQUISITION = {"random": "qlognei", "gp": "qlognei", "gnn-ensemble": "qucb"}
+MODEL_DEFAULT_ACQUISITION = {"random": "qlognei", "gp": "qlognei", "gnn-ensemble": "qucb", "gnn-mlp": "qucb",
+                             "gnn-scratch": "qucb"}
 
 
 def parse_strategies(spec: str | Sequence[str], default_acquisition: str | None = None) -> list[Strategy]:
@@ -379,11 +382,14 @@ def default_engine_factory(
     pool = dataset.candidate_pool()
     goal = "maximize" if dataset.goal == "max" else "minimize"
     objective = cfgmod.Objective(property=dataset.target, unit="", goal=goal)
-    model = strategy.model_config or {
-        "random": cfgmod.RandomModel,
-        "gp": cfgmod.GPModel,
-        "gnn-ensemble": cfgmod.GNNEnsembleModel,
-    }[strategy.model](name=strategy.model)
+    if strategy.model_config is not None:
+        model: Any = strategy.model_config
+    elif strategy.model in _GNN_VARIANTS:
+        model = cfgmod.GNNEnsembleModel(
+            name="gnn-ensemble", options=cfgmod.GNNEnsembleOptions(**_GNN_VARIANTS[strategy.model])
+        )
+    else:
+        model = {"random": cfgmod.RandomModel, "gp": cfgmod.GPModel}[strategy.model](name=strategy.model)
     if strategy.acquisition_config is not None:
         acquisition = strategy.acquisition_config.model_copy(
             update={"function": strategy.acquisition, "batch_size": batch_size}

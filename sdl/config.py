@@ -255,6 +255,12 @@ class Objective(_Frozen):
         validate_default=True,
         description="[low, high] window of acceptable values; required with goal 'target', only then.",
     )
+    extensive: bool = Field(
+        default=False,
+        description="True when the property scales with the cell (energy of the cell, heat of formation per "
+        "cell): models learn it per atom and scale predictions by each crystal's atoms per cell. False (default) "
+        "for intensive properties (band gap, energy per atom, refractive index), which are never scaled.",
+    )
 
     @field_validator("target_range")
     @classmethod
@@ -301,8 +307,32 @@ class GPModel(_Frozen):
 
 
 class GNNEnsembleOptions(_Frozen):
-    """Hyperparameters of the crystal-graph network ensemble (its spread is the uncertainty)."""
+    """The crystal model: a pretrained backbone with heads, or a graph-network ensemble from scratch.
 
+    With ``backbone: chgnet`` (default) the pretrained network is frozen and only the heads learn
+    (``members``, ``head``, ``use_prior``); the graph-network fields (hidden ... warm_start) apply
+    to ``backbone: scratch``.
+    """
+
+    backbone: Literal["chgnet", "sevennet", "scratch"] = Field(
+        default="chgnet",
+        description="Pretrained crystal model whose frozen embeddings the heads learn from (weights ship in "
+        "its wheel), or 'scratch' for a CGCNN-style ensemble trained from the labels alone.",
+    )
+    head: Literal["auto", "gp", "mlp"] = Field(
+        default="auto",
+        description="On a pretrained backbone: 'mlp' = an ensemble of small networks (bootstrap, recalibrated "
+        "spread), 'gp' = a Gaussian process on the embeddings, 'auto' = the GP up to 1,000 labels, then the "
+        "ensemble.",
+    )
+    use_prior: bool = Field(
+        default=True,
+        description="Give the heads the backbone's zero-shot prediction (CHGNet: energy per atom above its "
+        "elemental references) as an input; useful for energy-like targets, harmless otherwise.",
+    )
+    featurize_workers: int = Field(
+        default=1, ge=1, le=64, description="Processes that compute embeddings the cache lacks."
+    )
     members: int = Field(default=5, ge=1, le=64, description="Number of independently trained networks.")
     hidden: int = Field(default=64, ge=1, le=1024, description="Width of node features.")
     layers: int = Field(default=3, ge=1, le=12, description="Number of message-passing layers.")
@@ -348,7 +378,12 @@ class Acquisition(_Frozen):
 class InitialDesign(_Frozen):
     """Experiments chosen without a model, before the first training round."""
 
-    strategy: Literal["random", "sobol"] = Field(default="random", description="How to pick them.")
+    strategy: Literal["random", "sobol", "prior"] = Field(
+        default="random",
+        description="How to pick them: random, sobol (parameter spaces), or prior (crystal pools with a "
+        "pretrained backbone: the best candidates by the backbone's zero-shot prediction, for energy-like "
+        "targets).",
+    )
     size: int = Field(default=2, ge=1, description="How many initial experiments.")
 
 

@@ -12,8 +12,17 @@ Strategies (``model.name``):
 * ``gp`` -- :func:`sdl.models.gp.fit_gp` on unit-cube recipes (space or parameter pool) or on
   composition descriptors (crystal pool); continuous mode optimises the acquisition in the box
   and rounds integers / categoricals; pool mode scores only table rows.
-* ``gnn-ensemble`` -- ``sdl.models.ensemble.GNNEnsemble`` predicts every pool candidate once per
-  fit into an ``M x N`` matrix, wrapped by :class:`~sdl.models.pool_ensemble.PoolEnsembleModel`.
+* ``gnn-ensemble`` -- crystal pools. With ``options.backbone`` a pretrained model (``chgnet``,
+  the default) embeds every candidate once (:mod:`sdl.models.embedding_store`); a head on the
+  frozen embedding and the backbone's zero-shot prior learns the property: an ensemble of small
+  networks with a recalibrated spread (``head: mlp``, an ``M x N`` member matrix wrapped by
+  :class:`~sdl.models.pool_ensemble.PoolEnsembleModel`) or a GP (``head: gp``); ``head: auto``
+  (default) takes the GP up to 1,000 labels, where it measured better, and the ensemble beyond.
+  ``backbone: scratch`` trains ``sdl.models.ensemble.GNNEnsemble`` (CGCNN-style) from scratch.
+
+Extensive targets (``objective.extensive``) are learned per atom and scaled back per candidate
+(:mod:`sdl.models.extensive`); uncertainty metrics come from out-of-bag or leave-one-out
+predictions of the fitted model, never from refits.
 
 Rules every strategy obeys: the first ``initial_design.size`` measurements come from a design
 that depends only on the seed (a seeded permutation of the pool, or scrambled Sobol / uniform
@@ -30,7 +39,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,12 +48,17 @@ from sdl.exceptions import EngineError
 from sdl.objectives import Objective
 from sdl.space import CandidatePool, ParameterSpace
 
+if TYPE_CHECKING:
+    from sdl.models.backbones import Backbone
+    from sdl.models.embedding_store import EmbeddingStore
+
 __all__ = ["Engine", "Observation", "Proposal", "STRATEGIES"]
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "gp", "gnn-ensemble")
 DESIGN = "initial-design"
+GP_HEAD_MAX_LABELS = 1000  # head "auto": exact GP up to here, the head ensemble beyond
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,11 @@ class Engine:
             ``sdl.models.ensemble.GNNEnsemble``.
         prefilter_k: Candidates kept by the cheap optimistic score before the acquisition.
         chunk_size: Rows per acquisition call (bounds memory).
+        backbone: Pretrained backbone for ``gnn-ensemble`` (loaded from ``options.backbone`` when
+            None and the option is not ``scratch``).
+        embedding_store: Where embeddings are cached (``sdl.models.embedding_store.default_store_path``
+            when None).
+        featurize_workers: Processes for featurising candidates the store lacks.
     """
 
     def __init__(
@@ -140,6 +159,9 @@ class Engine:
         ensemble_factory: Callable[[Any, int], Any] | None = None,
         prefilter_k: int = 2048,
         chunk_size: int = 4096,
+        backbone: Backbone | None = None,
+        embedding_store: EmbeddingStore | None = None,
+        featurize_workers: int = 1,
     ) -> None:
         self.objective = Objective.from_any(objective)
         self.strategy = str(_get(model, "name", model if isinstance(model, str) else "random"))
@@ -184,6 +206,30 @@ class Engine:
                 raise EngineError(f"model gp: {pool.source} has neither parameter_columns nor formulas/structures")
         self._features: torch.Tensor | None = None
         self._design_order: np.ndarray | None = None
+        self.extensive = bool(_get(objective, "extensive", False))
+        if self.extensive and (pool is None or not pool.is_crystal):
+            raise EngineError("objective.extensive: only crystal pools have cells to scale by")
+        self._scale: torch.Tensor | None = None
+        self.backbone_name = str(_get(self.model_options, "backbone", "chgnet") or "chgnet")
+        self.pretrained = self.strategy == "gnn-ensemble" and self.backbone_name != "scratch"
+        self.head = str(_get(self.model_options, "head", "auto") or "auto")
+        self.use_prior = bool(_get(self.model_options, "use_prior", True))
+        self._backbone = backbone
+        self._store = embedding_store
+        self.featurize_workers = max(1, int(featurize_workers))
+        self.excluded: dict[str, str] = {}  # candidate key -> why the backbone cannot featurise it
+        self._inputs: torch.Tensor | None = None  # pretrained head inputs, [N, D (+1 prior)]
+        self._prior: np.ndarray | None = None
+        self._heads: Any = None
+        self._gp: Any = None
+        self._fitted_n = 0
+        self._fit_rows = np.zeros(0, dtype=np.int64)
+        if self.design_method == "prior" and not (self.pretrained and self.use_prior):
+            raise EngineError("initial_design.strategy: 'prior' needs model gnn-ensemble with a pretrained "
+                              "backbone and use_prior")
+        if self.design_method == "prior" and self.objective.goal == "target":
+            raise EngineError("initial_design.strategy: 'prior' ranks by the backbone's prior; it needs goal "
+                              "maximize or minimize, not target")
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -195,7 +241,8 @@ class Engine:
         return cls(
             objective=cfg.objective, model=cfg.model, acquisition=cfg.acquisition, seed=cfg.seed, pool=pool,
             space=space, initial_design=cfg.initial_design,
-            retrain_every=int(_get(_get(cfg, "retrain"), "every", 1) or 1), **kwargs,
+            retrain_every=int(_get(_get(cfg, "retrain"), "every", 1) or 1),
+            featurize_workers=int(_get(_get(cfg.model, "options"), "featurize_workers", 1) or 1), **kwargs,
         )
 
     def __repr__(self) -> str:
@@ -267,6 +314,60 @@ class Engine:
         except ValueError:
             raise EngineError(f"key {key!r} is not a recipe key of this space (expected name=value;...)") from None
 
+    # -- pretrained features -----------------------------------------------------------------
+    def prepare(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Featurise the pool with the backbone (cached); report and exclude what cannot be.
+
+        Called lazily by :meth:`propose`; call it first to show progress (``(done, total)``).
+
+        Raises:
+            EngineError: The backbone cannot be loaded, or no candidate could be featurised.
+        """
+        if not self.pretrained or self._inputs is not None:
+            return
+        from sdl.models.backbones import BackboneError, load_backbone
+        from sdl.models.embedding_store import EmbeddingStore, default_store_path, featurize_texts
+        from sdl.models.pretrained import standardized_inputs
+
+        pool = self.pool
+        assert pool is not None
+        try:
+            if self._backbone is None:
+                self._backbone = load_backbone(self.backbone_name)
+        except BackboneError as exc:
+            raise EngineError(f"model.options.backbone: {exc}") from exc
+        if self._store is None:
+            self._store = EmbeddingStore(default_store_path())
+        feats = featurize_texts(self._backbone, pool.structure_texts(), self._store, fmt=pool.structure_format,
+                                workers=self.featurize_workers, progress=progress)
+        for i, why in sorted(feats.errors.items()):
+            self.excluded[pool.keys[i]] = why
+        for key, why in list(self.excluded.items())[:10]:
+            logger.warning("%s: candidate %r excluded: %s", pool.source, key, why)
+        if len(self.excluded) > 10:
+            logger.warning("%s: %d candidates excluded in all (the backbone cannot featurise them)", pool.source,
+                           len(self.excluded))
+        if len(self.excluded) == len(pool):
+            raise EngineError(f"{pool.source}: the {self._backbone.name} backbone could not featurise any candidate")
+        self._prior = feats.prior
+        self._inputs = standardized_inputs(feats.embeddings, feats.prior if self.use_prior else None)
+
+    @property
+    def backbone(self) -> Backbone | None:
+        """The loaded backbone (after :meth:`prepare`), if any."""
+        return self._backbone
+
+    def _row_scale(self) -> torch.Tensor:
+        """Per-candidate divisor of the labels: atoms per cell for extensive targets, else 1."""
+        if self._scale is None:
+            pool = self.pool
+            assert pool is not None
+            if self.extensive:
+                self._scale = torch.as_tensor(pool.n_atoms(), dtype=torch.float64)
+            else:
+                self._scale = torch.ones(len(pool), dtype=torch.float64)
+        return self._scale
+
     # -- propose -----------------------------------------------------------------------------
     def propose(self, q: int | None = None, pending: Sequence[Any] = ()) -> list[Proposal]:
         """The next ``q`` experiments (distinct; never a measured or pending key).
@@ -317,11 +418,18 @@ class Engine:
     def _propose_pool(self, q: int, pending: set[str], state_seed: int) -> list[Proposal]:
         pool = self.pool
         assert pool is not None
-        taken = self._measured | pending
+        self.prepare()
+        taken = self._measured | pending | set(self.excluded)
         avail = np.array([i for i, k in enumerate(pool.keys) if k not in taken], dtype=np.int64)
         if avail.size == 0:
-            raise EngineError(f"pool exhausted: all {len(pool)} candidates of {pool.source} are measured or pending")
+            raise EngineError(f"pool exhausted: all {len(pool)} candidates of {pool.source} are measured, pending "
+                              f"or excluded")
         if self._in_design():
+            if self._design_order is None and self.design_method == "prior":
+                assert self._prior is not None
+                utility = self.objective.utility(np.nan_to_num(self._prior, nan=np.inf if self.objective.goal ==
+                                                               "minimize" else -np.inf))
+                self._design_order = np.argsort(-utility, kind="stable")
             if self._design_order is None:
                 self._design_order = np.random.default_rng([self.seed, 0xD5]).permutation(len(pool))
             free = np.isin(self._design_order, avail)
@@ -374,8 +482,10 @@ class Engine:
     ) -> tuple[list[int], list[float]]:
         from sdl.optim import thompson_select
 
+        from sdl.models.pool_ensemble import PoolEnsembleModel
+
         short = self._shortlist(avail, mean, std)
-        if self.strategy == "gnn-ensemble":
+        if isinstance(self._model, PoolEnsembleModel):
             preds = self._model.predictions
             order = np.random.default_rng(state_seed).permutation(preds.shape[0])
             draw = preds[torch.as_tensor(order)][:, torch.as_tensor(short)]
@@ -388,9 +498,14 @@ class Engine:
         return short[rows].tolist(), values
 
     def _acq_inputs(self) -> torch.Tensor:
-        if self.strategy == "gnn-ensemble":
+        """What the BoTorch model takes per pool row: an index (ensembles) or features (+ scale column)."""
+        from sdl.models.pool_ensemble import PoolEnsembleModel
+
+        if isinstance(self._model, PoolEnsembleModel):
             return torch.arange(len(self.pool), dtype=torch.float64).unsqueeze(-1)  # type: ignore[arg-type]
-        return self._pool_features()
+        X = self._inputs if self.pretrained else self._pool_features()
+        assert X is not None
+        return torch.cat([X, self._row_scale().unsqueeze(-1)], dim=1) if self.extensive else X
 
     def _pool_features(self) -> torch.Tensor:
         if self._features is None:
@@ -410,24 +525,53 @@ class Engine:
             return
         pool = self.pool
         assert pool is not None
-        y = torch.tensor([o.value for o in self._obs], dtype=torch.float64)
-        idx = list(self._obs_index)
-        if self.strategy == "gp":
+        from sdl.models.pool_ensemble import PoolEnsembleModel
+
+        pairs = [(i, o.value) for i, o in zip(self._obs_index, self._obs) if pool.keys[i] not in self.excluded]
+        if len(pairs) < 2:
+            raise EngineError(f"{pool.source}: need 2 measurements of featurisable candidates to fit, have {len(pairs)}")
+        idx = torch.as_tensor([i for i, _ in pairs])
+        scale = self._row_scale()
+        y = torch.tensor([v for _, v in pairs], dtype=torch.float64) / scale[idx]
+        self._heads = None
+        if self.strategy == "gp" or (self.pretrained and self._head_kind(len(pairs)) == "gp"):
             from sdl.models.gp import fit_gp
 
-            X_all = self._pool_features()
+            X_all = self._inputs if self.pretrained else self._pool_features()
+            assert X_all is not None
             bounds = torch.stack([X_all.min(dim=0).values, X_all.max(dim=0).values])
-            self._model = fit_gp(X_all[torch.as_tensor(idx)], y, bounds=bounds, kernel=self.gp_kernel)
-        else:
-            from sdl.models.pool_ensemble import PoolEnsembleModel
+            gp = fit_gp(X_all[idx], y, bounds=bounds, kernel=self.gp_kernel)
+            if self.extensive:
+                from sdl.models.extensive import RowScaledModel
 
+                self._model = RowScaledModel(gp)
+            else:
+                self._model = gp
+            self._gp = gp
+        elif self.pretrained:
+            from sdl.models.pretrained import HeadEnsemble, HeadOptions
+
+            X_all = self._inputs
+            assert X_all is not None
+            opts = HeadOptions(members=max(2, int(_get(self.model_options, "members", 5) or 5)))
+            self._heads = HeadEnsemble(opts, seed=self.seed,
+                                       prior_column=X_all.shape[1] - 1 if self.use_prior else None).fit(X_all[idx], y)
+            self._model = PoolEnsembleModel(self._heads.predict_members(X_all) * scale)
+        else:
             if self._ensemble is None:
                 self._ensemble = self._ensemble_factory(self.model_options, self.seed)
-            structures = pool.structures(idx)
-            self._ensemble.fit(structures, y.numpy(), [pool.keys[i] for i in idx])
+            rows = idx.tolist()
+            self._ensemble.fit(pool.structures(rows), y.numpy(), [pool.keys[i] for i in rows])
             preds = self._ensemble.predict_members(pool.structures(), pool.keys, batch_size=1024)
-            self._model = PoolEnsembleModel(torch.as_tensor(preds, dtype=torch.float64))
+            self._model = PoolEnsembleModel(torch.as_tensor(preds, dtype=torch.float64) * scale)
+        self._fitted_n = len(pairs)
+        self._fit_rows = idx.numpy()
         self._after_fit(n)
+
+    def _head_kind(self, n_labels: int) -> str:
+        if self.head == "auto":
+            return "gp" if n_labels <= GP_HEAD_MAX_LABELS else "mlp"
+        return self.head
 
     def _after_fit(self, n: int) -> None:
         self._n_at_fit = n
@@ -437,11 +581,13 @@ class Engine:
         logger.info("fitted %s on %d observations -> %s", self.strategy, n, self._version)
 
     def _pool_mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.strategy == "gnn-ensemble":
+        from sdl.models.pool_ensemble import PoolEnsembleModel
+
+        if isinstance(self._model, PoolEnsembleModel):
             return self._model.mean_std()
         from sdl.models.gp import predict_gp
 
-        return predict_gp(self._model, self._pool_features())
+        return predict_gp(self._model, self._acq_inputs())
 
     def _make(
         self,
@@ -544,7 +690,8 @@ class Engine:
 
         X = self.space.encode([o.params for o in self._obs])  # type: ignore[union-attr]
         y = torch.tensor([o.value for o in self._obs], dtype=torch.float64)
-        self._model = fit_gp(X, y, bounds=self.space.bounds, kernel=self.gp_kernel)  # type: ignore[union-attr]
+        self._model = self._gp = fit_gp(X, y, bounds=self.space.bounds, kernel=self.gp_kernel)  # type: ignore[union-attr]
+        self._fitted_n = n
         self._after_fit(n)
 
     def _make_space(
@@ -573,53 +720,40 @@ class Engine:
         ]
 
     # -- uncertainty quality -----------------------------------------------------------------
-    def uncertainty_metrics(self, k: int = 5) -> dict[str, Any]:
-        """``sdl.uq.kfold_uncertainty`` of this strategy's model on the observed data.
+    def uncertainty_metrics(self) -> dict[str, Any]:
+        """``sdl.uq`` metrics of the fitted model on held-out predictions of its own labels.
 
-        Each fold fits a fresh model (same strategy, options and seed) on the other folds and
-        predicts the held-out measurements. Returns ``{}`` for ``random`` (no model).
+        No model is refitted: a GP gives exact leave-one-out predictions, an ensemble the
+        out-of-bag predictions of its bootstrap members (each label predicted by the members that
+        never saw it, with the recalibrated spread). Returns ``{}`` for ``random``.
 
         Raises:
-            EngineError: Fewer than 4 observations.
+            EngineError: No model fitted yet, or fewer than 4 held-out labels.
         """
-        from sdl.uq import kfold_uncertainty
+        from sdl.models.pretrained import gp_leave_one_out
+        from sdl.uq import uncertainty_metrics
 
         if self.strategy == "random":
             return {}
-        n = len(self._obs)
-        if n < 4:
-            raise EngineError(f"uncertainty_metrics: need at least 4 observations, have {n}")
-        y = np.array([o.value for o in self._obs], dtype=np.float64)
-        rows = np.arange(n)
-        if self.strategy == "gp":
-            if self.pool is not None:
-                X = self._pool_features()[torch.as_tensor(self._obs_index)]
-                bounds = torch.stack([self._pool_features().min(0).values, self._pool_features().max(0).values])
-            else:
-                X = self.space.encode([o.params for o in self._obs])  # type: ignore[union-attr]
-                bounds = self.space.bounds  # type: ignore[union-attr]
-
-            def fit_predict(tr: np.ndarray, y_tr: np.ndarray, te: np.ndarray) -> tuple[Any, Any]:
-                from sdl.models.gp import fit_gp, predict_gp
-
-                m = fit_gp(X[torch.as_tensor(tr)], torch.as_tensor(y_tr), bounds=bounds, kernel=self.gp_kernel)
-                return predict_gp(m, X[torch.as_tensor(te)])
+        if self._model is None:
+            raise EngineError("uncertainty_metrics: no model fitted yet")
+        if self._heads is not None:
+            held, source = self._heads.held_out, "out-of-bag"
+        elif self.strategy == "gnn-ensemble" and not self.pretrained:
+            held, source = getattr(self._ensemble, "held_out", None), "out-of-bag"
         else:
-            pool = self.pool
-            assert pool is not None
-
-            def fit_predict(tr: np.ndarray, y_tr: np.ndarray, te: np.ndarray) -> tuple[Any, Any]:
-                ens = self._ensemble_factory(self.model_options, self.seed)
-                idx_tr = [self._obs_index[i] for i in tr]
-                idx_te = [self._obs_index[i] for i in te]
-                ens.fit(pool.structures(idx_tr), y_tr, [pool.keys[i] for i in idx_tr])
-                preds = torch.as_tensor(ens.predict_members(pool.structures(idx_te), [pool.keys[i] for i in idx_te]))
-                std = preds.std(dim=0) if preds.shape[0] > 1 else torch.zeros(preds.shape[1])
-                return preds.mean(dim=0), std
-
-        out = kfold_uncertainty(fit_predict, rows, y, k=k, seed=self.seed)
-        out["model_version"] = self._version
-        out["strategy"] = self.strategy
+            held, source = gp_leave_one_out(self._gp), "leave-one-out"
+        if held is None or len(held.y) < 4:
+            raise EngineError(f"uncertainty_metrics: need at least 4 held-out labels, have "
+                              f"{0 if held is None else len(held.y)}")
+        y, mean, std = held.y, held.mean, held.std
+        if self.extensive and held.rows is not None:
+            s = self._row_scale().numpy()[self._fit_rows[held.rows]]
+            y, mean, std = y * s, mean * s, std * s
+        out: dict[str, Any] = dict(uncertainty_metrics(y, mean, std))
+        out.update(model_version=self._version, strategy=self.strategy, held_out=source, n_train=self._fitted_n)
+        if self._heads is not None:
+            out["spread_scale"] = self._heads.spread_scale
         return out
 
 

@@ -479,8 +479,9 @@ class Lab:
                 self.event("campaign.stopping", self.stop_reason, level="warning")
                 return []
             version = self.engine.model_version
-        if version != self._last_model_version:
-            self._model_changed(version)
+            if version != self._last_model_version:
+                # Under the engine lock: metrics and the training count describe one fitted model.
+                self._model_changed(version)
         threshold = self.cfg.stopping.min_expected_improvement
         ei = self._expected_improvement(proposals)
         if threshold is not None and ei is not None and ei < threshold and self._counts["completed"] > 0:
@@ -511,24 +512,27 @@ class Lab:
     def _model_changed(self, version: str) -> None:
         """Record a newly fitted model in the repository with its uncertainty quality.
 
-        The metrics are k-fold (5 folds) on the measured data, as ``Engine.uncertainty_metrics``
-        computes them; the prospective metrics (each prediction made at proposal time, compared with
-        the later measurement) are stored beside them under ``prospective``.
+        The metrics are the fitted model's held-out predictions of its own labels (leave-one-out
+        for a GP, out-of-bag for an ensemble: ``Engine.uncertainty_metrics``, no refits); the
+        prospective metrics (each prediction made at proposal time, compared with the later
+        measurement) are stored beside them under ``prospective``. Called with the engine lock held.
         """
         self._last_model_version = version
         self._model_version_id = None
         if version.startswith("design") or version.startswith("random"):
             return
         metrics: dict[str, Any] = {"prospective": self.model_metrics()}
+        n_train = self.engine.n_observed
         try:
-            kfold = self.engine.uncertainty_metrics(k=5)
-        except SDLError as exc:  # too few measurements for 5 folds yet
-            logger.info("no k-fold metrics for %s: %s", version, exc)
+            held_out = self.engine.uncertainty_metrics()
+        except SDLError as exc:  # too few held-out labels yet
+            logger.info("no held-out metrics for %s: %s", version, exc)
         else:
-            metrics.update({k: v for k, v in kfold.items() if not isinstance(v, list)})
+            metrics.update({k: v for k, v in held_out.items() if not isinstance(v, list)})
+            n_train = int(held_out.get("n_train", n_train))
         try:
             self._model_version_id = self.store.add_model_version(
-                self.campaign_id, model=self.engine.strategy, n_train=self.engine.n_observed,
+                self.campaign_id, model=self.engine.strategy, n_train=n_train,
                 metrics=metrics, info={"version": version, "seed": self.seed},
             )
         except Exception:  # noqa: BLE001 - a monitoring record must not stop the lab
@@ -935,7 +939,10 @@ def open_lab(
             import torch
 
             torch.set_num_threads(with_threads)
-        engine = Engine.from_campaign(cfg)
+        from sdl.models.embedding_store import EmbeddingStore, default_store_path
+
+        engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(database_url)))
+        engine.prepare(progress=_featurize_logger(cfg.name))
         devices: dict[str, tuple[str, Any]] = {}
         lab = Lab(cfg, store, engine, InstrumentPool({}), budget=budget, seed=cfg.seed, state_dir=state_dir)
         for inst in cfg.instruments:
@@ -955,6 +962,19 @@ def open_lab(
             lab.close()
         fleet.stop()
         store.close()
+
+
+def _featurize_logger(campaign: str) -> Callable[[int, int], None]:
+    """A ``(done, total)`` callback that logs featurising progress about every 10 %."""
+    last = [-1]
+
+    def report(done: int, total: int) -> None:
+        step = int(10 * done / max(1, total))
+        if step != last[0]:
+            last[0] = step
+            logger.info("campaign %s: featurising candidates %d / %d", campaign, done, total)
+
+    return report
 
 
 def with_retries(step: Callable[[Ticket], Any], attempts: int = 3, delay: float = 0.1) -> Callable[[Ticket], Any]:

@@ -34,12 +34,14 @@ class Objective:
         target_range: ``(low, high)`` for ``target`` (ignored otherwise).
         property: Property name (e.g. ``gap_gllbsc``), for logs and records.
         unit: Unit text.
+        extensive: The property scales with the cell (see :mod:`sdl.models.extensive`).
     """
 
     goal: Goal = "maximize"
     target_range: tuple[float, float] | None = None
     property: str = "y"
     unit: str | None = None
+    extensive: bool = False
 
     def __post_init__(self) -> None:
         if self.goal not in ("maximize", "minimize", "target"):
@@ -62,6 +64,7 @@ class Objective:
             target_range=None if tr is None else (float(tr[0]), float(tr[1])),
             property=get("property", "y") or "y",
             unit=get("unit", None),
+            extensive=bool(get("extensive", False)),
         )
 
     def utility(self, y: Any) -> Any:

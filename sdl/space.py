@@ -256,6 +256,26 @@ class ParameterSpace:
         return cls(params)
 
 
+def parse_structure(text: str, fmt: str = "cif") -> Structure:
+    """A pymatgen ``Structure`` from CIF or pymatgen-JSON text.
+
+    Raises:
+        ValueError: The text does not parse; the message says as what.
+    """
+    import warnings
+
+    from pymatgen.core import Structure
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "fractional coordinates rounded" chatter
+            if fmt == "cif":
+                return Structure.from_str(str(text), fmt="cif")
+            return Structure.from_dict(json.loads(str(text)))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
+        raise ValueError(f"cannot parse structure as {fmt}: {exc}") from exc
+
+
 class CandidatePool:
     """A finite table of candidates: ids, rows, parameter columns and/or crystal structures.
 
@@ -473,18 +493,28 @@ class CandidatePool:
         s = self._parsed.get(digest)
         if s is not None:
             return s
-        from pymatgen.core import Structure
-
         try:
-            if self.structure_format == "cif":
-                s = Structure.from_str(text, fmt="cif")
-            else:
-                s = Structure.from_dict(json.loads(text))
-        except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
-            raise ValueError(f"{self.source}: candidate {self.keys[i]!r}: cannot parse {self.structure_column!r} "
-                             f"as {self.structure_format}: {exc}") from exc
+            s = parse_structure(text, self.structure_format)
+        except ValueError as exc:
+            raise ValueError(f"{self.source}: candidate {self.keys[i]!r}: column {self.structure_column!r}: {exc}") from exc
         self._parsed[digest] = s
         return s
+
+    def structure_texts(self, indices: Sequence[int] | None = None) -> list[str]:
+        """The structure column's raw text (CIF or pymatgen JSON) per candidate, unparsed."""
+        if self.structure_column is None:
+            raise ValueError(f"{self.source}: pool has no structure column")
+        col = self.frame[self.structure_column]
+        idx = range(len(self)) if indices is None else indices
+        return [str(col.iat[int(i)]) for i in idx]
+
+    def n_atoms(self) -> np.ndarray:
+        """Atoms per cell of every candidate (``[N]``): from the structures, else from the formulas."""
+        if self.structure_column is not None:
+            return np.array([len(s) for s in self.structures()], dtype=np.float64)
+        from pymatgen.core import Composition
+
+        return np.array([Composition(f).num_atoms for f in self.formulas()], dtype=np.float64)
 
     def formulas(self, indices: Sequence[int] | None = None) -> list[str]:
         """Chemical formulas (formula column, else from the parsed structures)."""

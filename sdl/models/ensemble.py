@@ -10,7 +10,11 @@ which reaches the same loss in far fewer epochs; the validation split and bootst
 a member depend only on ``(seed, member, N)``, so a re-fit on the same data sees the same split.
 
 Shapes and units: :meth:`GNNEnsemble.predict_members` returns ``[M, N]`` float64 in target
-units (e.g. eV per cell); this matrix is what the BoTorch ``EnsembleModel`` looks up.
+units; this matrix is what the BoTorch ``EnsembleModel`` looks up. The network mean-pools its
+atoms, so it models an intensive target; an extensive one is divided by the atoms per cell by
+the caller (:mod:`sdl.models.extensive`). The members' spread is scaled by one factor fitted on
+their out-of-bag predictions (:func:`sdl.models.pretrained.oob_calibration`), which are also
+the held-out predictions the round's uncertainty metrics come from.
 Everything is deterministic under ``seed`` on CPU (``index_add_`` on CPU is deterministic).
 """
 
@@ -29,12 +33,13 @@ import torch
 
 from sdl.graphs import CrystalGraph, CrystalGraphConverter, PackedGraphs
 from sdl.models.gnn import CrystalGNN
+from sdl.models.pretrained import HeldOut, oob_calibration
 
 __all__ = ["EnsembleOptions", "FitReport", "GNNEnsemble"]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "sdl.gnn-ensemble/1"
+CHECKPOINT_FORMAT = "sdl.gnn-ensemble/2"  # 2: intensive outputs (no per-atom scaling inside)
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,8 @@ class GNNEnsemble:
         self.mu = 0.0
         self.sigma = 1.0
         self.n_fits = 0
+        self.spread_scale = 1.0
+        self.held_out: HeldOut | None = None
 
     def __repr__(self) -> str:
         o = self.options
@@ -172,22 +179,27 @@ class GNNEnsemble:
         t0 = time.perf_counter()
         packed = PackedGraphs(self.graphs(structures, keys))
         graph_s = time.perf_counter() - t0
-        n_atoms = packed.n_nodes.to(torch.float64)
-        per_atom = y_t / n_atoms
         warm = bool(o.warm_start and self.members)
         if not warm:
-            self.mu = float(per_atom.mean())
-            self.sigma = float(per_atom.std()) if y_t.shape[0] > 1 and float(per_atom.std()) > 1e-8 else 1.0
-        target = ((per_atom - self.mu) / self.sigma).float()
+            self.mu = float(y_t.mean())
+            self.sigma = float(y_t.std()) if y_t.shape[0] > 1 and float(y_t.std()) > 1e-8 else 1.0
+        target = ((y_t - self.mu) / self.sigma).float()
         n_epochs = int(epochs if epochs is not None else o.epochs)
         report = FitReport(n=int(y_t.shape[0]), warm_start=warm, seconds=0.0, graph_seconds=graph_s)
         budget = None if time_budget_s is None else max(0.0, time_budget_s - graph_s) / o.members
         new_members: list[CrystalGNN] = []
+        n = y_t.shape[0]
+        oob = torch.zeros(o.members, n, dtype=torch.bool)
         for m in range(o.members):
             net = copy.deepcopy(self.members[m]) if warm and m < len(self.members) else self._new_member(self._member_seed(m))
-            self._train_member(net, m, packed, target, y_t, n_atoms, n_epochs, budget, report)
+            trained_on = self._train_member(net, m, packed, target, y_t, n_epochs, budget, report)
+            oob[m] = True
+            oob[m, trained_on] = False
             new_members.append(net)
         self.members = new_members
+        self.spread_scale = 1.0
+        train_preds = self._raw_predictions(packed, 1024)
+        self.spread_scale, self.held_out = oob_calibration(y_t, train_preds, oob)
         self.n_fits += 1
         report.seconds = time.perf_counter() - t0
         logger.info(
@@ -204,11 +216,11 @@ class GNNEnsemble:
         packed: PackedGraphs,
         target: torch.Tensor,
         y: torch.Tensor,
-        n_atoms: torch.Tensor,
         n_epochs: int,
         budget: float | None,
         report: FitReport,
-    ) -> None:
+    ) -> torch.Tensor:
+        """Train one member; returns the rows it trained on (the rest are its out-of-bag rows)."""
         o = self.options
         n = target.shape[0]
         gen = torch.Generator().manual_seed(self._member_seed(m))
@@ -228,7 +240,7 @@ class GNNEnsemble:
         by_time = False
         t_start = time.perf_counter()
         bs = max(1, int(o.batch_size))
-        initial = self._val_mae(net, val_batch, y[val_idx], n_atoms[val_idx])
+        initial = self._val_mae(net, val_batch, y[val_idx])
         report.initial_val_mae.append(initial)
         if report.warm_start:
             best = initial  # a warm start keeps its previous weights unless training beats them
@@ -251,7 +263,7 @@ class GNNEnsemble:
                 loss.backward()
                 opt.step()
             epochs_run = epoch
-            val = self._val_mae(net, val_batch, y[val_idx], n_atoms[val_idx])
+            val = self._val_mae(net, val_batch, y[val_idx])
             logger.debug("member %d epoch %d: val MAE %.4f, lr %.2e", m, epoch, val, opt.param_groups[0]["lr"])
             if val < best - 1e-7:
                 best, best_epoch = val, epoch
@@ -269,11 +281,12 @@ class GNNEnsemble:
         report.stopped_by_time.append(by_time)
         logger.info("member %d: %d epochs, best %d, val MAE %.4f, %.1f s", m, epochs_run, best_epoch, best,
                     time.perf_counter() - t_start)
+        return train_idx.unique()
 
-    def _val_mae(self, net: CrystalGNN, batch: Any, y: torch.Tensor, n_atoms: torch.Tensor) -> float:
+    def _val_mae(self, net: CrystalGNN, batch: Any, y: torch.Tensor) -> float:
         net.eval()
         with torch.no_grad():
-            pred = n_atoms * (self.mu + self.sigma * net(batch).double())
+            pred = self.mu + self.sigma * net(batch).double()
         return float((pred - y).abs().mean())
 
     def predict_members(
@@ -288,17 +301,20 @@ class GNNEnsemble:
         """
         if not self.members:
             raise RuntimeError("GNNEnsemble.predict_members called before fit()")
-        packed = PackedGraphs(self.graphs(structures, keys))
+        out = self._raw_predictions(PackedGraphs(self.graphs(structures, keys)), batch_size)
+        mean = out.mean(dim=0, keepdim=True)
+        return mean + self.spread_scale * (out - mean)
+
+    def _raw_predictions(self, packed: PackedGraphs, batch_size: int) -> torch.Tensor:
         n = len(packed)
         out = torch.empty(len(self.members), n, dtype=torch.float64)
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 idx = torch.arange(start, min(n, start + batch_size))
                 batch = packed.batch(idx)
-                atoms = batch.num_atoms.double()
                 for m, net in enumerate(self.members):
                     net.eval()
-                    out[m, start : start + idx.shape[0]] = atoms * (self.mu + self.sigma * net(batch).double())
+                    out[m, start : start + idx.shape[0]] = self.mu + self.sigma * net(batch).double()
         return out
 
     def predict(
@@ -316,7 +332,7 @@ class GNNEnsemble:
             "options": asdict(self.options),
             "seed": self.seed,
             "converter": self.converter.as_dict(),
-            "normalizer": {"mu": self.mu, "sigma": self.sigma},
+            "normalizer": {"mu": self.mu, "sigma": self.sigma, "spread_scale": self.spread_scale},
             "n_fits": self.n_fits,
             "model_args": self.members[0].model_args if self.members else None,
             "members": [net.state_dict() for net in self.members],
@@ -334,6 +350,7 @@ class GNNEnsemble:
         )
         ens.mu = float(state["normalizer"]["mu"])
         ens.sigma = float(state["normalizer"]["sigma"])
+        ens.spread_scale = float(state["normalizer"].get("spread_scale", 1.0))
         ens.n_fits = int(state.get("n_fits", 1))
         for sd in state["members"]:
             net = ens._new_member(0)
