@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull gigabytes of CUDA packages.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[test]"
+	# chgnet depends on torch: keep the pin on the same line so pip cannot swap the build.
+	$(BIN)/pip install torch==2.13.0 -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -314,10 +314,12 @@ class GNNEnsembleOptions(_Frozen):
     to ``backbone: scratch``.
     """
 
-    backbone: Literal["chgnet", "sevennet", "scratch"] = Field(
+    backbone: str = Field(
         default="chgnet",
-        description="Pretrained crystal model whose frozen embeddings the heads learn from (weights ship in "
-        "its wheel), or 'scratch' for a CGCNN-style ensemble trained from the labels alone.",
+        pattern=r"^(chgnet|scratch|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="Pretrained crystal model whose frozen embeddings the heads learn from: 'chgnet' (weights "
+        "ship in its wheel), 'package.module:Class' for your own (see sdl.models.backbones.Backbone), or "
+        "'scratch' for a CGCNN-style ensemble trained from the labels alone.",
     )
     head: Literal["auto", "gp", "mlp"] = Field(
         default="auto",

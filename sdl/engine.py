@@ -527,6 +527,7 @@ class Engine:
         assert pool is not None
         from sdl.models.pool_ensemble import PoolEnsembleModel
 
+        self.prepare()
         pairs = [(i, o.value) for i, o in zip(self._obs_index, self._obs) if pool.keys[i] not in self.excluded]
         if len(pairs) < 2:
             raise EngineError(f"{pool.source}: need 2 measurements of featurisable candidates to fit, have {len(pairs)}")

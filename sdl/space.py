@@ -15,6 +15,8 @@ when the table has no id column.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import logging
@@ -509,9 +511,18 @@ class CandidatePool:
         return [str(col.iat[int(i)]) for i in idx]
 
     def n_atoms(self) -> np.ndarray:
-        """Atoms per cell of every candidate (``[N]``): from the structures, else from the formulas."""
+        """Atoms per cell of every candidate (``[N]``): from the structures, else from the formulas.
+
+        A structure that does not parse counts as 1 atom: such a candidate is excluded from
+        crystal models anyway (and reported there), and one bad row must not stop the pool.
+        """
         if self.structure_column is not None:
-            return np.array([len(s) for s in self.structures()], dtype=np.float64)
+            col = self.frame[self.structure_column]
+            counts = np.ones(len(self), dtype=np.float64)
+            for i in range(len(self)):
+                with contextlib.suppress(ValueError):
+                    counts[i] = len(self._parse(i, col.iat[i]))
+            return counts
         from pymatgen.core import Composition
 
         return np.array([Composition(f).num_atoms for f in self.formulas()], dtype=np.float64)

@@ -24,6 +24,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One embedding cache for the session (the demo pool featurises once), never the user's ~/.cache.
+os.environ.setdefault("SDL_EMBEDDING_CACHE", os.path.join(tempfile.mkdtemp(prefix="sdl-test-emb-"), "emb.sqlite"))
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REPO_ROOT = Path(__file__).resolve().parent.parent

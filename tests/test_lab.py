@@ -122,7 +122,7 @@ def test_plain_campaign_runs_to_its_budget(tmp_path: Path, database_url: str) ->
         assert report.best_value == best.value and report.plots["best_so_far"].is_file()
 
 
-def test_each_model_version_is_stored_with_kfold_uncertainty_metrics(tmp_path: Path, sqlite_url: str) -> None:
+def test_each_model_version_is_stored_with_held_out_uncertainty_metrics(tmp_path: Path, sqlite_url: str) -> None:
     cfg = load_campaign(write_campaign(tmp_path, name="gp-metrics", budget=10, model="gp"))
     with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state") as lab:
         run_plain(lab)
@@ -135,10 +135,10 @@ def test_each_model_version_is_stored_with_kfold_uncertainty_metrics(tmp_path: P
     for e in modelled:  # provenance points at the stored model version that made the proposal
         assert by_id[e.model_version_id].info["version"] == e.model_version
     scored = [v for v in versions if "miscalibration_area" in v.metrics]
-    assert scored, "once 4+ measurements exist, every model version carries k-fold metrics"
+    assert scored, "once 4+ measurements exist, every model version carries held-out metrics"
     for v in scored:
         m = v.metrics
-        assert m["k"] == min(5, m["n"]) and m["n"] == v.n_train and 0.0 <= m["coverage_68"] <= m["coverage_95"] <= 1.0
+        assert m["held_out"] == "leave-one-out" and m["n"] == m["n_train"] == v.n_train and 0.0 <= m["coverage_68"] <= m["coverage_95"] <= 1.0
         assert m["mae"] >= 0 and -1.0 <= m["spearman_abs_error_std"] <= 1.0 and "prospective" in m
 
 

@@ -102,5 +102,5 @@ def test_crystal_pool_parses_structures_lazily_and_once() -> None:
     assert len(tiled) == 6000 and tiled.keys[2000] == "perov_12~1" and len(set(tiled.keys)) == 6000
     assert tiled.structures([2000])[0] is s[0]  # same text, parsed once
     bad = pd.DataFrame({"id": ["x"], "cif": ["not a cif"]})
-    with pytest.raises(ValueError, match="candidate 'x': cannot parse 'cif'"):
+    with pytest.raises(ValueError, match="candidate 'x': column 'cif': cannot parse structure as cif"):
         CandidatePool.from_frame(bad, structure_column="cif", source="bad.csv").structures()

@@ -19,6 +19,7 @@ import torch
 from botorch.models.model import Model
 from botorch.posteriors.gpytorch import GPyTorchPosterior
 from gpytorch.distributions import MultivariateNormal
+from linear_operator.operators import DiagLinearOperator
 
 __all__ = ["RowScaledModel"]
 
@@ -54,7 +55,10 @@ class RowScaledModel(Model):
         post = self.base.posterior(X[..., :-1], observation_noise=observation_noise)
         mvn = post.distribution
         mean = mvn.mean.reshape(s.shape) * s
-        cov = mvn.covariance_matrix.reshape(*s.shape, s.shape[-1]) * s.unsqueeze(-1) * s.unsqueeze(-2)
+        # Lazily diag(s) K diag(s): a dense covariance would be factorised at construction, and it
+        # is singular wherever two rows share their inputs (e.g. excluded candidates).
+        diag = DiagLinearOperator(s)
+        cov = diag @ mvn.lazy_covariance_matrix.reshape(*s.shape, s.shape[-1]) @ diag
         scaled = GPyTorchPosterior(MultivariateNormal(mean, cov))
         if posterior_transform is not None:
             return posterior_transform(scaled)  # type: ignore[operator, no-any-return]

@@ -9,14 +9,15 @@ labels, and its own energy prediction is a prior that is informative before any 
 A backbone turns structures into a :class:`Featurization`: an embedding per crystal, the
 backbone's zero-shot *prior* (an intensive number per crystal, for CHGNet its predicted energy
 per atom above its own elemental reference energies), and the rows it could not featurise with
-a reason each. To plug in another model, write a class with the four members of
-:class:`Backbone` and add it to :data:`BACKBONES` (or pass an instance to
-:class:`sdl.models.pretrained.PretrainedEnsemble` directly): nothing else in the engine knows
-which model it is.
+a reason each. To plug in another model, write a class with the members of :class:`Backbone`
+(a no-argument constructor that loads its weights) and name it in the campaign as
+``backbone: "your_package.module:YourBackbone"``, or add it to :data:`BACKBONES`, or pass an
+instance to :class:`sdl.engine.Engine`: nothing else in the engine knows which model it is.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,27 +91,43 @@ def _chgnet() -> Backbone:
     return CHGNetBackbone()
 
 
-def _sevennet() -> Backbone:
-    from sdl.models.backbones.sevennet import SevenNetBackbone
-
-    return SevenNetBackbone()
-
-
 #: Backbones by their YAML name; each factory loads the weights shipped in its wheel.
-BACKBONES: dict[str, Callable[[], Backbone]] = {"chgnet": _chgnet, "sevennet": _sevennet}
+BACKBONES: dict[str, Callable[[], Backbone]] = {"chgnet": _chgnet}
+
+
+def _import_factory(path: str) -> Callable[[], Backbone]:
+    """``"package.module:Attr"`` -> the class or factory it names."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackboneError(f"backbone {path!r}: cannot import {module_name!r} ({exc})") from exc
+    try:
+        factory: Callable[[], Backbone] = getattr(module, attr)
+    except AttributeError:
+        raise BackboneError(f"backbone {path!r}: module {module_name!r} has no {attr!r}") from None
+    return factory
 
 
 def load_backbone(name: str) -> Backbone:
-    """The backbone named ``name`` with its weights loaded.
+    """The backbone named ``name`` (a key of :data:`BACKBONES` or ``"module:Class"``), weights loaded.
 
     Raises:
-        BackboneError: Unknown name, package not installed, or weights missing/corrupt (with the path).
+        BackboneError: Unknown name, package not installed, weights missing/corrupt (with the path),
+            or an imported class that does not have the :class:`Backbone` members.
     """
-    try:
-        factory = BACKBONES[name]
-    except KeyError:
-        raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}, scratch") from None
-    return factory()
+    if ":" in name:
+        factory = _import_factory(name)
+    else:
+        try:
+            factory = BACKBONES[name]
+        except KeyError:
+            known = ", ".join(sorted(BACKBONES))
+            raise BackboneError(f"unknown backbone {name!r}; known: {known}, scratch, or 'module:Class'") from None
+    backbone = factory()
+    if not isinstance(backbone, Backbone):
+        raise BackboneError(f"backbone {name!r}: {type(backbone).__name__} lacks name/version/dim/prior_name/featurize")
+    return backbone
 
 
 def nan_featurization(n: int, dim: int) -> Featurization:

@@ -2,7 +2,8 @@
 
 The weights ship inside the ``chgnet`` wheel (``chgnet/pretrained/0.3.0/``, 412,525 parameters,
 trained on the Materials Project trajectory set), so loading needs no network. The embedding is
-CHGNet's pooled crystal feature (64 wide, the input of its energy head); the prior is its
+CHGNet's pooled crystal feature (64 wide, the input of its energy head) divided by the number of
+atoms, so that a cell and its supercell embed alike (CHGNet sums over atoms); the prior is its
 zero-shot energy per atom minus its AtomRef elemental reference energies (the part of the
 energy that comes from bonding), which tracks formation energies (Pearson 0.84 with CMR
 ``e_form``) and says nothing about properties CHGNet never saw (band gaps, optical constants).
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_VERSION = "0.3.0"
 MAX_Z = 94  # CHGNet's element embedding covers H..Pu
+#: Bumped whenever the features computed from the same weights change (part of the cache key).
+FEATURE_REVISION = 2  # 2: mean over atoms (CHGNet's crystal_fea is a sum, so it grew with the cell)
 
 
 def default_weights_path() -> Path:
@@ -75,7 +78,7 @@ class CHGNetBackbone:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.weights = path
-        self.version = f"chgnet-{MODEL_VERSION}-{digest}"
+        self.version = f"chgnet-{MODEL_VERSION}-{digest}-f{FEATURE_REVISION}"
         self.batch_size = int(batch_size)
 
     def __repr__(self) -> str:
@@ -122,5 +125,8 @@ class CHGNetBackbone:
             for g, r in zip(graphs, rows, strict=True):
                 self._forward([g], [r], out)
             return
-        out.embeddings[rows] = pred["crystal_fea"].detach().cpu().numpy().astype(np.float32)
+        # crystal_fea sums the atoms' features; per atom it is the same for a cell and its supercell.
+        atoms = torch.tensor([len(g.atomic_number) for g in graphs], dtype=torch.float32)  # type: ignore[attr-defined]
+        emb = pred["crystal_fea"].detach().cpu() / atoms.unsqueeze(-1)
+        out.embeddings[rows] = emb.numpy().astype(np.float32)
         out.prior[rows] = (pred["e"] - comp).detach().cpu().numpy().astype(np.float64)
