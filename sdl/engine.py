@@ -350,6 +350,10 @@ class Engine:
         if len(self.excluded) == len(pool):
             raise EngineError(f"{pool.source}: the {self._backbone.name} backbone could not featurise any candidate")
         self._prior = feats.prior
+        if self.extensive:
+            featurised = ~np.isin(np.arange(len(pool)), list(feats.errors))
+            if np.isfinite(feats.n_atoms[featurised]).all():  # no need to parse the pool again
+                self._scale = torch.as_tensor(np.where(featurised, feats.n_atoms, 1.0), dtype=torch.float64)
         self._inputs = standardized_inputs(feats.embeddings, feats.prior if self.use_prior else None)
 
     @property
@@ -448,6 +452,34 @@ class Engine:
         else:
             picks, values = self._acquire_pool(avail, mean, std, pend_idx, q, state_seed)
         return self._make(picks, values, mean, std, self.strategy, pending)
+
+    def fit(self) -> None:
+        """Fit the model to the observations now (``propose`` does this lazily when it is stale).
+
+        Raises:
+            EngineError: ``random`` has no model, or fewer than 2 usable observations.
+        """
+        if self.strategy == "random":
+            raise EngineError("model random has nothing to fit")
+        if self.pool is not None:
+            self._fit_pool_if_needed()
+        else:
+            self._fit_space_if_needed()
+
+    def predict_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted mean and std of the objective property for every pool row (``[N]`` each).
+
+        In the property's own units (scaled back to the cell for extensive targets); rows the
+        backbone could not featurise carry no information (see :attr:`excluded`).
+
+        Raises:
+            EngineError: No pool, or no model fitted yet (call :meth:`fit`).
+        """
+        if self.pool is None:
+            raise EngineError("predict_pool: the engine has a parameter space, not a pool")
+        if self._model is None:
+            raise EngineError("predict_pool: no model fitted yet")
+        return self._pool_mean_std()
 
     def _shortlist(self, avail: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
         if avail.size <= self.prefilter_k:
@@ -568,6 +600,13 @@ class Engine:
         self._fitted_n = len(pairs)
         self._fit_rows = idx.numpy()
         self._after_fit(n)
+
+    @property
+    def head_kind(self) -> str | None:
+        """``gp`` or ``mlp``: the head of the last pretrained fit (None before it, or without a backbone)."""
+        if not self.pretrained or self._model is None:
+            return None
+        return "mlp" if self._heads is not None else "gp"
 
     def _head_kind(self, n_labels: int) -> str:
         if self.head == "auto":

@@ -163,6 +163,8 @@ def test_composition_gp_uncertainty_metrics(perov: CandidatePool) -> None:
     truth = dict(zip(perov.keys, perov.values("e_form")))
     eng = engine(perov, "gp", "qucb", size=20)
     run(eng, truth, rounds=3, q=10)
+    assert eng.uncertainty_metrics()["n_train"] == 20  # the model that made the last proposals
+    eng.fit()
     m = eng.uncertainty_metrics()
     assert m["n"] == 30 and m["n_train"] == 30 and m["held_out"] == "leave-one-out" and m["strategy"] == "gp"
     for name in ("mae", "rmse", "spearman_abs_error_std", "miscalibration_area", "coverage_68", "coverage_95"):

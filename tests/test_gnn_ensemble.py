@@ -145,7 +145,7 @@ def test_cli_model_evaluate_writes_json(tmp_path) -> None:
     from sdl.cli.main import app
 
     out = tmp_path / "eval.json"
-    args = ["model", "evaluate", "--data", str(WORLD), "--target", "e_form", "--max-rows", "80",
+    args = ["model", "evaluate", "--data", str(WORLD), "--target", "e_form", "--max-rows", "80", "--backbone", "scratch",
             "--members", "2", "--epochs", "2", "--hidden", "8", "--json", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -111,8 +111,8 @@ def test_recalibrated_95_interval_covers_held_out_real_crystals(frame: pd.DataFr
     perm = np.random.default_rng(0).permutation(len(pool))
     train, test = perm[:150], perm[150:]
     observe(eng, pool, y, train)
-    eng.propose()  # fits
-    mean, std = eng._pool_mean_std()
+    eng.fit()
+    mean, std = eng.predict_pool()
     m = uncertainty_metrics(y[test], mean.numpy()[test], std.numpy()[test])
     assert 0.85 <= m["coverage_95"] <= 0.99, m
     assert m["mae"] < 0.5 * float(np.mean(np.abs(y[test] - np.median(y[train]))))  # far better than the median
@@ -140,7 +140,7 @@ def test_intensive_targets_are_not_scaled_and_extensive_ones_are(frame: pd.DataF
         eng = make_engine(pool, store, chgnet, extensive=extensive)
         observe(eng, pool, values, train)
         eng.propose()
-        mean, _ = eng._pool_mean_std()
+        mean, _ = eng.predict_pool()
         unseen = np.arange(80, 120)
         cell, supercell = mean.numpy()[unseen], mean.numpy()[unseen + n]
         np.testing.assert_allclose(supercell, 2.0 * cell if extensive else cell, rtol=1e-3, atol=1e-3)
@@ -172,6 +172,7 @@ def test_second_round_and_second_campaign_hit_the_cache(frame: pd.DataFrame, tmp
     assert again.hits == 40 and again.misses == 0
     np.testing.assert_array_equal(second.embeddings, first.embeddings[:40])
     np.testing.assert_array_equal(second.prior, first.prior[:40])
+    assert (first.n_atoms == 5).all() and (second.n_atoms == 5).all()  # kept for extensive targets
 
 
 def test_parallel_workers_give_the_same_features(frame: pd.DataFrame, tmp_path: Path, chgnet: CHGNetBackbone) -> None:
@@ -304,3 +305,33 @@ def test_head_ensemble_is_reproducible_and_falls_back_to_the_prior_line() -> Non
     torch.testing.assert_close(a.predict_members(X), b.predict_members(X))
     err = (a.predict_members(X).mean(0)[30:] - y[30:]).abs().mean()
     assert float(err) < 0.3 * float((y[30:] - y[:30].mean()).abs().mean())
+
+
+@pytest.mark.parametrize("model", [["--model", "gnn-ensemble"], ["--model", "gnn-ensemble", "--head", "mlp"],
+                                   ["--model", "gp"]])
+def test_cli_model_evaluate_with_an_absolute_train_size(tmp_path: Path, model: list[str]) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from sdl.cli.main import app
+
+    out = tmp_path / "eval.json"
+    cache = tmp_path / "emb.sqlite"
+    args = ["model", "evaluate", "--data", str(WORLD), "--target", "e_form", "--max-rows", "150", "--train-size", "50",
+            "--cache", str(cache), "--json", str(out), *model]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    for key in ("n_train", "n_test", "mae", "rmse", "spearman_abs_error_std", "miscalibration_area", "coverage_68",
+                "coverage_95", "fit_seconds", "predict_seconds"):
+        assert key in data
+    assert data["n_train"] == 50 and data["n_test"] == 100 and "coverage_95" in result.output
+    if model[1] == "gnn-ensemble":
+        assert data["head"] == ("mlp" if "mlp" in model else "gp") and data["backbone_version"].startswith("chgnet")
+        assert data["mae"] < 0.35 and data["cache_misses"] == 150
+        again = CliRunner().invoke(app, args)  # same crystals: all from the cache
+        assert again.exit_code == 0 and json.loads(out.read_text())["cache_hits"] == 150
+    bad = CliRunner().invoke(app, ["model", "evaluate", "--data", str(WORLD), "--target", "e_form", "--max-rows", "60",
+                                   "--train-size", "59", *model])
+    assert bad.exit_code == 2 and "--train-size" in bad.output

@@ -1,4 +1,4 @@
-"""CLI commands of the ``sdl model`` group: ``sdl model evaluate`` (GNN ensemble on a crystal table)."""
+"""CLI commands of the ``sdl model`` group: ``sdl model evaluate`` (a crystal model on a crystal table)."""
 
 from __future__ import annotations
 
@@ -25,19 +25,99 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def load_crystal_table(
-    path: Path, target: str, structure_column: str, id_column: str, max_rows: int | None, seed: int
-) -> tuple[list[Any], Any, list[str]]:
-    """Read a crystal CSV(.gz): structures (CIF or pymatgen JSON), targets and ids; errors name the file/column/row."""
+@model_app.command("evaluate")
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="Crystal CSV(.gz) with a structure column and a target column."),
+    target: str = typer.Option(..., "--target", help="Column to predict (e.g. e_form)."),
+    structure_column: str = typer.Option("cif", "--structure-column", help="CIF text or pymatgen JSON column."),
+    id_column: str = typer.Option("id", "--id-column", help="Candidate id column (made up from row numbers if absent)."),
+    model: str = typer.Option("gnn-ensemble", "--model", help="gnn-ensemble (crystal model) or gp (composition GP)."),
+    backbone: str = typer.Option("chgnet", "--backbone", help="gnn-ensemble: chgnet, package.module:Class, or scratch."),
+    head: str = typer.Option("auto", "--head", help="Pretrained backbone: auto, gp or mlp."),
+    use_prior: bool = typer.Option(True, "--prior/--no-prior", help="Give the heads the backbone's zero-shot prior."),
+    extensive: bool = typer.Option(False, "--extensive", help="The target scales with the cell (learn it per atom)."),
+    train_size: int | None = typer.Option(None, "--train-size", help="Training rows (absolute); the rest is the test set."),
+    train_fraction: float = typer.Option(0.8, "--train-fraction", help="Random train share when --train-size is not given."),
+    members: int = typer.Option(5, "--members", help="Ensemble members."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, sampling and the models."),
+    max_rows: int | None = typer.Option(None, "--max-rows", help="Use a random subset of this many rows."),
+    cache: Path | None = typer.Option(None, "--cache", help="Embedding cache file (default: $SDL_EMBEDDING_CACHE or "
+                                      "~/.cache/sdl/embeddings.sqlite)."),
+    workers: int = typer.Option(1, "--workers", help="Processes that featurise crystals the cache lacks."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Scratch: max epochs per member (default 150)."),
+    hidden: int = typer.Option(64, "--hidden", help="Scratch: node feature width."),
+    layers: int = typer.Option(3, "--layers", help="Scratch: graph convolutions."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Scratch: crystals per training step."),
+    patience: int = typer.Option(20, "--patience", help="Scratch: early-stopping patience, epochs."),
+    time_budget: float | None = typer.Option(None, "--time-budget", help="Scratch: fit wall-clock budget, s."),
+    threads: int = typer.Option(1, "--threads", help="torch threads (the machine is shared)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the result object here."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Scratch: save the trained ensemble (torch.save)."),
+) -> None:
+    """Train a crystal model on a random split of a crystal table; report accuracy and uncertainty quality.
+
+    The same split (``--seed``, ``--max-rows``, ``--train-size``) is drawn for every ``--model`` /
+    ``--backbone``, so runs compare on equal terms.
+    """
     import numpy as np
+    import torch
+    from rich.console import Console
+
+    if model not in ("gnn-ensemble", "gp"):
+        _fail(f"--model must be gnn-ensemble or gp, got {model!r}")
+    if head not in ("auto", "gp", "mlp"):
+        _fail(f"--head must be auto, gp or mlp, got {head!r}")
+    if train_size is None and not 0.0 < train_fraction < 1.0:
+        _fail(f"--train-fraction must be in (0, 1), got {train_fraction}")
+    if members < 1:
+        _fail(f"--members must be >= 1, got {members}")
+    torch.set_num_threads(max(1, threads))
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    try:
+        frame = load_crystal_frame(data, target, structure_column, id_column, max_rows, seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    n = len(frame)
+    n_train = int(round(train_fraction * n)) if train_size is None else int(train_size)
+    if n < 4 or not 2 <= n_train <= n - 2:
+        _fail(f"{data}: {n} rows with a {target!r} value; --train-size must leave >= 2 to train and >= 2 to test "
+              f"(got {n_train})")
+    perm = np.random.default_rng(seed).permutation(n)
+    train_idx, test_idx = perm[:n_train], perm[n_train:]
+    common: dict[str, Any] = {"data": str(data), "target": target, "model": model, "seed": seed,
+                              "max_rows": max_rows, "train_fraction": n_train / n, "extensive": extensive}
+    if model == "gnn-ensemble" and backbone == "scratch":
+        result = _evaluate_scratch(frame, target, structure_column, id_column, train_idx, test_idx, console,
+                                   members=members, epochs=epochs, hidden=hidden, layers=layers,
+                                   batch_size=batch_size, patience=patience, time_budget=time_budget,
+                                   checkpoint=checkpoint, extensive=extensive, seed=seed)
+        result["parse_seconds"] = time.perf_counter() - t0 - result["fit_seconds"] - result["predict_seconds"]
+    else:
+        result = _evaluate_engine(frame, data, target, structure_column, id_column, train_idx, test_idx, console,
+                                  model=model, backbone=backbone, head=head, use_prior=use_prior, members=members,
+                                  seed=seed, cache=cache, workers=workers, extensive=extensive)
+    result = {**common, **result, "threads": torch.get_num_threads()}
+    _print_result(result, f"{model if model == 'gp' else backbone} on {data.name}: {target}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def load_crystal_frame(path: Path, target: str, structure_column: str, id_column: str, max_rows: int | None,
+                       seed: int) -> Any:
+    """Rows of a crystal CSV(.gz) with a target value (a seeded random subset of ``max_rows``).
+
+    Raises:
+        ValueError: Missing file or column; the message names the file and the column.
+    """
     import pandas as pd
-    from pymatgen.core import Structure
 
     if not path.exists():
         raise ValueError(f"{path}: file not found")
     try:
         df = pd.read_csv(path)
-    except Exception as exc:  # pandas raises many types for a bad file
+    except Exception as exc:  # noqa: BLE001 - pandas raises many types for a bad file
         raise ValueError(f"{path}: cannot read as CSV ({exc})") from exc
     for col in (target, structure_column):
         if col not in df.columns:
@@ -47,126 +127,132 @@ def load_crystal_table(
     df = df[df[target].notna()]
     if max_rows is not None and max_rows < len(df):
         df = df.sample(n=max_rows, random_state=seed)
-    structures = []
-    for row_id, text in zip(df[id_column], df[structure_column], strict=True):
-        try:
-            s_text = str(text)
-            if s_text.lstrip().startswith("{"):
-                structures.append(Structure.from_dict(json.loads(s_text)))
-            else:
-                structures.append(Structure.from_str(s_text, fmt="cif"))
-        except Exception as exc:
-            raise ValueError(f"{path}: column {structure_column!r}, row {row_id}: cannot parse structure ({exc})") from exc
-    y = df[target].to_numpy(dtype=np.float64)
-    return structures, y, [str(v) for v in df[id_column]]
+    return df.reset_index(drop=True)
 
 
-@model_app.command("evaluate")
-def evaluate(
-    data: Path = typer.Option(..., "--data", help="Crystal CSV(.gz) with a structure column and a target column."),
-    target: str = typer.Option(..., "--target", help="Column to predict (e.g. e_form)."),
-    structure_column: str = typer.Option("cif", "--structure-column", help="CIF text or pymatgen JSON column."),
-    id_column: str = typer.Option("id", "--id-column", help="Candidate id column (graph cache key)."),
-    train_fraction: float = typer.Option(0.8, "--train-fraction", help="Random train share; the rest is the test set."),
-    members: int = typer.Option(5, "--members", help="Ensemble members."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the split, sampling and the ensemble."),
-    max_rows: int | None = typer.Option(None, "--max-rows", help="Use a random subset of this many rows."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Max epochs per member (default: options, 150)."),
-    hidden: int = typer.Option(64, "--hidden", help="Node feature width."),
-    layers: int = typer.Option(3, "--layers", help="Graph convolutions."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Crystals per training step."),
-    patience: int = typer.Option(20, "--patience", help="Early-stopping patience, epochs."),
-    time_budget: float | None = typer.Option(None, "--time-budget", help="Fit wall-clock budget, s (members share it)."),
-    threads: int = typer.Option(1, "--threads", help="torch threads (the machine is shared)."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the result object here."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Save the trained ensemble (torch.save)."),
-) -> None:
-    """Train the GNN ensemble on a random split of a crystal table; report accuracy and uncertainty quality."""
-    import numpy as np
-    import torch
-    from rich.console import Console
-    from rich.table import Table
+def _evaluate_engine(frame: Any, data: Path, target: str, structure_column: str, id_column: str, train_idx: Any,
+                     test_idx: Any, console: Any, *, model: str, backbone: str, head: str, use_prior: bool,
+                     members: int, seed: int, cache: Path | None, workers: int, extensive: bool) -> dict[str, Any]:
+    """Fit through :class:`sdl.engine.Engine` (exactly what a campaign runs) and score the test rows."""
+    from types import SimpleNamespace
 
-    from sdl.models.ensemble import EnsembleOptions, GNNEnsemble
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sdl.engine import Engine, Observation
+    from sdl.exceptions import EngineError
+    from sdl.models.embedding_store import EmbeddingStore, default_store_path
+    from sdl.space import CandidatePool
     from sdl.uq import uncertainty_metrics
 
-    if not 0.0 < train_fraction < 1.0:
-        _fail(f"--train-fraction must be in (0, 1), got {train_fraction}")
-    if members < 1:
-        _fail(f"--members must be >= 1, got {members}")
-    torch.set_num_threads(max(1, threads))
-    console = Console(stderr=True)
-    t0 = time.perf_counter()
+    fmt = "pymatgen-json" if str(frame[structure_column].iloc[0]).lstrip().startswith("{") else "cif"
+    pool = CandidatePool.from_frame(frame, id_column=id_column, structure_column=structure_column,
+                                    structure_format=fmt, source=str(data))
+    store = EmbeddingStore(cache if cache is not None else default_store_path())
+    options = {"backbone": backbone, "head": head, "use_prior": use_prior, "members": members}
     try:
-        structures, y, ids = load_crystal_table(data, target, structure_column, id_column, max_rows, seed)
-    except ValueError as exc:
+        eng = Engine(objective=SimpleNamespace(goal="minimize", extensive=extensive),
+                     model=SimpleNamespace(name=model, options=options if model == "gnn-ensemble" else {}),
+                     acquisition=SimpleNamespace(function="qucb", batch_size=1), seed=seed, pool=pool,
+                     embedding_store=store, featurize_workers=workers)
+        t0 = time.perf_counter()
+        with Progress(TextColumn("featurising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("featurise", total=None)
+            eng.prepare(progress=lambda done, total: bar.update(task, completed=done, total=total))
+        featurize_s = time.perf_counter() - t0
+        y = frame[target].to_numpy(dtype=float)
+        eng.observe([Observation(pool.keys[int(i)], {}, float(y[int(i)])) for i in train_idx])
+        t1 = time.perf_counter()
+        eng.fit()
+        fit_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        mean, std = eng.predict_pool()
+        predict_s = time.perf_counter() - t2
+    except EngineError as exc:
         _fail(str(exc))
-    parse_s = time.perf_counter() - t0
-    n = len(y)
-    if n < 4:
-        _fail(f"{data}: only {n} rows with a {target!r} value; need at least 4")
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
-    n_train = int(round(train_fraction * n))
-    train_idx, test_idx = perm[:n_train], perm[n_train:]
+    keep = [int(i) for i in test_idx if pool.keys[int(i)] not in eng.excluded]
+    metrics = uncertainty_metrics(y[keep], mean.numpy()[keep], std.numpy()[keep])
+    held = eng.uncertainty_metrics()
+    out: dict[str, Any] = {
+        "n_train": int(held["n_train"]), "n_test": len(keep),
+        **{k: v for k, v in metrics.items() if k != "n"},
+        "fit_seconds": fit_s, "predict_seconds": predict_s, "featurize_seconds": featurize_s,
+        "excluded": len(eng.excluded), "cache_hits": store.hits, "cache_misses": store.misses,
+        "backbone": backbone if model == "gnn-ensemble" else None,
+        "backbone_version": eng.backbone.version if eng.backbone is not None else None,
+        "head": eng.head_kind, "use_prior": use_prior, "members": members,
+        "mean_test_std": float(std.numpy()[keep].mean()),
+        "held_out": {k: held[k] for k in ("held_out", "mae", "coverage_68", "coverage_95", "spread_scale")
+                     if k in held},
+    }
+    return out
+
+
+def _evaluate_scratch(frame: Any, target: str, structure_column: str, id_column: str, train_idx: Any, test_idx: Any,
+                      console: Any, *, members: int, epochs: int | None, hidden: int, layers: int, batch_size: int,
+                      patience: int, time_budget: float | None, checkpoint: Path | None,
+                      extensive: bool, seed: int) -> dict[str, Any]:
+    """The CGCNN-style ensemble trained from the labels alone (``--backbone scratch``)."""
+    import numpy as np
+    import torch
+
+    from sdl.models.ensemble import EnsembleOptions, GNNEnsemble
+    from sdl.space import parse_structure
+    from sdl.uq import uncertainty_metrics
+
+    ids = [str(v) for v in frame[id_column]]
+    structures = []
+    for row_id, text in zip(ids, frame[structure_column], strict=True):
+        fmt = "pymatgen-json" if str(text).lstrip().startswith("{") else "cif"
+        try:
+            structures.append(parse_structure(str(text), fmt))
+        except ValueError as exc:
+            _fail(f"column {structure_column!r}, row {row_id}: {exc}")
+    y = frame[target].to_numpy(dtype=np.float64)
+    scale = np.array([len(s) for s in structures], dtype=np.float64) if extensive else np.ones(len(y))
     defaults = EnsembleOptions()
-    options = EnsembleOptions(
-        members=members,
-        hidden=hidden,
-        layers=layers,
-        epochs=epochs if epochs is not None else defaults.epochs,
-        batch_size=batch_size,
-        patience=patience,
-    )
+    options = EnsembleOptions(members=members, hidden=hidden, layers=layers,
+                              epochs=epochs if epochs is not None else defaults.epochs, batch_size=batch_size,
+                              patience=patience)
     ens = GNNEnsemble(options, seed=seed)
-    console.print(f"[bold]{n}[/] crystals parsed in {parse_s:.1f} s; {ens!r}")
+    console.print(f"[bold]{len(y)}[/] crystals parsed; {ens!r}")
     t1 = time.perf_counter()
     ens.graphs(structures, ids)
     graph_s = time.perf_counter() - t1
-    report = ens.fit(
-        [structures[i] for i in train_idx], y[train_idx], [ids[i] for i in train_idx], time_budget_s=time_budget
-    )
+    report = ens.fit([structures[i] for i in train_idx], y[train_idx] / scale[train_idx], [ids[i] for i in train_idx],
+                     time_budget_s=time_budget)
     t2 = time.perf_counter()
     mean, std = ens.predict([structures[i] for i in test_idx], [ids[i] for i in test_idx])
     predict_s = time.perf_counter() - t2
+    s = torch.as_tensor(scale[test_idx])
+    mean, std = mean * s, std * s
     metrics = uncertainty_metrics(y[test_idx], mean, std)
-    result: dict[str, Any] = {
-        "data": str(data),
-        "target": target,
-        "n_train": int(len(train_idx)),
-        "n_test": int(len(test_idx)),
+    if checkpoint is not None:
+        torch.save(ens.state_dict(), checkpoint)
+    return {
+        "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
         **{k: v for k, v in metrics.items() if k != "n"},
-        "fit_seconds": report.seconds,
-        "predict_seconds": predict_s,
-        "graph_seconds": graph_s,
-        "parse_seconds": parse_s,
-        "members": members,
-        "epochs": options.epochs,
-        "epochs_run": report.epochs_run,
-        "best_epoch": report.best_epoch,
-        "best_val_mae": report.best_val_mae,
-        "stopped_by_time": report.stopped_by_time,
-        "time_budget": time_budget,
-        "seed": seed,
-        "train_fraction": train_fraction,
-        "options": report_options(options),
-        "threads": torch.get_num_threads(),
-        "max_rows": max_rows,
+        "fit_seconds": report.seconds, "predict_seconds": predict_s, "graph_seconds": graph_s,
+        "backbone": "scratch", "members": members, "epochs": options.epochs, "epochs_run": report.epochs_run,
+        "best_epoch": report.best_epoch, "best_val_mae": report.best_val_mae,
+        "stopped_by_time": report.stopped_by_time, "time_budget": time_budget, "options": report_options(options),
         "mean_test_std": float(std.mean()),
     }
-    table = Table(title=f"GNN ensemble on {data.name}: {target}")
+
+
+def _print_result(result: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("n_train", "n_test", "mae", "rmse", "spearman_abs_error_std", "miscalibration_area",
-                "coverage_68", "coverage_95", "fit_seconds", "predict_seconds", "graph_seconds"):
-        val = result[key]
-        table.add_row(key, f"{val:.4f}" if isinstance(val, float) else str(val))
+                "coverage_68", "coverage_95", "fit_seconds", "predict_seconds", "featurize_seconds", "graph_seconds"):
+        if key in result:
+            val = result[key]
+            table.add_row(key, f"{val:.4f}" if isinstance(val, float) else str(val))
     Console().print(table)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
-    if checkpoint is not None:
-        torch.save(ens.state_dict(), checkpoint)
 
 
 def report_options(options: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,11 +38,12 @@ logger = logging.getLogger(__name__)
 STORE_ENV = "SDL_EMBEDDING_CACHE"
 STORE_NAME = "sdl-embeddings.sqlite"
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS embeddings (
+CREATE TABLE IF NOT EXISTS embeddings_v2 (
     backbone TEXT NOT NULL,
     structure_key TEXT NOT NULL,
     embedding BLOB,
     prior REAL,
+    n_atoms INTEGER,
     error TEXT,
     PRIMARY KEY (backbone, structure_key)
 ) WITHOUT ROWID
@@ -62,6 +64,15 @@ def default_store_path(database_url: str | None = None) -> Path:
     if database_url and database_url.startswith("sqlite:///") and ":memory:" not in database_url:
         return Path(database_url[len("sqlite:///"):]).expanduser().resolve().parent / STORE_NAME
     return Path.home() / ".cache" / "sdl" / "embeddings.sqlite"
+
+
+class StoredRow(NamedTuple):
+    """One cached structure: its embedding (None if it failed), prior, atoms per cell and error."""
+
+    embedding: np.ndarray | None
+    prior: float
+    n_atoms: float
+    error: str | None
 
 
 class EmbeddingStore:
@@ -88,21 +99,22 @@ class EmbeddingStore:
         con.execute("PRAGMA busy_timeout=60000")
         return con
 
-    def get(self, backbone: str, keys: Sequence[str]) -> dict[str, tuple[np.ndarray | None, float, str | None]]:
-        """Stored rows among ``keys``: key -> (embedding or None, prior, error or None)."""
-        out: dict[str, tuple[np.ndarray | None, float, str | None]] = {}
+    def get(self, backbone: str, keys: Sequence[str]) -> dict[str, StoredRow]:
+        """Stored rows among ``keys``: key -> (embedding or None, prior, atoms per cell, error or None)."""
+        out: dict[str, StoredRow] = {}
         wanted = list(dict.fromkeys(keys))
         with self._connect() as con:
             for start in range(0, len(wanted), 900):  # SQLite's bound-parameter limit
                 part = wanted[start : start + 900]
                 marks = ",".join("?" * len(part))
                 rows = con.execute(
-                    f"SELECT structure_key, embedding, prior, error FROM embeddings "  # noqa: S608 - marks only
+                    f"SELECT structure_key, embedding, prior, n_atoms, error FROM embeddings_v2 "  # noqa: S608
                     f"WHERE backbone = ? AND structure_key IN ({marks})", [backbone, *part],
                 ).fetchall()
-                for key, blob, prior, error in rows:
+                for key, blob, prior, atoms, error in rows:
                     emb = None if blob is None else np.frombuffer(blob, dtype=np.float32)
-                    out[key] = (emb, float("nan") if prior is None else float(prior), error)
+                    out[key] = StoredRow(emb, float("nan") if prior is None else float(prior),
+                                         float("nan") if atoms is None else float(atoms), error)
         return out
 
     def put(self, backbone: str, keys: Sequence[str], feats: Featurization) -> None:
@@ -112,16 +124,18 @@ class EmbeddingStore:
             error = feats.errors.get(i)
             blob = None if error is not None else np.ascontiguousarray(feats.embeddings[i], np.float32).tobytes()
             prior = None if error is not None else float(feats.prior[i])
-            rows.append((backbone, key, blob, prior, error))
+            atoms = int(feats.n_atoms[i]) if np.isfinite(feats.n_atoms[i]) else None
+            rows.append((backbone, key, blob, prior, atoms, error))
         with self._connect() as con:
-            con.executemany("INSERT OR IGNORE INTO embeddings VALUES (?, ?, ?, ?, ?)", rows)
+            con.executemany("INSERT OR IGNORE INTO embeddings_v2 VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def count(self, backbone: str | None = None) -> int:
         """Rows stored (for one backbone version, or all)."""
         with self._connect() as con:
             if backbone is None:
-                return int(con.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
-            return int(con.execute("SELECT COUNT(*) FROM embeddings WHERE backbone = ?", [backbone]).fetchone()[0])
+                return int(con.execute("SELECT COUNT(*) FROM embeddings_v2").fetchone()[0])
+            return int(con.execute("SELECT COUNT(*) FROM embeddings_v2 WHERE backbone = ?",
+                                   [backbone]).fetchone()[0])
 
 
 # -- featurising ---------------------------------------------------------------------------------
@@ -159,6 +173,7 @@ def _featurize_with(
     out = nan_featurization(len(texts), backbone.dim)
     out.embeddings[rows] = feats.embeddings
     out.prior[rows] = feats.prior
+    out.n_atoms[rows] = [len(s) for s in structures]
     out.errors = {**errors, **{rows[j]: msg for j, msg in feats.errors.items()}}
     if progress is not None and errors:
         progress(len(errors))
@@ -200,11 +215,12 @@ def featurize_texts(
         row = stored.get(key)
         if row is None:
             missing.append(i)
-        elif row[2] is not None:
-            out.errors[i] = row[2]
+        elif row.error is not None:
+            out.errors[i] = row.error
         else:
-            out.embeddings[i] = row[0]
-            out.prior[i] = row[1]
+            out.embeddings[i] = row.embedding
+            out.prior[i] = row.prior
+            out.n_atoms[i] = row.n_atoms
     # Equal texts featurise once.
     first: dict[str, int] = {}
     todo = [i for i in missing if first.setdefault(keys[i], i) == i]
@@ -241,7 +257,7 @@ def featurize_texts(
     for i in missing:  # duplicates of a text featurised above
         j = first[keys[i]]
         if j != i:
-            out.embeddings[i], out.prior[i] = out.embeddings[j], out.prior[j]
+            out.embeddings[i], out.prior[i], out.n_atoms[i] = out.embeddings[j], out.prior[j], out.n_atoms[j]
             if j in out.errors:
                 out.errors[i] = out.errors[j]
     logger.info("features for %d structures in %.1f s (%d computed, %d failed)", len(texts),
@@ -253,6 +269,7 @@ def _merge(out: Featurization, rows: list[int], res: Featurization, store: Embed
            version: str, keys: list[str]) -> None:
     out.embeddings[rows] = res.embeddings
     out.prior[rows] = res.prior
+    out.n_atoms[rows] = res.n_atoms
     for j, msg in res.errors.items():
         out.errors[rows[j]] = msg
     if store is not None:

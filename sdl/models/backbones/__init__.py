@@ -47,15 +47,23 @@ class Featurization:
         embeddings: ``[N, D]`` float32 pooled crystal features (NaN rows where featurising failed).
         prior: ``[N]`` float64 zero-shot prior, intensive (per atom); NaN where it failed.
         errors: Row -> reason, for every row that could not be featurised.
+        n_atoms: ``[N]`` atoms per cell (NaN where unknown), so that extensive targets can be
+            scaled without parsing the pool again; filled by the featurising code, not the backbone.
     """
 
     embeddings: np.ndarray
     prior: np.ndarray
     errors: dict[int, str] = field(default_factory=dict)
+    n_atoms: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     def __post_init__(self) -> None:
-        if self.embeddings.ndim != 2 or self.prior.shape != (self.embeddings.shape[0],):
+        n = self.embeddings.shape[0] if self.embeddings.ndim == 2 else -1
+        if n < 0 or self.prior.shape != (n,):
             raise ValueError(f"Featurization: embeddings {self.embeddings.shape} and prior {self.prior.shape} differ")
+        if self.n_atoms.size == 0 and n > 0:
+            self.n_atoms = np.full(n, np.nan)
+        elif self.n_atoms.shape != (n,):
+            raise ValueError(f"Featurization: n_atoms {self.n_atoms.shape} differs from {n} rows")
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
