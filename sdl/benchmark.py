@@ -74,6 +74,7 @@ class BenchmarkDataset:
         parameter_columns: Table mode: the design parameters.
         structure_column: Crystal mode: the CIF column.
         n_rows: Rows in the source file (after dropping rows with a missing target).
+        extensive: The target scales with the crystal's cell (``objective.extensive``).
     """
 
     name: str
@@ -91,6 +92,7 @@ class BenchmarkDataset:
     n_rows: int = 0
     params: list[dict[str, Any]] = field(default_factory=list)
     formula_column: str | None = None
+    extensive: bool = False
     _pool: Any = field(default=None, repr=False)
 
     def candidate_pool(self) -> Any:
@@ -381,7 +383,7 @@ def default_engine_factory(
 
     pool = dataset.candidate_pool()
     goal = "maximize" if dataset.goal == "max" else "minimize"
-    objective = cfgmod.Objective(property=dataset.target, unit="", goal=goal)
+    objective = cfgmod.Objective(property=dataset.target, unit="", goal=goal, extensive=dataset.extensive)
     if strategy.model_config is not None:
         model: Any = strategy.model_config
     elif strategy.model in _GNN_VARIANTS:
@@ -520,6 +522,7 @@ def run_benchmark(
         "goal": dataset.goal,
         "parameter_columns": dataset.parameter_columns,
         "structure_column": dataset.structure_column,
+        "extensive": dataset.extensive,
         "n_rows": dataset.n_rows,
         "pool_size": n,
         "top_fraction": top_fraction,

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from sdl.models.backbones import Backbone
     from sdl.models.embedding_store import EmbeddingStore
 
-__all__ = ["Engine", "Observation", "Proposal", "STRATEGIES"]
+__all__ = ["STRATEGIES", "Engine", "Observation", "Proposal"]
 
 logger = logging.getLogger(__name__)
 
@@ -512,9 +512,8 @@ class Engine:
     def _thompson_pool(
         self, avail: np.ndarray, mean: torch.Tensor, std: torch.Tensor, q: int, state_seed: int
     ) -> tuple[list[int], list[float]]:
-        from sdl.optim import thompson_select
-
         from sdl.models.pool_ensemble import PoolEnsembleModel
+        from sdl.optim import thompson_select
 
         short = self._shortlist(avail, mean, std)
         if isinstance(self._model, PoolEnsembleModel):

@@ -20,7 +20,7 @@ from sdl.engine import Engine, Observation
 from sdl.exceptions import EngineError
 from sdl.models.backbones import BackboneError, Featurization, load_backbone
 from sdl.models.backbones.chgnet import CHGNetBackbone
-from sdl.models.embedding_store import EmbeddingStore, featurize_texts, structure_key
+from sdl.models.embedding_store import EmbeddingStore, featurize_texts
 from sdl.models.pretrained import HeadEnsemble, HeadOptions, oob_calibration, standardized_inputs
 from sdl.space import CandidatePool
 from sdl.uq import uncertainty_metrics
@@ -290,7 +290,7 @@ def test_oob_calibration_rescales_an_overconfident_ensemble() -> None:
     assert held is not None and 5.0 < scale < 15.0
     z = (held.y - held.mean) / held.std
     assert 0.6 < float(np.mean(np.abs(z) < 1.96)) / 0.95 < 1.1
-    one, none = oob_calibration(y[:3], preds[:, :3], oob[:, :3])
+    one, _ = oob_calibration(y[:3], preds[:, :3], oob[:, :3])
     assert one == 1.0  # too few out-of-bag labels to recalibrate
 
 

@@ -81,7 +81,12 @@ def _campaign_strategies(cfg: Any, spec: str | None, acquisition: str | None) ->
     strategies = bmk.parse_strategies(spec or default, acquisition or None)
     out = []
     for s in strategies:
-        update: dict[str, Any] = {"initial_strategy": cfg.initial_design.strategy, "acquisition_config": cfg.acquisition}
+        # The campaign's own design for its own model; a 'prior' design needs the backbone, so the
+        # other strategies start from the seeded random design.
+        design = cfg.initial_design.strategy
+        if s.model != model and design == "prior":
+            design = "random"
+        update: dict[str, Any] = {"initial_strategy": design, "acquisition_config": cfg.acquisition}
         if s.model == model:
             update["model_config"] = cfg.model
             if acquisition is None and s.label == model:
@@ -121,6 +126,9 @@ def register(app: typer.Typer) -> None:
         batch_size: int | None = typer.Option(
             None, "--batch-size", min=1, help="Proposals per round (default 1, or the YAML's)."
         ),
+        extensive: bool = typer.Option(
+            False, "--extensive", help="Crystal CSV: the target scales with the cell (learnt per atom, predicted per cell)."
+        ),
         out: Path = typer.Option(..., "--out", help="Output folder for results.json and plots."),
     ) -> None:
         """Replay strategies over a recorded dataset in pool mode; write results.json and plots."""
@@ -144,6 +152,7 @@ def register(app: typer.Typer) -> None:
                 if data is not None:
                     raise bmk.BenchmarkError("give either a campaign YAML or --data, not both")
                 ds, cfg = _from_campaign(campaign, work)
+                ds.extensive = bool(cfg.objective.extensive)
                 strats = _campaign_strategies(cfg, strategies, acquisition)
                 budget = budget or cfg.budget.experiments
                 initial = initial or cfg.initial_design.size
@@ -164,6 +173,7 @@ def register(app: typer.Typer) -> None:
                     ds = bmk.load_crystal_dataset(
                         data, target, goal, structure_column=structure_column or "cif", id_column=id_column, work_dir=work
                     )
+                    ds.extensive = extensive
                 strats = bmk.parse_strategies(strategies or "random,gp", acquisition)
                 budget, initial, batch_size = budget or 200, initial or 2, batch_size or 1
             seed_list = list(range(first_seed, first_seed + seeds))

@@ -117,7 +117,7 @@ def load_crystal_frame(path: Path, target: str, structure_column: str, id_column
         raise ValueError(f"{path}: file not found")
     try:
         df = pd.read_csv(path)
-    except Exception as exc:  # noqa: BLE001 - pandas raises many types for a bad file
+    except Exception as exc:
         raise ValueError(f"{path}: cannot read as CSV ({exc})") from exc
     for col in (target, structure_column):
         if col not in df.columns:
@@ -230,7 +230,7 @@ def _evaluate_scratch(frame: Any, target: str, structure_column: str, id_column:
     if checkpoint is not None:
         torch.save(ens.state_dict(), checkpoint)
     return {
-        "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
+        "n_train": len(train_idx), "n_test": len(test_idx),
         **{k: v for k, v in metrics.items() if k != "n"},
         "fit_seconds": report.seconds, "predict_seconds": predict_s, "graph_seconds": graph_s,
         "backbone": "scratch", "members": members, "epochs": options.epochs, "epochs_run": report.epochs_run,

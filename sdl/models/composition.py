@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
 
-__all__ = ["composition_features", "FEATURE_NAMES", "ELEMENT_PROPERTIES"]
+__all__ = ["ELEMENT_PROPERTIES", "FEATURE_NAMES", "composition_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ FEATURE_NAMES = tuple(f"{p}_{s}" for p in ELEMENT_PROPERTIES for s in ("mean", "
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _element_vector(symbol: str) -> tuple[float, ...]:
     from pymatgen.core import Element
 
@@ -53,7 +53,7 @@ def _features_of(formula: str) -> tuple[float, ...]:
 
     try:
         comp = Composition(formula)
-    except Exception as exc:  # noqa: BLE001 - pymatgen raises several types for bad formulas
+    except Exception as exc:
         raise ValueError(f"cannot parse formula {formula!r}: {exc}") from exc
     fr = comp.fractional_composition
     symbols = [getattr(el, "symbol", str(el)) for el in fr.elements]

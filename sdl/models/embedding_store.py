@@ -108,7 +108,7 @@ class EmbeddingStore:
                 part = wanted[start : start + 900]
                 marks = ",".join("?" * len(part))
                 rows = con.execute(
-                    f"SELECT structure_key, embedding, prior, n_atoms, error FROM embeddings_v2 "  # noqa: S608
+                    f"SELECT structure_key, embedding, prior, n_atoms, error FROM embeddings_v2 "
                     f"WHERE backbone = ? AND structure_key IN ({marks})", [backbone, *part],
                 ).fetchall()
                 for key, blob, prior, atoms, error in rows:

@@ -21,8 +21,8 @@ Everything is deterministic under ``seed`` on CPU (``index_add_`` on CPU is dete
 from __future__ import annotations
 
 import copy
-import math
 import logging
+import math
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field

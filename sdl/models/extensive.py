@@ -53,6 +53,8 @@ class RowScaledModel(Model):
         """Joint posterior of the scaled property at ``batch x q x (d + 1)`` inputs."""
         s = X[..., -1]
         post = self.base.posterior(X[..., :-1], observation_noise=observation_noise)
+        if not isinstance(post, GPyTorchPosterior):
+            raise TypeError(f"RowScaledModel needs a Gaussian base posterior, got {type(post).__name__}")
         mvn = post.distribution
         mean = mvn.mean.reshape(s.shape) * s
         # Lazily diag(s) K diag(s): a dense covariance would be factorised at construction, and it

@@ -20,7 +20,7 @@ from botorch.models.ensemble import EnsembleModel
 from botorch.posteriors.ensemble import EnsemblePosterior
 from botorch.sampling.base import MCSampler
 
-__all__ = ["PoolEnsembleModel", "MemberSampler"]
+__all__ = ["MemberSampler", "PoolEnsembleModel"]
 
 logger = logging.getLogger(__name__)
 

@@ -53,19 +53,21 @@ class HeadOptions:
     Attributes:
         members: Networks in the ensemble (each sees its own bootstrap resample).
         hidden: Width of each head's hidden layer.
-        epochs: Full-batch (or minibatch, beyond ``batch_size`` labels) passes per fit.
+        epochs: Passes over the labels per fit (minibatches of ``batch_size``).
         learning_rate: Adam step.
-        weight_decay: L2 on the head weights; strong on purpose (few labels, 65 inputs).
-        batch_size: Labels per step once there are more labels than this.
+        weight_decay: L2 on the head weights. Measured on CMR e_form (2,000 held out): 0.1 with
+            hidden 32 and full batches plateaued at MAE 0.13 from 500 labels on; these defaults
+            give 0.148 / 0.105 / 0.074 at 200 / 1,000 / 5,000 labels.
+        batch_size: Labels per step.
         bootstrap: Resample labels per member (needed for out-of-bag calibration).
     """
 
     members: int = 10
-    hidden: int = 32
+    hidden: int = 64
     epochs: int = 200
     learning_rate: float = 3e-3
-    weight_decay: float = 0.1
-    batch_size: int = 1024
+    weight_decay: float = 1e-3
+    batch_size: int = 128
     bootstrap: bool = True
 
 
@@ -164,7 +166,7 @@ class HeadEnsemble:
         o = self.options
         opt = torch.optim.Adam(net.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay)
         n = X.shape[0]
-        bs = n if n <= o.batch_size else o.batch_size
+        bs = min(n, o.batch_size)
         for _ in range(o.epochs):
             order = torch.randperm(n, generator=gen) if bs < n else torch.arange(n)
             for start in range(0, n, bs):

@@ -72,7 +72,7 @@ class CHGNetBackbone:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
             with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints its parameter count
                 self.model = CHGNet.from_file(str(path), mlp_out_bias=False, version=MODEL_VERSION)
-        except Exception as exc:  # noqa: BLE001 - torch/pickle raise many types for a bad file
+        except Exception as exc:
             raise BackboneError(f"backbone chgnet: cannot load weights {path}: {exc}") from exc
         self.model.eval()
         for p in self.model.parameters():
