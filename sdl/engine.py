@@ -339,7 +339,7 @@ class Engine:
         if self._store is None:
             self._store = EmbeddingStore(default_store_path())
         feats = featurize_texts(self._backbone, pool.structure_texts(), self._store, fmt=pool.structure_format,
-                                workers=self.featurize_workers, progress=progress)
+                                workers=self.featurize_workers, progress=progress, spec=self.backbone_name)
         for i, why in sorted(feats.errors.items()):
             self.excluded[pool.keys[i]] = why
         for key, why in list(self.excluded.items())[:10]:

@@ -63,6 +63,10 @@ def run(
                   + (f" ({os.environ['PREFECT_API_URL']})" if mode == "server" else ""), highlight=False)
     from sdl.flows import run_campaign
 
+    try:
+        _featurize_candidates(cfg, url, console)
+    except SDLError as exc:
+        _fail(f"{file}: {exc}", code=1)
     with Progress(
         TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=console, transient=False,
@@ -83,6 +87,31 @@ def run(
         progress.update(bar, completed=summary["counts"].get("completed", 0) + summary["counts"].get("failed", 0)
                         + summary["counts"].get("abandoned", 0))
     _print_summary(console, cfg, summary)
+
+
+def _featurize_candidates(cfg: Any, url: str, console: Any) -> None:
+    """Embed a crystal pool with the campaign's pretrained backbone first, with a progress bar.
+
+    The embeddings land in the store beside the repository, so the campaign's engine reads them
+    back in about a second; only crystals never seen by this backbone version are computed.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sdl.engine import Engine
+    from sdl.models.embedding_store import EmbeddingStore, default_store_path
+
+    if cfg.model.name != "gnn-ensemble" or cfg.model.options.backbone == "scratch" or cfg.search_space.candidates is None:
+        return
+    engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(url)))
+    with Progress(TextColumn(f"featurising with {cfg.model.options.backbone}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("featurise", total=None)
+        engine.prepare(progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if engine.excluded:
+        console.print(f"[yellow]{cfg.search_space.candidates.file}: {len(engine.excluded)} candidate(s) excluded[/]: "
+                      f"the backbone cannot featurise them "
+                      f"(first: {next(iter(engine.excluded))!r}: {next(iter(engine.excluded.values()))})",
+                      highlight=False)
 
 
 def _print_summary(console: Any, cfg: Any, summary: dict[str, Any]) -> None:

@@ -189,6 +189,7 @@ def featurize_texts(
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
     chunk: int = 256,
+    spec: str | None = None,
 ) -> Featurization:
     """Featurise structure texts (CIF or pymatgen JSON), reading and filling the store.
 
@@ -201,6 +202,8 @@ def featurize_texts(
             thread each); 1 featurises in this process.
         progress: ``(done, total)`` callback for the rows that need computing.
         chunk: Rows per work item.
+        spec: What worker processes pass to :func:`load_backbone` (a YAML name or ``module:Class``);
+            the backbone's ``name`` when None.
 
     Returns:
         A :class:`Featurization` in the order of ``texts``; unparsable or unfeaturisable rows are
@@ -244,7 +247,7 @@ def featurize_texts(
 
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(backbone.name,)) as pool:
+                                     initargs=(spec or backbone.name,)) as pool:
                 results = pool.map(_featurize_chunk, [([texts[i] for i in p], fmt) for p in parts])
                 for p, res in zip(parts, results, strict=True):
                     _merge(out, p, res, store, backbone.version, keys)
