@@ -585,7 +585,7 @@ class Engine:
 
             X_all = self._inputs
             assert X_all is not None
-            opts = HeadOptions(members=max(2, int(_get(self.model_options, "members", 5) or 5)))
+            opts = HeadOptions.sized_for(len(pairs), members=max(2, int(_get(self.model_options, "members", 5) or 5)))
             self._heads = HeadEnsemble(opts, seed=self.seed,
                                        prior_column=X_all.shape[1] - 1 if self.use_prior else None).fit(X_all[idx], y)
             self._model = PoolEnsembleModel(self._heads.predict_members(X_all) * scale)

@@ -70,6 +70,20 @@ class HeadOptions:
     batch_size: int = 128
     bootstrap: bool = True
 
+    @classmethod
+    def sized_for(cls, n_labels: int, members: int = 10) -> HeadOptions:
+        """Defaults for ``n_labels``: beyond 2,000 labels a wider head with less weight decay.
+
+        Measured on matbench_perovskites' 15,142 training crystals (3,786 held out): hidden 64 /
+        decay 1e-3 reach MAE 0.066 eV/cell, hidden 256 / decay 1e-5 reach 0.053.
+        """
+        if n_labels > LARGE_DATA_LABELS:
+            return cls(members=members, hidden=256, weight_decay=1e-5, epochs=150)
+        return cls(members=members)
+
+
+LARGE_DATA_LABELS = 2000
+
 
 def standardized_inputs(embeddings: np.ndarray, prior: np.ndarray | None) -> torch.Tensor:
     """``[N, D(+1)]`` float64 head inputs: embedding columns and the prior, each standardised over the pool."""
