@@ -51,6 +51,7 @@ from sdl.space import CandidatePool, ParameterSpace
 if TYPE_CHECKING:
     from sdl.models.backbones import Backbone
     from sdl.models.embedding_store import EmbeddingStore
+    from sdl.models.pretrained import HeadEnsemble
 
 __all__ = ["STRATEGIES", "Engine", "Observation", "Proposal"]
 
@@ -220,7 +221,7 @@ class Engine:
         self.excluded: dict[str, str] = {}  # candidate key -> why the backbone cannot featurise it
         self._inputs: torch.Tensor | None = None  # pretrained head inputs, [N, D (+1 prior)]
         self._prior: np.ndarray | None = None
-        self._heads: Any = None
+        self._heads: HeadEnsemble | None = None
         self._gp: Any = None
         self._fitted_n = 0
         self._fit_rows = np.zeros(0, dtype=np.int64)
@@ -599,6 +600,16 @@ class Engine:
         self._fitted_n = len(pairs)
         self._fit_rows = idx.numpy()
         self._after_fit(n)
+
+    @property
+    def heads(self) -> HeadEnsemble | None:
+        """The fitted MLP head ensemble of a pretrained engine (None for a GP head or before a fit)."""
+        return self._heads
+
+    @property
+    def head_inputs(self) -> torch.Tensor | None:
+        """``[N, D(+1)]`` standardised embedding (+ prior) per pool row, after :meth:`prepare`."""
+        return self._inputs
 
     @property
     def head_kind(self) -> str | None:
