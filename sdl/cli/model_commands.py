@@ -85,16 +85,24 @@ def evaluate(
               f"(got {n_train})")
     perm = np.random.default_rng(seed).permutation(n)
     train_idx, test_idx = perm[:n_train], perm[n_train:]
+    from sdl.space import CandidatePool
+
+    fmt = "pymatgen-json" if str(frame[structure_column].iloc[0]).lstrip().startswith("{") else "cif"
+    try:
+        pool = CandidatePool.from_frame(frame, id_column=id_column, structure_column=structure_column,
+                                        structure_format=fmt, source=str(data))
+    except ValueError as exc:
+        _fail(str(exc))
     common: dict[str, Any] = {"data": str(data), "target": target, "model": model, "seed": seed,
                               "max_rows": max_rows, "train_fraction": n_train / n, "extensive": extensive}
     if model == "gnn-ensemble" and backbone == "scratch":
-        result = _evaluate_scratch(frame, target, structure_column, id_column, train_idx, test_idx, console,
+        result = _evaluate_scratch(pool, frame[target].to_numpy(dtype=float), train_idx, test_idx, console,
                                    members=members, epochs=epochs, hidden=hidden, layers=layers,
                                    batch_size=batch_size, patience=patience, time_budget=time_budget,
                                    checkpoint=checkpoint, extensive=extensive, seed=seed)
         result["parse_seconds"] = time.perf_counter() - t0 - result["fit_seconds"] - result["predict_seconds"]
     else:
-        result = _evaluate_engine(frame, data, target, structure_column, id_column, train_idx, test_idx, console,
+        result = _evaluate_engine(pool, frame[target].to_numpy(dtype=float), train_idx, test_idx, console,
                                   model=model, backbone=backbone, head=head, use_prior=use_prior, members=members,
                                   seed=seed, cache=cache, workers=workers, extensive=extensive)
     result = {**common, **result, "threads": torch.get_num_threads()}
@@ -130,8 +138,7 @@ def load_crystal_frame(path: Path, target: str, structure_column: str, id_column
     return df.reset_index(drop=True)
 
 
-def _evaluate_engine(frame: Any, data: Path, target: str, structure_column: str, id_column: str, train_idx: Any,
-                     test_idx: Any, console: Any, *, model: str, backbone: str, head: str, use_prior: bool,
+def _evaluate_engine(pool: Any, y: Any, train_idx: Any, test_idx: Any, console: Any, *, model: str, backbone: str, head: str, use_prior: bool,
                      members: int, seed: int, cache: Path | None, workers: int, extensive: bool) -> dict[str, Any]:
     """Fit through :class:`sdl.engine.Engine` (exactly what a campaign runs) and score the test rows."""
     from types import SimpleNamespace
@@ -141,12 +148,8 @@ def _evaluate_engine(frame: Any, data: Path, target: str, structure_column: str,
     from sdl.engine import Engine, Observation
     from sdl.exceptions import EngineError
     from sdl.models.embedding_store import EmbeddingStore, default_store_path
-    from sdl.space import CandidatePool
     from sdl.uq import uncertainty_metrics
 
-    fmt = "pymatgen-json" if str(frame[structure_column].iloc[0]).lstrip().startswith("{") else "cif"
-    pool = CandidatePool.from_frame(frame, id_column=id_column, structure_column=structure_column,
-                                    structure_format=fmt, source=str(data))
     store = EmbeddingStore(cache if cache is not None else default_store_path())
     options = {"backbone": backbone, "head": head, "use_prior": use_prior, "members": members}
     try:
@@ -160,7 +163,6 @@ def _evaluate_engine(frame: Any, data: Path, target: str, structure_column: str,
             task = bar.add_task("featurise", total=None)
             eng.prepare(progress=lambda done, total: bar.update(task, completed=done, total=total))
         featurize_s = time.perf_counter() - t0
-        y = frame[target].to_numpy(dtype=float)
         eng.observe([Observation(pool.keys[int(i)], {}, float(y[int(i)])) for i in train_idx])
         t1 = time.perf_counter()
         eng.fit()
@@ -188,8 +190,7 @@ def _evaluate_engine(frame: Any, data: Path, target: str, structure_column: str,
     return out
 
 
-def _evaluate_scratch(frame: Any, target: str, structure_column: str, id_column: str, train_idx: Any, test_idx: Any,
-                      console: Any, *, members: int, epochs: int | None, hidden: int, layers: int, batch_size: int,
+def _evaluate_scratch(pool: Any, y: Any, train_idx: Any, test_idx: Any, console: Any, *, members: int, epochs: int | None, hidden: int, layers: int, batch_size: int,
                       patience: int, time_budget: float | None, checkpoint: Path | None,
                       extensive: bool, seed: int) -> dict[str, Any]:
     """The CGCNN-style ensemble trained from the labels alone (``--backbone scratch``)."""
@@ -197,18 +198,13 @@ def _evaluate_scratch(frame: Any, target: str, structure_column: str, id_column:
     import torch
 
     from sdl.models.ensemble import EnsembleOptions, GNNEnsemble
-    from sdl.space import parse_structure
     from sdl.uq import uncertainty_metrics
 
-    ids = [str(v) for v in frame[id_column]]
-    structures = []
-    for row_id, text in zip(ids, frame[structure_column], strict=True):
-        fmt = "pymatgen-json" if str(text).lstrip().startswith("{") else "cif"
-        try:
-            structures.append(parse_structure(str(text), fmt))
-        except ValueError as exc:
-            _fail(f"column {structure_column!r}, row {row_id}: {exc}")
-    y = frame[target].to_numpy(dtype=np.float64)
+    ids = list(pool.keys)
+    try:
+        structures = pool.structures()
+    except ValueError as exc:  # names the file, the candidate and the column
+        _fail(str(exc))
     scale = np.array([len(s) for s in structures], dtype=np.float64) if extensive else np.ones(len(y))
     defaults = EnsembleOptions()
     options = EnsembleOptions(members=members, hidden=hidden, layers=layers,

@@ -226,22 +226,22 @@ def featurize_texts(
             out.n_atoms[i] = row.n_atoms
     # Equal texts featurise once.
     first: dict[str, int] = {}
-    todo = [i for i in missing if first.setdefault(keys[i], i) == i]
+    to_compute = [i for i in missing if first.setdefault(keys[i], i) == i]
     if store is not None:
         store.hits += len(texts) - len(missing)
-        store.misses += len(todo)
+        store.misses += len(to_compute)
     done = 0
 
     def tick(k: int) -> None:
         nonlocal done
         done += k
         if progress is not None:
-            progress(done, len(todo))
+            progress(done, len(to_compute))
 
-    if todo:
-        logger.info("featurising %d structures with %s (%d cached, %d workers)", len(todo), backbone.version,
+    if to_compute:
+        logger.info("featurising %d structures with %s (%d cached, %d workers)", len(to_compute), backbone.version,
                     len(texts) - len(missing), workers)
-        parts = [todo[s : s + chunk] for s in range(0, len(todo), chunk)]
+        parts = [to_compute[s : s + chunk] for s in range(0, len(to_compute), chunk)]
         if workers > 1 and len(parts) > 1:
             import multiprocessing
 
@@ -264,7 +264,7 @@ def featurize_texts(
             if j in out.errors:
                 out.errors[i] = out.errors[j]
     logger.info("features for %d structures in %.1f s (%d computed, %d failed)", len(texts),
-                time.perf_counter() - t0, len(todo), len(out.errors))
+                time.perf_counter() - t0, len(to_compute), len(out.errors))
     return out
 
 

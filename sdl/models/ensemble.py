@@ -33,7 +33,7 @@ import torch
 
 from sdl.graphs import CrystalGraph, CrystalGraphConverter, PackedGraphs
 from sdl.models.gnn import CrystalGNN
-from sdl.models.pretrained import HeldOut, oob_calibration
+from sdl.models.pretrained import HeldOut, oob_calibration, scale_spread
 
 __all__ = ["EnsembleOptions", "FitReport", "GNNEnsemble"]
 
@@ -197,7 +197,6 @@ class GNNEnsemble:
             oob[m, trained_on] = False
             new_members.append(net)
         self.members = new_members
-        self.spread_scale = 1.0
         train_preds = self._raw_predictions(packed, 1024)
         self.spread_scale, self.held_out = oob_calibration(y_t, train_preds, oob)
         self.n_fits += 1
@@ -301,9 +300,8 @@ class GNNEnsemble:
         """
         if not self.members:
             raise RuntimeError("GNNEnsemble.predict_members called before fit()")
-        out = self._raw_predictions(PackedGraphs(self.graphs(structures, keys)), batch_size)
-        mean = out.mean(dim=0, keepdim=True)
-        return mean + self.spread_scale * (out - mean)
+        return scale_spread(self._raw_predictions(PackedGraphs(self.graphs(structures, keys)), batch_size),
+                            self.spread_scale)
 
     def _raw_predictions(self, packed: PackedGraphs, batch_size: int) -> torch.Tensor:
         n = len(packed)

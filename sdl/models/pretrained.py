@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["HeadEnsemble", "HeadOptions", "HeldOut", "gp_leave_one_out", "oob_calibration", "standardized_inputs"]
+__all__ = ["HeadEnsemble", "HeadOptions", "HeldOut", "gp_leave_one_out", "oob_calibration", "scale_spread",
+           "standardized_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +206,14 @@ class HeadEnsemble:
         with torch.no_grad():
             for Xc in X.to(torch.float64).split(chunk):
                 P = torch.stack([self._member_predict(net, Xc) for net in self.members])
-                mean = P.mean(dim=0, keepdim=True)
-                parts.append(mean + self.spread_scale * (P - mean))
+                parts.append(scale_spread(P, self.spread_scale))
         return torch.cat(parts, dim=1)
+
+
+def scale_spread(preds: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[M, N]`` member predictions with their deviations from the ensemble mean times ``scale``."""
+    mean = preds.mean(dim=0, keepdim=True)
+    return mean + scale * (preds - mean)
 
 
 def oob_calibration(y: torch.Tensor, preds: torch.Tensor, oob: torch.Tensor) -> tuple[float, HeldOut | None]:
