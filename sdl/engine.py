@@ -4,47 +4,65 @@ Plain Python (no Prefect, no instruments), so scripts, notebooks, the Prefect fl
 replay benchmark all drive the same object. One round is::
 
     engine.observe([Observation(key, params, value), ...])
-    batch = engine.propose(q=4, pending=[...keys of proposed/running experiments...])
+    batch = engine.propose(q=4, pending=[...proposed/running keys...], exclude=[...failed keys...])
 
-Strategies (``model.name``):
+Two objects are chosen once, when the engine is built, and do the work of every round:
 
-* ``random`` -- uniform over what is neither measured nor pending (the benchmark baseline).
-* ``gp`` -- :func:`sdl.models.gp.fit_gp` on unit-cube recipes (space or parameter pool) or on
-  composition descriptors (crystal pool); continuous mode optimises the acquisition in the box
-  and rounds integers / categoricals; pool mode scores only table rows.
-* ``gnn-ensemble`` -- crystal pools. With ``options.backbone`` a pretrained model (``chgnet``,
-  the default) embeds every candidate once (:mod:`sdl.models.embedding_store`); a head on the
-  frozen embedding and the backbone's zero-shot prior learns the property: an ensemble of small
-  networks with a recalibrated spread (``head: mlp``, an ``M x N`` member matrix wrapped by
-  :class:`~sdl.models.pool_ensemble.PoolEnsembleModel`) or a GP (``head: gp``); ``head: auto``
-  (default) takes the GP up to 1,000 labels, where it measured better, and the ensemble beyond.
-  ``backbone: scratch`` trains ``sdl.models.ensemble.GNNEnsemble`` (CGCNN-style) from scratch.
+* a surrogate (:class:`sdl.models.surrogate.Surrogate`), from ``model.name`` by
+  :func:`build_surrogate` -- the one place a model name is read:
+
+  * ``random`` -- no model; uniform over what is left (the benchmark baseline).
+  * ``gp`` -- :func:`sdl.models.gp.fit_gp` on unit-cube recipes (space or parameter pool) or on
+    composition descriptors (crystal pool); continuous mode optimises the acquisition in the box
+    and rounds integers / categoricals; pool mode scores only table rows.
+  * ``gnn-ensemble`` -- crystal pools. With ``options.backbone`` a pretrained model (``chgnet``,
+    the default) embeds every candidate once (:mod:`sdl.models.embedding_store`); a head on the
+    frozen embedding and the backbone's zero-shot prior learns the property: an ensemble of small
+    networks with a recalibrated spread (``head: mlp``) or a GP (``head: gp``); ``head: auto``
+    (default) takes the GP up to 1,000 labels, where it measured better, and the ensemble beyond.
+    ``backbone: scratch`` trains ``sdl.models.ensemble.GNNEnsemble`` (CGCNN-style) from scratch.
+
+* a selection rule (:class:`Selection`), from ``acquisition.function``: a BoTorch MC acquisition
+  (qUCB, qLogEI, qLogNEI, max-variance) maximised greedily over the pool or in the box, Thompson
+  sampling, or uniform picks for the random baseline.
 
 Extensive targets (``objective.extensive``) are learned per atom and scaled back per candidate
 (:mod:`sdl.models.extensive`); uncertainty metrics come from out-of-bag or leave-one-out
 predictions of the fitted model, never from refits.
 
-Rules every strategy obeys: the first ``initial_design.size`` measurements come from a design
-that depends only on the seed (a seeded permutation of the pool, or scrambled Sobol / uniform
-points of the space), so every strategy starts from the same points; a proposal never repeats a
-measured or pending key; q-batches are distinct; the same state (seed, observations, pending)
-gives the same proposals; ``EngineError("pool exhausted ...")`` only when nothing is left.
+Rules every strategy obeys: exactly ``initial_design.size`` experiments come from a design that
+depends only on the seed (a seeded permutation of the pool, or scrambled Sobol / uniform points of
+the space), so every strategy starts from the same points (see :meth:`Engine.propose` for how
+experiments in flight count); a proposal never repeats a measured, pending or excluded key;
+q-batches are distinct; pending experiments enter the acquisition as ``X_pending``, excluded ones
+(failed, abandoned) only leave the candidates; the same state (seed, observations, pending,
+exclude) gives the same proposals; ``EngineError("pool exhausted ...")`` only when nothing is left.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from sdl.exceptions import EngineError
+from sdl.models.surrogate import (
+    GP_HEAD_MAX_LABELS,
+    GPSurrogate,
+    PoolEnsemble,
+    PretrainedSurrogate,
+    RandomSurrogate,
+    ScratchEnsembleSurrogate,
+    Surrogate,
+    TrainingData,
+    digest,
+)
 from sdl.objectives import Objective
 from sdl.space import CandidatePool, ParameterSpace
 
@@ -53,13 +71,17 @@ if TYPE_CHECKING:
     from sdl.models.embedding_store import EmbeddingStore
     from sdl.models.pretrained import HeadEnsemble
 
-__all__ = ["STRATEGIES", "Engine", "Observation", "Proposal"]
+__all__ = [
+    "STRATEGIES", "Engine", "Observation", "Proposal", "Selection", "AcquisitionSelection", "MaxVarianceSelection",
+    "ThompsonSelection", "RandomSelection", "PoolRound", "SpaceRound", "build_surrogate", "build_selection",
+    "GP_HEAD_MAX_LABELS",
+]
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "gp", "gnn-ensemble")
+ACQUISITION_FUNCTIONS = ("qucb", "qlogei", "qlognei", "max-variance", "thompson")
 DESIGN = "initial-design"
-GP_HEAD_MAX_LABELS = 1000  # head "auto": exact GP up to here, the head ensemble beyond
 
 
 @dataclass(frozen=True)
@@ -111,32 +133,359 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default)
 
 
-def _digest(*parts: Any, n: int = 12) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:n]
+# -- selection rules ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PoolRound:
+    """What a selection rule sees in pool mode.
+
+    Attributes:
+        avail: Pool rows that may be proposed (not measured, pending or excluded).
+        q: Batch size.
+        seed: Seed of this call (from the engine seed, the observations and the pending keys).
+        objective: Utility of raw values.
+        surrogate: The fitted surrogate (unfitted for rules that need no model).
+        mean: ``[N]`` posterior mean per pool row (None without a model).
+        std: ``[N]`` posterior std per pool row (None without a model).
+        baseline_rows: Measured pool rows (qLogNEI's baseline).
+        y: Raw measured values (qLogEI's incumbent).
+        pending_rows: Pool rows of pending experiments (``X_pending``); never excluded ones.
+        prefilter_k: Rows kept by the cheap optimistic score before an acquisition.
+        chunk_size: Rows per acquisition call.
+    """
+
+    avail: np.ndarray
+    q: int
+    seed: int
+    objective: Objective
+    surrogate: Surrogate
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    baseline_rows: list[int] = field(default_factory=list)
+    y: torch.Tensor | None = None
+    pending_rows: list[int] = field(default_factory=list)
+    prefilter_k: int = 2048
+    chunk_size: int = 4096
 
 
-def _default_ensemble_factory(options: Any, seed: int) -> Any:
-    from sdl.models.ensemble import GNNEnsemble
+@dataclass(frozen=True)
+class SpaceRound:
+    """What a selection rule sees in space mode.
 
-    return GNNEnsemble(options, seed=seed)
+    Attributes:
+        space: The parameter space.
+        taken: Keys that must not be returned (measured, pending, excluded).
+        q: Batch size.
+        seed: Seed of this call.
+        objective: Utility of raw values.
+        surrogate: The fitted surrogate (unfitted for rules that need no model).
+        X_baseline: ``n x d`` encoded measured recipes.
+        y: Raw measured values.
+        X_pending: ``m x d`` encoded pending recipes (never excluded ones), or None.
+    """
+
+    space: ParameterSpace
+    taken: set[str]
+    q: int
+    seed: int
+    objective: Objective
+    surrogate: Surrogate
+    X_baseline: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    X_pending: torch.Tensor | None = None
 
 
+class Selection(ABC):
+    """How a q-batch is chosen once the design is over.
+
+    Args:
+        beta: Width of the optimistic pre-filter score (and qUCB's exploration weight).
+    """
+
+    needs_model: ClassVar[bool] = True
+    """False when the rule picks without a fitted model (random)."""
+
+    def __init__(self, beta: float = 2.0) -> None:
+        self.beta = float(beta)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(beta={self.beta})"
+
+    def shortlist_score(self, objective: Objective, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Cheap score that cuts large pools before the real rule (optimistic utility)."""
+        return objective.optimistic(mean, std, self.beta)
+
+    def shortlist(self, r: PoolRound) -> np.ndarray:
+        """The ``prefilter_k`` available rows with the best :meth:`shortlist_score` (all when fewer)."""
+        if r.avail.size <= r.prefilter_k:
+            return r.avail
+        assert r.mean is not None and r.std is not None
+        a = torch.as_tensor(r.avail)
+        best = top_k_indices(self.shortlist_score(r.objective, r.mean[a], r.std[a]), r.prefilter_k)
+        short: np.ndarray = r.avail[best]
+        return short
+
+    @abstractmethod
+    def pick_rows(self, r: PoolRound) -> tuple[list[int], list[float] | None]:
+        """Up to ``q`` distinct pool rows and the value each won with (None: no values)."""
+
+    @abstractmethod
+    def pick_recipes(self, r: SpaceRound) -> tuple[list[dict[str, Any]], list[float | None] | None]:
+        """Up to ``q`` distinct recipes not in ``taken`` and their values (None: no values)."""
+
+
+def _distinct_fill(
+    r: SpaceRound, recipes: Sequence[dict[str, Any]], values: Sequence[float]
+) -> tuple[list[dict[str, Any]], list[float | None]]:
+    """Drop recipes that rounded onto taken or repeated keys; fill up with seeded random recipes."""
+    kept: list[dict[str, Any]] = []
+    kept_vals: list[float | None] = []
+    seen = set(r.taken)
+    for rec, v in zip(recipes, values, strict=False):
+        k = r.space.key_of(rec)
+        if k not in seen:
+            seen.add(k)
+            kept.append(rec)
+            kept_vals.append(v)
+    if len(kept) < r.q:  # rounding collided with taken recipes: fill with seeded random recipes
+        fill = _fresh(r.space, r.space.sample(8 * r.q + len(seen), r.seed + 1, "random"), seen, r.q - len(kept))
+        kept += fill
+        kept_vals += [None] * len(fill)
+    return kept, kept_vals
+
+
+def _fresh(space: ParameterSpace, recipes: Iterable[dict[str, Any]], taken: set[str], q: int) -> list[dict[str, Any]]:
+    """The first ``q`` recipes whose keys are neither taken nor repeated."""
+    out: list[dict[str, Any]] = []
+    seen = set(taken)
+    if q <= 0:
+        return out
+    for rec in recipes:
+        k = space.key_of(rec)
+        if k not in seen:
+            seen.add(k)
+            out.append(rec)
+            if len(out) == q:
+                break
+    return out
+
+
+class AcquisitionSelection(Selection):
+    """A BoTorch MC acquisition (:func:`sdl.acquisition.build_acquisition`), maximised greedily.
+
+    Pool: sequential greedy over the shortlisted rows (:func:`sdl.optim.greedy_select`); space:
+    ``optimize_acqf`` in the encoded box, then rounding onto valid recipes.
+
+    Args:
+        function: ``qucb``, ``qlogei``, ``qlognei`` or ``max-variance``.
+        beta: qUCB's exploration weight and the pre-filter's width.
+    """
+
+    def __init__(self, function: str, beta: float = 2.0) -> None:
+        super().__init__(beta)
+        self.function = function
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.function!r}, beta={self.beta})"
+
+    def pick_rows(self, r: PoolRound) -> tuple[list[int], list[float] | None]:
+        """Greedy q-batch over the shortlist, pending rows joined as ``X_pending``."""
+        from sdl.acquisition import build_acquisition
+        from sdl.optim import greedy_select
+
+        assert r.y is not None
+        short = self.shortlist(r)
+        X_all = r.surrogate.inputs()
+        acqf = build_acquisition(
+            self.function, r.surrogate.model, r.objective, X_baseline=X_all[torch.as_tensor(r.baseline_rows)],
+            y_baseline=r.y,
+            X_pending=X_all[torch.as_tensor(r.pending_rows, dtype=torch.long)] if r.pending_rows else None,
+            beta=self.beta, seed=r.seed,
+        )
+        rows, values = greedy_select(acqf, X_all[torch.as_tensor(short)], r.q, chunk=r.chunk_size)
+        return short[rows].tolist(), values
+
+    def pick_recipes(self, r: SpaceRound) -> tuple[list[dict[str, Any]], list[float | None] | None]:
+        """``optimize_acqf`` in the box, rounded; collisions replaced by seeded random recipes."""
+        from sdl.acquisition import build_acquisition
+        from sdl.optim import optimize_box
+
+        assert r.X_baseline is not None and r.y is not None
+        acqf = build_acquisition(self.function, r.surrogate.model, r.objective, X_baseline=r.X_baseline,
+                                 y_baseline=r.y, X_pending=r.X_pending, beta=self.beta, seed=r.seed)
+        X, vals = optimize_box(acqf, r.space.bounds, r.q, seed=r.seed)
+        recipes = r.space.decode(X)
+        values = vals.tolist() if vals.numel() == len(recipes) else [float(vals.max())] * len(recipes)
+        return _distinct_fill(r, recipes, values)
+
+
+class MaxVarianceSelection(AcquisitionSelection):
+    """Pure exploration (:class:`sdl.acquisition.qMaxVariance`); the pool pre-filter keeps the widest stds.
+
+    Args:
+        beta: Unused by the acquisition; kept for a uniform signature.
+    """
+
+    def __init__(self, beta: float = 2.0) -> None:
+        super().__init__("max-variance", beta)
+
+    def shortlist_score(self, objective: Objective, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The posterior std: exploration does not care about the utility."""
+        return std
+
+
+class ThompsonSelection(Selection):
+    """Thompson sampling: slot ``i`` takes the best utility of posterior draw ``i`` (:func:`sdl.optim.thompson_select`).
+
+    Args:
+        beta: Width of the pool pre-filter.
+        candidates: Scrambled-Sobol recipes drawn per round in space mode.
+    """
+
+    def __init__(self, beta: float = 2.0, candidates: int = 1024) -> None:
+        super().__init__(beta)
+        self.candidates = int(candidates)
+
+    def pick_rows(self, r: PoolRound) -> tuple[list[int], list[float] | None]:
+        """Draws over the shortlist (every ensemble member once, in a seeded order; GP joint samples)."""
+        from sdl.optim import thompson_select
+
+        short = self.shortlist(r)
+        draw = r.surrogate.sample(r.surrogate.inputs()[torch.as_tensor(short)], r.q, r.seed)
+        rows, values = thompson_select(draw, r.objective, r.q)
+        return short[rows].tolist(), values
+
+    def pick_recipes(self, r: SpaceRound) -> tuple[list[dict[str, Any]], list[float | None] | None]:
+        """Draws over a seeded Sobol set of recipes, taken ones left out."""
+        from sdl.optim import thompson_select
+
+        cand = r.space.sample(self.candidates, r.seed, "sobol")
+        draw = r.surrogate.sample(r.space.encode(cand), r.q, r.seed)
+        free = [i for i, c in enumerate(cand) if r.space.key_of(c) not in r.taken]
+        rows, values = thompson_select(draw[:, free], r.objective, r.q)
+        return _distinct_fill(r, [cand[free[i]] for i in rows], values)
+
+
+class RandomSelection(Selection):
+    """Uniform picks among what is left, seeded by ``(engine seed, round seed)``; no model.
+
+    Args:
+        seed: The engine's seed.
+    """
+
+    needs_model = False
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = int(seed)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seed={self.seed})"
+
+    def pick_rows(self, r: PoolRound) -> tuple[list[int], list[float] | None]:
+        """:func:`sdl.models.random.random_choice` over the available rows."""
+        from sdl.models.random import random_choice
+
+        return random_choice(r.avail, r.q, self.seed, r.seed), None
+
+    def pick_recipes(self, r: SpaceRound) -> tuple[list[dict[str, Any]], list[float | None] | None]:
+        """Seeded uniform recipes, taken ones skipped."""
+        return _fresh(r.space, r.space.sample(4 * r.q + len(r.taken), r.seed, "random"), r.taken, r.q), None
+
+
+def build_selection(acquisition: Any, surrogate: Surrogate, seed: int) -> Selection:
+    """The selection rule for ``acquisition.function`` (random picks when the surrogate has no model).
+
+    Raises:
+        EngineError: Unknown function name.
+    """
+    if isinstance(acquisition, Selection):
+        return acquisition
+    name = str(_get(acquisition, "function", "qlognei")).lower()
+    beta = float(_get(acquisition, "beta", 2.0) or 2.0)
+    if name not in ACQUISITION_FUNCTIONS:
+        raise EngineError(f"acquisition.function: unknown {name!r}; known: {', '.join(ACQUISITION_FUNCTIONS)}")
+    if not surrogate.has_model:
+        return RandomSelection(seed)
+    if name == "thompson":
+        return ThompsonSelection(beta)
+    if name == "max-variance":
+        return MaxVarianceSelection(beta)
+    return AcquisitionSelection(name, beta)
+
+
+def build_surrogate(
+    model: Any,
+    *,
+    seed: int,
+    pool: CandidatePool | None,
+    space: ParameterSpace | None,
+    extensive: bool = False,
+    ensemble_factory: Callable[[Any, int], PoolEnsemble] | None = None,
+    backbone: Backbone | None = None,
+    embedding_store: EmbeddingStore | None = None,
+    featurize_workers: int = 1,
+) -> Surrogate:
+    """The surrogate for a ``model:`` config (``name`` + ``options``): the only place a model name is read.
+
+    Args:
+        model: ``sdl.config`` model config (or any object / dict with ``name`` and ``options``, or
+            a bare name); a :class:`~sdl.models.surrogate.Surrogate` is returned as it is.
+        seed: Seed of the model.
+        pool: Candidate pool (pool mode).
+        space: Parameter space (space mode, used when ``pool`` is None).
+        extensive: ``objective.extensive``.
+        ensemble_factory: Ensemble for ``gnn-ensemble`` with ``backbone: scratch``.
+        backbone: Loaded pretrained backbone for ``gnn-ensemble`` (else loaded from the option).
+        embedding_store: Embedding cache of a pretrained backbone.
+        featurize_workers: Featurising processes of a pretrained backbone.
+
+    Raises:
+        EngineError: Unknown name, or a model that cannot work on this pool / space.
+    """
+    if isinstance(model, Surrogate):
+        return model
+    name = str(_get(model, "name", model if isinstance(model, str) else "random"))
+    options = _get(model, "options", None)
+    if name == "random":
+        return RandomSurrogate(seed=seed, pool=pool, space=space)
+    if name == "gp":
+        return GPSurrogate(seed=seed, pool=pool, space=space, extensive=extensive,
+                           kernel=str(_get(options, "kernel", "matern52") or "matern52"),
+                           descriptors=str(_get(options, "descriptors", "auto") or "auto"))
+    if name == "gnn-ensemble":
+        if pool is None or pool.structure_column is None:
+            raise EngineError("model gnn-ensemble needs a candidate pool with a structure column")
+        backbone_name = str(_get(options, "backbone", "chgnet") or "chgnet")
+        if backbone_name == "scratch":
+            return ScratchEnsembleSurrogate(pool, seed=seed, options=options, factory=ensemble_factory,
+                                            extensive=extensive)
+        return PretrainedSurrogate(
+            pool, seed=seed, backbone=backbone_name, loaded_backbone=backbone, store=embedding_store,
+            featurize_workers=featurize_workers, head=str(_get(options, "head", "auto") or "auto"),
+            use_prior=bool(_get(options, "use_prior", True)), members=int(_get(options, "members", 5) or 5),
+            kernel=str(_get(options, "kernel", "matern52") or "matern52"), extensive=extensive,
+        )
+    raise EngineError(f"model.name: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+
+
+# -- the engine ---------------------------------------------------------------------------------
 class Engine:
     """Propose experiments and learn from measurements.
 
     Args:
         objective: ``sdl.config.Objective`` / :class:`sdl.objectives.Objective` (goal, target_range).
-        model: Config with ``name`` (``random``, ``gp``, ``gnn-ensemble``) and ``options``.
+        model: Config with ``name`` (``random``, ``gp``, ``gnn-ensemble``) and ``options``, mapped
+            by :func:`build_surrogate`; or a :class:`~sdl.models.surrogate.Surrogate`.
         acquisition: Config with ``function`` (qlogei, qlognei, qucb, max-variance, thompson),
-            ``batch_size`` and ``beta``.
+            ``batch_size`` and ``beta``, mapped by :func:`build_selection`.
         seed: Seed of the design, the samplers and the models.
         pool: Candidate pool (pool mode); takes precedence over ``space``.
         space: Parameter space (continuous mode).
-        initial_design: Config with ``strategy`` (``random`` / ``sobol``) and ``size``.
+        initial_design: Config with ``strategy`` (``random`` / ``sobol`` / ``prior``) and ``size``.
         retrain_every: Refit the model after this many new measurements.
         ensemble_factory: ``(options, seed) -> ensemble`` with ``fit(structures, y, keys)`` and
-            ``predict_members(structures, keys, batch_size) -> Tensor[M, N]``; defaults to
-            ``sdl.models.ensemble.GNNEnsemble``.
+            ``predict_members(structures, keys, batch_size) -> Tensor[M, N]``, for ``gnn-ensemble``
+            with ``backbone: scratch``; defaults to ``sdl.models.ensemble.GNNEnsemble``.
         prefilter_k: Candidates kept by the cheap optimistic score before the acquisition.
         chunk_size: Rows per acquisition call (bounds memory).
         backbone: Pretrained backbone for ``gnn-ensemble`` (loaded from ``options.backbone`` when
@@ -165,67 +514,36 @@ class Engine:
         featurize_workers: int = 1,
     ) -> None:
         self.objective = Objective.from_any(objective)
-        self.strategy = str(_get(model, "name", model if isinstance(model, str) else "random"))
-        if self.strategy not in STRATEGIES:
-            raise EngineError(f"model.name: unknown strategy {self.strategy!r}; known: {', '.join(STRATEGIES)}")
-        self.model_options = _get(model, "options", None)
-        self.acquisition_name = str(_get(acquisition, "function", "qlognei")).lower()
-        self.batch_size = int(_get(acquisition, "batch_size", 1) or 1)
-        self.beta = float(_get(acquisition, "beta", 2.0) or 2.0)
         self.seed = int(seed)
         if pool is None and space is None:
             raise EngineError("Engine needs a candidate pool or a parameter space")
         self.pool = pool
         self.space = space if pool is None else (pool.space or space)
+        self.extensive = bool(_get(objective, "extensive", False))
+        if self.extensive and (pool is None or not pool.is_crystal):
+            raise EngineError("objective.extensive: only crystal pools have cells to scale by")
+        self.model_options = _get(model, "options", None)
+        self.surrogate: Surrogate = build_surrogate(
+            model, seed=self.seed, pool=pool, space=self.space if pool is None else None, extensive=self.extensive,
+            ensemble_factory=ensemble_factory, backbone=backbone, embedding_store=embedding_store,
+            featurize_workers=max(1, int(featurize_workers)),
+        )
+        self.strategy = self.surrogate.name
+        self.acquisition_name = str(_get(acquisition, "function", "qlognei")).lower()
+        self.batch_size = int(_get(acquisition, "batch_size", 1) or 1)
+        self.beta = float(_get(acquisition, "beta", 2.0) or 2.0)
+        self.selection: Selection = build_selection(acquisition, self.surrogate, self.seed)
         self.design_size = int(_get(initial_design, "size", 8) or 0)
         self.design_method = str(_get(initial_design, "strategy", "sobol") or "sobol")
         self.retrain_every = max(1, int(retrain_every))
         self.prefilter_k = int(prefilter_k)
         self.chunk_size = int(chunk_size)
-        self._ensemble_factory = ensemble_factory or _default_ensemble_factory
-        if self.strategy == "gnn-ensemble" and (pool is None or pool.structure_column is None):
-            raise EngineError("model gnn-ensemble needs a candidate pool with a structure column")
-        if self.acquisition_name not in ("qucb", "qlogei", "qlognei", "max-variance", "thompson"):
-            raise EngineError(f"acquisition.function: unknown {self.acquisition_name!r}")
         self._obs: list[Observation] = []
         self._obs_index: list[int] = []  # pool row of each observation (pool mode)
         self._measured: set[str] = set()
-        self._model: Any = None
-        self._ensemble: Any = None
         self._n_at_fit = -1
-        self._n_fits = 0
-        self._version = f"design-s{self.seed}"
-        self.gp_kernel = str(_get(self.model_options, "kernel", "matern52") or "matern52")
-        self.gp_descriptors = str(_get(self.model_options, "descriptors", "auto") or "auto")
-        if self.strategy == "gp" and pool is not None:
-            if self.gp_descriptors == "parameters" and not pool.parameter_columns:
-                raise EngineError(f"model.options.descriptors: 'parameters' but {pool.source} has no parameter_columns")
-            if self.gp_descriptors == "composition" and pool.formula_column is None and pool.structure_column is None:
-                raise EngineError(f"model.options.descriptors: 'composition' but {pool.source} has no formula "
-                                  "or structure column")
-            if self.gp_descriptors == "auto" and not pool.parameter_columns and not pool.is_crystal:
-                raise EngineError(f"model gp: {pool.source} has neither parameter_columns nor formulas/structures")
-        self._features: torch.Tensor | None = None
         self._design_order: np.ndarray | None = None
-        self.extensive = bool(_get(objective, "extensive", False))
-        if self.extensive and (pool is None or not pool.is_crystal):
-            raise EngineError("objective.extensive: only crystal pools have cells to scale by")
-        self._scale: torch.Tensor | None = None
-        self.backbone_name = str(_get(self.model_options, "backbone", "chgnet") or "chgnet")
-        self.pretrained = self.strategy == "gnn-ensemble" and self.backbone_name != "scratch"
-        self.head = str(_get(self.model_options, "head", "auto") or "auto")
-        self.use_prior = bool(_get(self.model_options, "use_prior", True))
-        self._backbone = backbone
-        self._store = embedding_store
-        self.featurize_workers = max(1, int(featurize_workers))
-        self.excluded: dict[str, str] = {}  # candidate key -> why the backbone cannot featurise it
-        self._inputs: torch.Tensor | None = None  # pretrained head inputs, [N, D (+1 prior)]
-        self._prior: np.ndarray | None = None
-        self._heads: HeadEnsemble | None = None
-        self._gp: Any = None
-        self._fitted_n = 0
-        self._fit_rows = np.zeros(0, dtype=np.int64)
-        if self.design_method == "prior" and not (self.pretrained and self.use_prior):
+        if self.design_method == "prior" and not self.surrogate.provides_prior:
             raise EngineError("initial_design.strategy: 'prior' needs model gnn-ensemble with a pretrained "
                               "backbone and use_prior")
         if self.design_method == "prior" and self.objective.goal == "target":
@@ -235,7 +553,11 @@ class Engine:
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_campaign(cls, cfg: Any, **kwargs: Any) -> Engine:
-        """Engine for a ``sdl.config.CampaignConfig`` (search space, objective, model, acquisition)."""
+        """Engine for a ``sdl.config.CampaignConfig`` (search space, objective, model, acquisition).
+
+        ``cfg.model`` becomes a surrogate by :func:`build_surrogate`, ``cfg.acquisition`` a
+        selection rule by :func:`build_selection`.
+        """
         ss = cfg.search_space
         space = ParameterSpace.from_config(ss.parameters) if _get(ss, "parameters") else None
         pool = CandidatePool.from_config(ss.candidates, space=space) if _get(ss, "candidates") else None
@@ -259,8 +581,8 @@ class Engine:
 
     @property
     def model_version(self) -> str:
-        """Version of the current model: ``<strategy>-<fit number>-<digest of the data>``."""
-        return self._version
+        """Version of the current model: ``<strategy>-<fit number>-<digest of the data>``; ``design-s<seed>`` before."""
+        return self.surrogate.version or f"design-s{self.seed}"
 
     @property
     def observations(self) -> list[Observation]:
@@ -272,9 +594,43 @@ class Engine:
         """Keys with at least one observation."""
         return set(self._measured)
 
+    @property
+    def excluded(self) -> Mapping[str, str]:
+        """Candidate key -> why the model cannot use it (the backbone cannot featurise it); never proposed."""
+        return self.surrogate.excluded
+
+    @property
+    def backbone(self) -> Backbone | None:
+        """The loaded pretrained backbone (after :meth:`prepare`), if any."""
+        return self.surrogate.backbone if isinstance(self.surrogate, PretrainedSurrogate) else None
+
+    @property
+    def heads(self) -> HeadEnsemble | None:
+        """The fitted MLP head ensemble of a pretrained engine (None for a GP head or before a fit)."""
+        return self.surrogate.heads if isinstance(self.surrogate, PretrainedSurrogate) else None
+
+    @property
+    def head_inputs(self) -> torch.Tensor | None:
+        """``[N, D(+1)]`` standardised embedding (+ prior) per pool row, after :meth:`prepare`."""
+        return self.surrogate.head_inputs if isinstance(self.surrogate, PretrainedSurrogate) else None
+
+    @property
+    def head_kind(self) -> str | None:
+        """``gp`` or ``mlp``: the head of the last pretrained fit (None before it, or without a backbone)."""
+        return self.surrogate.head_kind if isinstance(self.surrogate, PretrainedSurrogate) else None
+
+    @property
+    def _ensemble(self) -> PoolEnsemble | None:
+        """The from-scratch ensemble (``backbone: scratch``), for benchmarks that time it."""
+        return self.surrogate.ensemble if isinstance(self.surrogate, ScratchEnsembleSurrogate) else None
+
     def best_value(self) -> float | None:
         """Best measured raw value under the objective (None before any measurement)."""
-        return self.objective.best_value([o.value for o in self._obs])
+        best: float | None = None
+        for o in self._obs:
+            if self.objective.is_better(o.value, best):
+                best = o.value
+        return best
 
     def observe(self, observations: Iterable[Observation]) -> None:
         """Learn from measurements (validated; the model refits lazily at the next ``propose``).
@@ -296,10 +652,11 @@ class Engine:
                 new.append((Observation(key, dict(ob.params) or self.pool.params(self.pool.index_of(key)), value),
                             self.pool.index_of(key)))
             else:
+                space = self._space()
                 params = dict(ob.params) if ob.params else self._params_from_key(str(ob.key))
                 try:
-                    key = self.space.key_of(params)  # type: ignore[union-attr]
-                    canon = self.space.canonical(params)  # type: ignore[union-attr]
+                    key = space.key_of(params)
+                    canon = space.canonical(params)
                 except ValueError as exc:
                     raise EngineError(f"observation {ob.key!r}: {exc}") from exc
                 new.append((Observation(key, canon, value), -1))
@@ -309,80 +666,50 @@ class Engine:
             self._measured.add(ob.key)
         logger.debug("observed %d new, %d total", len(new), len(self._obs))
 
+    def _space(self) -> ParameterSpace:
+        if self.space is None:
+            raise EngineError("the engine has a candidate pool without a parameter space")
+        return self.space
+
     def _params_from_key(self, key: str) -> dict[str, Any]:
         try:
             return dict(part.split("=", 1) for part in key.split(";"))
         except ValueError:
             raise EngineError(f"key {key!r} is not a recipe key of this space (expected name=value;...)") from None
 
-    # -- pretrained features -----------------------------------------------------------------
     def prepare(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """Featurise the pool with the backbone (cached); report and exclude what cannot be.
+        """Do the surrogate's one-off work (featurise the pool with a pretrained backbone, cached).
 
         Called lazily by :meth:`propose`; call it first to show progress (``(done, total)``).
+        Candidates the backbone cannot featurise end up in :attr:`excluded`.
 
         Raises:
             EngineError: The backbone cannot be loaded, or no candidate could be featurised.
         """
-        if not self.pretrained or self._inputs is not None:
-            return
-        from sdl.models.backbones import BackboneError, load_backbone
-        from sdl.models.embedding_store import EmbeddingStore, default_store_path, featurize_texts
-        from sdl.models.pretrained import standardized_inputs
-
-        pool = self.pool
-        assert pool is not None
-        try:
-            if self._backbone is None:
-                self._backbone = load_backbone(self.backbone_name)
-        except BackboneError as exc:
-            raise EngineError(f"model.options.backbone: {exc}") from exc
-        if self._store is None:
-            self._store = EmbeddingStore(default_store_path())
-        feats = featurize_texts(self._backbone, pool.structure_texts(), self._store, fmt=pool.structure_format,
-                                workers=self.featurize_workers, progress=progress, spec=self.backbone_name)
-        for i, why in sorted(feats.errors.items()):
-            self.excluded[pool.keys[i]] = why
-        for key, why in list(self.excluded.items())[:10]:
-            logger.warning("%s: candidate %r excluded: %s", pool.source, key, why)
-        if len(self.excluded) > 10:
-            logger.warning("%s: %d candidates excluded in all (the backbone cannot featurise them)", pool.source,
-                           len(self.excluded))
-        if len(self.excluded) == len(pool):
-            raise EngineError(f"{pool.source}: the {self._backbone.name} backbone could not featurise any candidate")
-        self._prior = feats.prior
-        if self.extensive:
-            featurised = ~np.isin(np.arange(len(pool)), list(feats.errors))
-            if np.isfinite(feats.n_atoms[featurised]).all():  # no need to parse the pool again
-                self._scale = torch.as_tensor(np.where(featurised, feats.n_atoms, 1.0), dtype=torch.float64)
-        self._inputs = standardized_inputs(feats.embeddings, feats.prior if self.use_prior else None)
-
-    @property
-    def backbone(self) -> Backbone | None:
-        """The loaded backbone (after :meth:`prepare`), if any."""
-        return self._backbone
-
-    def _row_scale(self) -> torch.Tensor:
-        """Per-candidate divisor of the labels: atoms per cell for extensive targets, else 1."""
-        if self._scale is None:
-            pool = self.pool
-            assert pool is not None
-            if self.extensive:
-                self._scale = torch.as_tensor(pool.n_atoms(), dtype=torch.float64)
-            else:
-                self._scale = torch.ones(len(pool), dtype=torch.float64)
-        return self._scale
+        self.surrogate.prepare(progress)
 
     # -- propose -----------------------------------------------------------------------------
-    def propose(self, q: int | None = None, pending: Sequence[Any] = ()) -> list[Proposal]:
-        """The next ``q`` experiments (distinct; never a measured or pending key).
+    def propose(self, q: int | None = None, pending: Sequence[Any] = (), exclude: Sequence[Any] = ()) -> list[Proposal]:
+        """The next ``q`` experiments (distinct; never a measured, pending or excluded key).
+
+        Design: an experiment is a design experiment iff fewer than ``initial_design.size``
+        experiments are known so far, counting every observation plus the pending and excluded
+        keys not already measured (a key both pending and excluded counts once). So a batch that
+        straddles the end of the design returns only the design picks still owed (fewer than
+        ``q``); the next call proposes model picks. While fewer observations than the surrogate
+        needs (``min_observations``: 2, or 1 for random) are measured after the design, every
+        call keeps proposing ``q`` design picks.
 
         Args:
             q: Batch size (default: ``acquisition.batch_size``).
-            pending: Keys (or recipes / Proposals) of experiments proposed or running, not measured.
+            pending: Keys (or recipes / Proposals) of experiments proposed or running, not measured:
+                never proposed, and joined to every q-batch as the acquisition's ``X_pending``.
+            exclude: Keys (same forms) of candidates that must not be proposed (failed,
+                abandoned): they leave the candidates and nothing else; they are not pending
+                points and do not change the acquisition values of the others.
 
         Returns:
-            Up to ``q`` proposals (fewer when fewer candidates remain).
+            Up to ``q`` proposals (fewer when fewer candidates remain or the design ends).
 
         Raises:
             EngineError: ``pool exhausted`` when no candidate is left.
@@ -390,15 +717,18 @@ class Engine:
         q = int(q if q is not None else self.batch_size)
         if q < 1:
             raise EngineError(f"propose: q must be >= 1, got {q=}")
-        pending_keys = self._pending_keys(pending)
-        state_seed = int(_digest(self.seed, len(self._obs), sorted(pending_keys), n=8), 16)
+        pending_keys = self._keys(pending)
+        exclude_keys = self._keys(exclude) - pending_keys
+        # Excluded keys do not enter the seed: they must not change the acquisition of the others.
+        state_seed = int(digest(self.seed, len(self._obs), sorted(pending_keys), n=8), 16)
+        n_design = self._design_quota(q, pending_keys, exclude_keys)
         if self.pool is not None:
-            return self._propose_pool(q, pending_keys, state_seed)
-        return self._propose_space(q, pending_keys, state_seed)
+            return self._propose_pool(q, n_design, pending_keys, exclude_keys, state_seed)
+        return self._propose_space(q, n_design, pending_keys, exclude_keys, state_seed)
 
-    def _pending_keys(self, pending: Sequence[Any]) -> set[str]:
+    def _keys(self, items: Sequence[Any]) -> set[str]:
         keys: set[str] = set()
-        for p in pending:
+        for p in items:
             if isinstance(p, Proposal):
                 keys.add(p.key)
             elif isinstance(p, Mapping):
@@ -407,52 +737,36 @@ class Engine:
                     if k is not None:
                         keys.add(k)
                 else:
-                    keys.add(self.space.key_of(p))  # type: ignore[union-attr]
+                    keys.add(self._space().key_of(p))
             else:
                 keys.add(str(p))
         return keys
 
+    def _design_quota(self, q: int, pending: set[str], exclude: set[str]) -> int:
+        """How many of ``q`` picks come from the design now (0: model picks); see :meth:`propose`."""
+        so_far = len(self._obs) + len(pending - self._measured) + len(exclude - self._measured)
+        if so_far < self.design_size:
+            return min(q, self.design_size - so_far)
+        if len(self._obs) < self.surrogate.min_observations:
+            return q
+        return 0
+
     def _batch_id(self, keys: Sequence[str], pending: set[str]) -> str:
-        return f"b-{_digest(self.seed, self._version, len(self._obs), sorted(pending), list(keys))}"
+        return f"b-{digest(self.seed, self.model_version, len(self._obs), sorted(pending), list(keys))}"
 
-    def _in_design(self) -> bool:
-        need = 1 if self.strategy == "random" else 2
-        return len(self._obs) < max(self.design_size, need)
+    def _training_data(self) -> TrainingData:
+        keys = tuple(o.key for o in self._obs)
+        values = tuple(o.value for o in self._obs)
+        if self.pool is not None:
+            return TrainingData(keys, values, rows=np.asarray(self._obs_index, dtype=np.int64))
+        return TrainingData(keys, values, X=self._space().encode([o.params for o in self._obs]))
 
-    # pool mode .................................................................................
-    def _propose_pool(self, q: int, pending: set[str], state_seed: int) -> list[Proposal]:
-        pool = self.pool
-        assert pool is not None
-        self.prepare()
-        taken = self._measured | pending | set(self.excluded)
-        avail = np.array([i for i, k in enumerate(pool.keys) if k not in taken], dtype=np.int64)
-        if avail.size == 0:
-            raise EngineError(f"pool exhausted: all {len(pool)} candidates of {pool.source} are measured, pending "
-                              f"or excluded")
-        if self._in_design():
-            if self._design_order is None and self.design_method == "prior":
-                assert self._prior is not None
-                utility = self.objective.utility(np.nan_to_num(self._prior, nan=np.inf if self.objective.goal ==
-                                                               "minimize" else -np.inf))
-                self._design_order = np.argsort(-utility, kind="stable")
-            if self._design_order is None:
-                self._design_order = np.random.default_rng([self.seed, 0xD5]).permutation(len(pool))
-            free = np.isin(self._design_order, avail)
-            picks = self._design_order[free][:q].tolist()
-            return self._make(picks, None, None, None, DESIGN, pending, version=f"design-s{self.seed}")
-        if self.strategy == "random":
-            from sdl.models.random import random_choice
-
-            picks = random_choice(avail, q, self.seed, state_seed)
-            return self._make(picks, None, None, None, "random", pending, version=f"random-s{self.seed}")
-        self._fit_pool_if_needed()
-        mean, std = self._pool_mean_std()
-        pend_idx = [pool.index_of(k) for k in pending if k in pool]
-        if self.acquisition_name == "thompson":
-            picks, values = self._thompson_pool(avail, mean, std, q, state_seed)
-        else:
-            picks, values = self._acquire_pool(avail, mean, std, pend_idx, q, state_seed)
-        return self._make(picks, values, mean, std, self.strategy, pending)
+    def _fit_if_needed(self) -> None:
+        n = len(self._obs)
+        if self.surrogate.fitted and n - self._n_at_fit < self.retrain_every:
+            return
+        self.surrogate.fit(self._training_data())
+        self._n_at_fit = n
 
     def fit(self) -> None:
         """Fit the model to the observations now (``propose`` does this lazily when it is stale).
@@ -460,12 +774,7 @@ class Engine:
         Raises:
             EngineError: ``random`` has no model, or fewer than 2 usable observations.
         """
-        if self.strategy == "random":
-            raise EngineError("model random has nothing to fit")
-        if self.pool is not None:
-            self._fit_pool_if_needed()
-        else:
-            self._fit_space_if_needed()
+        self._fit_if_needed()
 
     def predict_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted mean and std of the objective property for every pool row (``[N]`` each).
@@ -478,166 +787,56 @@ class Engine:
         """
         if self.pool is None:
             raise EngineError("predict_pool: the engine has a parameter space, not a pool")
-        if self._model is None:
+        if not self.surrogate.fitted:
             raise EngineError("predict_pool: no model fitted yet")
-        return self._pool_mean_std()
+        return self.surrogate.predict_pool()
 
-    def _shortlist(self, avail: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
-        if avail.size <= self.prefilter_k:
-            return avail
-        a = torch.as_tensor(avail)
-        if self.acquisition_name == "max-variance":
-            score = std[a]
-        else:
-            score = self.objective.optimistic(mean[a], std[a], self.beta)
-        return avail[top_k_indices(score, self.prefilter_k)]
-
-    def _acquire_pool(
-        self, avail: np.ndarray, mean: torch.Tensor, std: torch.Tensor, pend_idx: list[int], q: int, state_seed: int
-    ) -> tuple[list[int], list[float]]:
-        from sdl.acquisition import build_acquisition
-        from sdl.optim import greedy_select
-
-        short = self._shortlist(avail, mean, std)
-        X_all = self._acq_inputs()
-        obs_idx = torch.as_tensor(sorted(set(self._obs_index)))
-        y = torch.tensor([o.value for o in self._obs], dtype=torch.float64)
-        acqf = build_acquisition(
-            self.acquisition_name, self._model, self.objective, X_baseline=X_all[obs_idx], y_baseline=y,
-            X_pending=X_all[torch.as_tensor(pend_idx, dtype=torch.long)] if pend_idx else None,
-            beta=self.beta, seed=state_seed,
-        )
-        rows, values = greedy_select(acqf, X_all[torch.as_tensor(short)], q, chunk=self.chunk_size)
-        return short[rows].tolist(), values
-
-    def _thompson_pool(
-        self, avail: np.ndarray, mean: torch.Tensor, std: torch.Tensor, q: int, state_seed: int
-    ) -> tuple[list[int], list[float]]:
-        from sdl.models.pool_ensemble import PoolEnsembleModel
-        from sdl.optim import thompson_select
-
-        short = self._shortlist(avail, mean, std)
-        if isinstance(self._model, PoolEnsembleModel):
-            preds = self._model.predictions
-            order = np.random.default_rng(state_seed).permutation(preds.shape[0])
-            draw = preds[torch.as_tensor(order)][:, torch.as_tensor(short)]
-        else:
-            X = self._acq_inputs()[torch.as_tensor(short)]
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(state_seed)
-                draw = self._model.posterior(X).rsample(torch.Size([q])).reshape(q, -1)
-        rows, values = thompson_select(draw, self.objective, q)
-        return short[rows].tolist(), values
-
-    def _acq_inputs(self) -> torch.Tensor:
-        """What the BoTorch model takes per pool row: an index (ensembles) or features (+ scale column)."""
-        from sdl.models.pool_ensemble import PoolEnsembleModel
-
-        if isinstance(self._model, PoolEnsembleModel):
-            return torch.arange(len(self.pool), dtype=torch.float64).unsqueeze(-1)  # type: ignore[arg-type]
-        X = self._inputs if self.pretrained else self._pool_features()
-        assert X is not None
-        return torch.cat([X, self._row_scale().unsqueeze(-1)], dim=1) if self.extensive else X
-
-    def _pool_features(self) -> torch.Tensor:
-        if self._features is None:
-            pool = self.pool
-            assert pool is not None
-            if pool.parameter_columns and self.gp_descriptors != "composition":
-                self._features = pool.parameter_matrix()
-            else:
-                from sdl.models.composition import composition_features
-
-                self._features = torch.as_tensor(composition_features(pool.formulas()))
-        return self._features
-
-    def _fit_pool_if_needed(self) -> None:
-        n = len(self._obs)
-        if self._model is not None and n - self._n_at_fit < self.retrain_every:
-            return
+    # pool mode .................................................................................
+    def _propose_pool(
+        self, q: int, n_design: int, pending: set[str], exclude: set[str], state_seed: int
+    ) -> list[Proposal]:
         pool = self.pool
         assert pool is not None
-        from sdl.models.pool_ensemble import PoolEnsembleModel
-
         self.prepare()
-        pairs = [(i, o.value) for i, o in zip(self._obs_index, self._obs) if pool.keys[i] not in self.excluded]
-        if len(pairs) < 2:
-            raise EngineError(f"{pool.source}: need 2 measurements of featurisable candidates to fit, have {len(pairs)}")
-        idx = torch.as_tensor([i for i, _ in pairs])
-        scale = self._row_scale()
-        y = torch.tensor([v for _, v in pairs], dtype=torch.float64) / scale[idx]
-        self._heads = None
-        if self.strategy == "gp" or (self.pretrained and self._head_kind(len(pairs)) == "gp"):
-            from sdl.models.gp import fit_gp
+        taken = self._measured | pending | exclude | set(self.excluded)
+        avail = np.array([i for i, k in enumerate(pool.keys) if k not in taken], dtype=np.int64)
+        if avail.size == 0:
+            raise EngineError(f"pool exhausted: all {len(pool)} candidates of {pool.source} are measured, pending "
+                              f"or excluded")
+        if n_design:
+            order = self._design_order_of(len(pool))
+            design: list[int] = order[np.isin(order, avail)][:n_design].tolist()
+            return self._make(design, None, None, None, DESIGN, pending, version=f"design-s{self.seed}")
+        mean = std = None
+        r = PoolRound(avail=avail, q=q, seed=state_seed, objective=self.objective, surrogate=self.surrogate,
+                      prefilter_k=self.prefilter_k, chunk_size=self.chunk_size)
+        if self.selection.needs_model:
+            self._fit_if_needed()
+            mean, std = self.surrogate.predict_pool()
+            r = PoolRound(
+                avail=avail, q=q, seed=state_seed, objective=self.objective, surrogate=self.surrogate, mean=mean,
+                std=std, baseline_rows=sorted(set(self._obs_index)),
+                y=torch.tensor([o.value for o in self._obs], dtype=torch.float64),
+                pending_rows=sorted(pool.index_of(k) for k in pending if k in pool),
+                prefilter_k=self.prefilter_k, chunk_size=self.chunk_size,
+            )
+        picks, values = self.selection.pick_rows(r)
+        return self._make(picks, values, mean, std, self.strategy, pending, version=self._proposal_version())
 
-            X_all = self._inputs if self.pretrained else self._pool_features()
-            assert X_all is not None
-            bounds = torch.stack([X_all.min(dim=0).values, X_all.max(dim=0).values])
-            gp = fit_gp(X_all[idx], y, bounds=bounds, kernel=self.gp_kernel)
-            if self.extensive:
-                from sdl.models.extensive import RowScaledModel
+    def _proposal_version(self) -> str:
+        return self.surrogate.version or f"{self.strategy}-s{self.seed}"
 
-                self._model = RowScaledModel(gp)
-            else:
-                self._model = gp
-            self._gp = gp
-        elif self.pretrained:
-            from sdl.models.pretrained import HeadEnsemble, HeadOptions
-
-            X_all = self._inputs
-            assert X_all is not None
-            opts = HeadOptions.sized_for(len(pairs), members=max(2, int(_get(self.model_options, "members", 5) or 5)))
-            self._heads = HeadEnsemble(opts, seed=self.seed,
-                                       prior_column=X_all.shape[1] - 1 if self.use_prior else None).fit(X_all[idx], y)
-            self._model = PoolEnsembleModel(self._heads.predict_members(X_all) * scale)
-        else:
-            if self._ensemble is None:
-                self._ensemble = self._ensemble_factory(self.model_options, self.seed)
-            rows = idx.tolist()
-            self._ensemble.fit(pool.structures(rows), y.numpy(), [pool.keys[i] for i in rows])
-            preds = self._ensemble.predict_members(pool.structures(), pool.keys, batch_size=1024)
-            self._model = PoolEnsembleModel(torch.as_tensor(preds, dtype=torch.float64) * scale)
-        self._fitted_n = len(pairs)
-        self._fit_rows = idx.numpy()
-        self._after_fit(n)
-
-    @property
-    def heads(self) -> HeadEnsemble | None:
-        """The fitted MLP head ensemble of a pretrained engine (None for a GP head or before a fit)."""
-        return self._heads
-
-    @property
-    def head_inputs(self) -> torch.Tensor | None:
-        """``[N, D(+1)]`` standardised embedding (+ prior) per pool row, after :meth:`prepare`."""
-        return self._inputs
-
-    @property
-    def head_kind(self) -> str | None:
-        """``gp`` or ``mlp``: the head of the last pretrained fit (None before it, or without a backbone)."""
-        if not self.pretrained or self._model is None:
-            return None
-        return "mlp" if self._heads is not None else "gp"
-
-    def _head_kind(self, n_labels: int) -> str:
-        if self.head == "auto":
-            return "gp" if n_labels <= GP_HEAD_MAX_LABELS else "mlp"
-        return self.head
-
-    def _after_fit(self, n: int) -> None:
-        self._n_at_fit = n
-        self._n_fits += 1
-        data = [(o.key, round(o.value, 12)) for o in self._obs]
-        self._version = f"{self.strategy}-{self._n_fits}-{_digest(self.strategy, self.seed, data, n=10)}"
-        logger.info("fitted %s on %d observations -> %s", self.strategy, n, self._version)
-
-    def _pool_mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from sdl.models.pool_ensemble import PoolEnsembleModel
-
-        if isinstance(self._model, PoolEnsembleModel):
-            return self._model.mean_std()
-        from sdl.models.gp import predict_gp
-
-        return predict_gp(self._model, self._acq_inputs())
+    def _design_order_of(self, n: int) -> np.ndarray:
+        """Pool rows in design order: a seeded permutation, or best prior first (``prior``)."""
+        if self._design_order is None and self.design_method == "prior":
+            prior = self.surrogate.prior()
+            assert prior is not None
+            worst = np.inf if self.objective.goal == "minimize" else -np.inf
+            utility = np.asarray(self.objective.utility(np.nan_to_num(prior, nan=worst)))
+            self._design_order = np.argsort(-utility, kind="stable")
+        if self._design_order is None:
+            self._design_order = np.random.default_rng([self.seed, 0xD5]).permutation(n)
+        return self._design_order
 
     def _make(
         self,
@@ -647,127 +846,71 @@ class Engine:
         std: torch.Tensor | None,
         strategy: str,
         pending: set[str],
-        version: str | None = None,
+        version: str,
     ) -> list[Proposal]:
         pool = self.pool
         assert pool is not None
         keys = [pool.keys[i] for i in picks]
-        version = version or self._version
         batch_id = self._batch_id(keys, pending)
-        out = []
-        for j, i in enumerate(picks):
-            out.append(Proposal(
+        return [
+            Proposal(
                 key=keys[j], params=pool.params(i),
                 acquisition_value=None if values is None else float(values[j]),
                 predicted_mean=None if mean is None else float(mean[i]),
                 predicted_std=None if std is None else float(std[i]),
                 model_version=version, batch_id=batch_id, strategy=strategy,
-            ))
-        return out
+            )
+            for j, i in enumerate(picks)
+        ]
 
     # space mode ................................................................................
-    def _propose_space(self, q: int, pending: set[str], state_seed: int) -> list[Proposal]:
-        space = self.space
-        assert space is not None
-        taken = self._measured | pending
+    def _propose_space(
+        self, q: int, n_design: int, pending: set[str], exclude: set[str], state_seed: int
+    ) -> list[Proposal]:
+        space = self._space()
+        taken = self._measured | pending | exclude
         card = space.cardinality()
         if card is not None and len(taken) >= card:
-            raise EngineError(f"pool exhausted: all {card} recipes of {space!r} are measured or pending")
-        if self._in_design():
-            method = "sobol" if self.design_method == "sobol" else "random"
+            raise EngineError(f"pool exhausted: all {card} recipes of {space!r} are measured, pending or excluded")
+        if n_design:
+            method: Literal["sobol", "random"] = "sobol" if self.design_method == "sobol" else "random"
             n_draw = self.design_size + len(taken) + q
-            recipes = self._fresh(space.sample(n_draw, self.seed, method), taken, q)
+            recipes = _fresh(space, space.sample(n_draw, self.seed, method), taken, n_design)
             return self._make_space(recipes, None, DESIGN, pending, f"design-s{self.seed}")
-        if self.strategy == "random":
-            recipes = self._fresh(space.sample(4 * q + len(taken), state_seed, "random"), taken, q)
-            return self._make_space(recipes, None, "random", pending, f"random-s{self.seed}")
-        self._fit_space_if_needed()
-        from sdl.acquisition import build_acquisition
-        from sdl.optim import optimize_box, thompson_select
-
-        X_obs = space.encode([o.params for o in self._obs])
-        y = torch.tensor([o.value for o in self._obs], dtype=torch.float64)
-        values: list[float]
-        if self.acquisition_name == "thompson":
-            cand = space.sample(1024, state_seed, "sobol")
-            Xc = space.encode(cand)
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(state_seed)
-                draw = self._model.posterior(Xc).rsample(torch.Size([q])).reshape(q, -1)
-            free = [i for i, c in enumerate(cand) if space.key_of(c) not in taken]
-            rows, values = thompson_select(draw[:, free], self.objective, q)
-            recipes = [cand[free[r]] for r in rows]
-        else:
-            X_pend = space.encode([self._params_from_key(k) for k in sorted(pending)]) if pending else None
-            acqf = build_acquisition(self.acquisition_name, self._model, self.objective, X_baseline=X_obs,
-                                     y_baseline=y, X_pending=X_pend, beta=self.beta, seed=state_seed)
-            X, vals = optimize_box(acqf, space.bounds, q, seed=state_seed)
-            recipes = space.decode(X)
-            values = vals.tolist() if vals.numel() == len(recipes) else [float(vals.max())] * len(recipes)
-        kept: list[dict[str, Any]] = []
-        kept_vals: list[float | None] = []
-        seen = set(taken)
-        for r, v in zip(recipes, values):
-            k = space.key_of(r)
-            if k not in seen:
-                seen.add(k)
-                kept.append(r)
-                kept_vals.append(v)
-        if len(kept) < q:  # rounding collided with taken recipes: fill with seeded random recipes
-            fill = self._fresh(space.sample(8 * q + len(seen), state_seed + 1, "random"), seen, q - len(kept))
-            kept += fill
-            kept_vals += [None] * len(fill)
-        return self._make_space(kept, kept_vals, self.strategy, pending, None)
-
-    def _fresh(self, recipes: list[dict[str, Any]], taken: set[str], q: int) -> list[dict[str, Any]]:
-        out, seen = [], set(taken)
-        for r in recipes:
-            k = self.space.key_of(r)  # type: ignore[union-attr]
-            if k not in seen:
-                seen.add(k)
-                out.append(r)
-                if len(out) == q:
-                    break
-        return out
-
-    def _fit_space_if_needed(self) -> None:
-        n = len(self._obs)
-        if self._model is not None and n - self._n_at_fit < self.retrain_every:
-            return
-        if self.strategy != "gp":
-            raise EngineError(f"model {self.strategy!r} needs a candidate pool; use gp or random for a parameter space")
-        from sdl.models.gp import fit_gp
-
-        X = self.space.encode([o.params for o in self._obs])  # type: ignore[union-attr]
-        y = torch.tensor([o.value for o in self._obs], dtype=torch.float64)
-        self._model = self._gp = fit_gp(X, y, bounds=self.space.bounds, kernel=self.gp_kernel)  # type: ignore[union-attr]
-        self._fitted_n = n
-        self._after_fit(n)
+        r = SpaceRound(space=space, taken=taken, q=q, seed=state_seed, objective=self.objective,
+                       surrogate=self.surrogate)
+        if self.selection.needs_model:
+            self._fit_if_needed()
+            r = SpaceRound(
+                space=space, taken=taken, q=q, seed=state_seed, objective=self.objective, surrogate=self.surrogate,
+                X_baseline=space.encode([o.params for o in self._obs]),
+                y=torch.tensor([o.value for o in self._obs], dtype=torch.float64),
+                X_pending=space.encode([self._params_from_key(k) for k in sorted(pending)]) if pending else None,
+            )
+        recipes, values = self.selection.pick_recipes(r)
+        return self._make_space(recipes, values, self.strategy, pending, self._proposal_version())
 
     def _make_space(
         self, recipes: list[dict[str, Any]], values: Sequence[float | None] | None, strategy: str,
-        pending: set[str], version: str | None,
+        pending: set[str], version: str,
     ) -> list[Proposal]:
-        space = self.space
-        assert space is not None
+        space = self._space()
         keys = [space.key_of(r) for r in recipes]
-        version = version or self._version
         mean = std = None
-        if self._model is not None and strategy not in (DESIGN, "random") and recipes:
-            from sdl.models.gp import predict_gp
-
-            mean, std = predict_gp(self._model, space.encode(recipes))
+        if self.surrogate.fitted and strategy != DESIGN and self.selection.needs_model and recipes:
+            mean, std = self.surrogate.predict(space.encode(recipes))
         batch_id = self._batch_id(keys, pending)
-        return [
-            Proposal(
+        out = []
+        for j, r in enumerate(recipes):
+            value = None if values is None else values[j]
+            out.append(Proposal(
                 key=keys[j], params=space.canonical(r),
-                acquisition_value=None if values is None or values[j] is None else float(values[j]),  # type: ignore[arg-type]
+                acquisition_value=None if value is None else float(value),
                 predicted_mean=None if mean is None else float(mean[j]),
                 predicted_std=None if std is None else float(std[j]),
                 model_version=version, batch_id=batch_id, strategy=strategy,
-            )
-            for j, r in enumerate(recipes)
-        ]
+            ))
+        return out
 
     # -- uncertainty quality -----------------------------------------------------------------
     def uncertainty_metrics(self) -> dict[str, Any]:
@@ -780,35 +923,12 @@ class Engine:
         Raises:
             EngineError: No model fitted yet, or fewer than 4 held-out labels.
         """
-        from sdl.models.pretrained import gp_leave_one_out
-        from sdl.uq import uncertainty_metrics
-
-        if self.strategy == "random":
-            return {}
-        if self._model is None:
-            raise EngineError("uncertainty_metrics: no model fitted yet")
-        if self._heads is not None:
-            held, source = self._heads.held_out, "out-of-bag"
-        elif self.strategy == "gnn-ensemble" and not self.pretrained:
-            held, source = getattr(self._ensemble, "held_out", None), "out-of-bag"
-        else:
-            held, source = gp_leave_one_out(self._gp), "leave-one-out"
-        if held is None or len(held.y) < 4:
-            raise EngineError(f"uncertainty_metrics: need at least 4 held-out labels, have "
-                              f"{0 if held is None else len(held.y)}")
-        y, mean, std = held.y, held.mean, held.std
-        if self.extensive and held.rows is not None:
-            s = self._row_scale().numpy()[self._fit_rows[held.rows]]
-            y, mean, std = y * s, mean * s, std * s
-        out: dict[str, Any] = dict(uncertainty_metrics(y, mean, std))
-        out.update(model_version=self._version, strategy=self.strategy, held_out=source, n_train=self._fitted_n)
-        if self._heads is not None:
-            out["spread_scale"] = self._heads.spread_scale
-        return out
+        return self.surrogate.uncertainty_metrics()
 
 
 def top_k_indices(score: torch.Tensor, k: int) -> np.ndarray:
     """Positions of the ``k`` best scores (stable order), as a numpy array."""
     from sdl.optim import top_k
 
-    return top_k(score, k).numpy()
+    rows: np.ndarray = top_k(score, k).numpy()
+    return rows

@@ -11,6 +11,7 @@ on the kinked utility itself would blur.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -47,7 +48,7 @@ class Objective:
         if self.goal not in ("maximize", "minimize", "target"):
             raise ValueError(f"objective.goal must be maximize, minimize or target, got {self.goal!r}")
         if self.goal == "target":
-            tr = self.target_range
+            tr: Sequence[float] | None = self.target_range  # callers pass lists too
             if tr is None or len(tr) != 2 or not float(tr[0]) <= float(tr[1]):
                 raise ValueError(f"objective.target_range must be (low, high) with low <= high, got {tr!r}")
             object.__setattr__(self, "target_range", (float(tr[0]), float(tr[1])))
@@ -75,7 +76,7 @@ class Objective:
         elif self.goal == "minimize":
             u = -t
         else:
-            lo, hi = self.target_range  # type: ignore[misc]
+            lo, hi = self._range()
             u = -(torch.clamp(lo - t, min=0.0) + torch.clamp(t - hi, min=0.0))
         return u if isinstance(y, torch.Tensor) else u.numpy()
 
@@ -84,13 +85,18 @@ class Objective:
 
         Every utility here is 1-Lipschitz, so ``utility(mean) + sqrt(beta) * std`` bounds it.
         """
-        return self.utility(mean) + float(beta) ** 0.5 * std
+        score: torch.Tensor = self.utility(mean) + float(beta) ** 0.5 * std
+        return score
 
     def mc_objective(self) -> Any:
         """BoTorch ``GenericMCObjective``: ``samples (... x q x 1)`` -> utilities ``(... x q)``."""
         from botorch.acquisition.objective import GenericMCObjective
 
-        return GenericMCObjective(lambda samples, X=None: self.utility(samples[..., 0]))
+        def utilities(samples: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
+            u: torch.Tensor = self.utility(samples[..., 0])
+            return u
+
+        return GenericMCObjective(utilities)
 
     def best_value(self, values: Sequence[float] | np.ndarray) -> float | None:
         """The measured value with the highest utility (None when there is none)."""
@@ -103,18 +109,52 @@ class Objective:
     def best_utility(self, values: Sequence[float] | np.ndarray) -> float | None:
         """Highest utility among measured values (None when there is none)."""
         best = self.best_value(values)
-        return None if best is None else float(self.utility(np.array([best]))[0])
+        return None if best is None else self.scalar_utility(best)
 
-    def reached(self, values: Sequence[float] | np.ndarray, goal_value: float | None) -> bool:
-        """Whether a stopping goal is met by the best measurement.
+    def scalar_utility(self, value: float) -> float:
+        """Utility of one raw value, in plain float arithmetic (NaN stays NaN)."""
+        v = float(value)
+        if self.goal == "maximize":
+            return v
+        if self.goal == "minimize":
+            return -v
+        lo, hi = self._range()
+        return -(max(lo - v, 0.0) + max(v - hi, 0.0))
 
-        maximize / minimize: best >= / <= ``goal_value`` (raw units; None = never). target: the best
-        value is inside the range, or within ``|goal_value|`` of it when ``goal_value`` is given.
+    def _range(self) -> tuple[float, float]:
+        if self.target_range is None:
+            raise ValueError("objective.target_range is not set")
+        return self.target_range
+
+    def is_better(self, a: float, b: float | None) -> bool:
+        """Whether raw value ``a`` is strictly better than ``b`` (anything finite beats None).
+
+        maximize: ``a > b``; minimize: ``a < b``; target: ``a`` is nearer the range (higher
+        utility), so two values inside the range are equally good. A NaN is never better.
         """
-        best = self.best_value(values)
-        if best is None:
+        ua = self.scalar_utility(a)
+        if math.isnan(ua):
             return False
+        if b is None:
+            return True
+        ub = self.scalar_utility(b)
+        return math.isnan(ub) or ua > ub
+
+    def reached(self, best_value: float | None, goal_value: float | None = None) -> bool:
+        """Whether a stopping goal is met by the best measured value.
+
+        Args:
+            best_value: Best measured raw value so far (:meth:`best_value`); None = nothing measured.
+            goal_value: Raw value to reach for maximize (``best >= goal_value``) and minimize
+                (``best <= goal_value``); None = never reached. Unused for target: the goal is met
+                when the best value is inside the range (utility >= 0).
+        """
+        if best_value is None or math.isnan(float(best_value)):
+            return False
+        if self.goal == "target":
+            return self.scalar_utility(best_value) >= 0.0
         if goal_value is None:
-            return self.goal == "target" and self.utility(np.array([best]))[0] >= 0.0
-        return best >= goal_value if self.goal == "maximize" else best <= goal_value if self.goal == "minimize" \
-            else bool(self.utility(np.array([best]))[0] >= -abs(goal_value))
+            return False
+        if self.goal == "maximize":
+            return float(best_value) >= float(goal_value)
+        return float(best_value) <= float(goal_value)

@@ -45,7 +45,9 @@ class BootstrapRidgeEnsemble:
             b = rng.integers(0, len(y), len(y))
             self.coefs.append(np.linalg.solve(Z[b].T @ Z[b] + 0.1 * np.eye(Z.shape[1]), Z[b].T @ y[b]))
 
-    def predict_members(self, structures: list[Any], keys: list[str] | None = None, batch_size: int = 1024) -> torch.Tensor:
+    def predict_members(
+        self, structures: list[Any], keys: list[str] | None = None, batch_size: int = 1024
+    ) -> torch.Tensor:
         Z = self._Z(structures)
         return torch.as_tensor(np.stack([Z @ c for c in self.coefs]))
 
@@ -58,7 +60,8 @@ def barrel() -> CandidatePool:
 @pytest.fixture(scope="module")
 def perov() -> CandidatePool:
     frame = pd.read_csv(WORLDS / "perovskites_2k.csv.gz").iloc[:300]
-    return CandidatePool.from_frame(frame, structure_column="cif", formula_column="formula", source="perovskites_2k[:300]")
+    return CandidatePool.from_frame(frame, structure_column="cif", formula_column="formula",
+                                    source="perovskites_2k[:300]")
 
 
 def engine(pool: CandidatePool | None = None, model: str = "gp", acq: str = "qlognei", seed: int = 0,
@@ -88,7 +91,7 @@ def run(eng: Engine, truth: dict[str, float], rounds: int, q: int, pending_every
 
 @pytest.mark.parametrize("acq", ["qlognei", "qucb", "thompson"])
 def test_gp_pool_never_repeats_and_only_proposes_table_rows(barrel: CandidatePool, acq: str) -> None:
-    truth = dict(zip(barrel.keys, barrel.values("toughness")))
+    truth = dict(zip(barrel.keys, barrel.values("toughness"), strict=True))
     eng = engine(barrel, "gp", acq)
     seen: set[str] = set()
     for batch in run(eng, truth, rounds=4, q=3, pending_every=2):
@@ -103,10 +106,10 @@ def test_gp_pool_never_repeats_and_only_proposes_table_rows(barrel: CandidatePoo
 
 
 def test_pool_exhaustion_returns_fewer_then_raises(barrel: CandidatePool) -> None:
-    rows = sorted(sum(barrel.replicates[:10], []))
+    rows = sorted(r for group in barrel.replicates[:10] for r in group)
     small = CandidatePool.from_frame(barrel.source_frame.iloc[rows], id_column=None, parameter_columns=BARREL_COLUMNS)
     assert len(small) == 10
-    truth = dict(zip(small.keys, small.values("toughness")))
+    truth = dict(zip(small.keys, small.values("toughness"), strict=True))
     eng = engine(small, "gp", "qucb", size=4)
     b1 = eng.propose(4)
     eng.observe([Observation(p.key, p.params, truth[p.key]) for p in b1])
@@ -117,7 +120,7 @@ def test_pool_exhaustion_returns_fewer_then_raises(barrel: CandidatePool) -> Non
 
 
 def test_proposals_are_reproducible_and_designs_shared(barrel: CandidatePool) -> None:
-    truth = dict(zip(barrel.keys, barrel.values("toughness")))
+    truth = dict(zip(barrel.keys, barrel.values("toughness"), strict=True))
     keys = lambda bs: [[p.key for p in b] for b in bs]  # noqa: E731
     a = run(engine(barrel, "gp", "qlogei", seed=1), truth, rounds=4, q=3)
     b = run(engine(barrel, "gp", "qlogei", seed=1), truth, rounds=4, q=3)
@@ -131,9 +134,10 @@ def test_proposals_are_reproducible_and_designs_shared(barrel: CandidatePool) ->
 
 
 def test_ensemble_pool_mode_with_pending_and_target(perov: CandidatePool) -> None:
-    truth = dict(zip(perov.keys, perov.values("gap_gllbsc")))
+    truth = dict(zip(perov.keys, perov.values("gap_gllbsc"), strict=True))
     for acq in ["qucb", "qlognei", "max-variance", "thompson"]:
-        eng = engine(perov, "gnn-ensemble", acq, goal="target", target=(1.1, 1.7), size=6,
+        # Design of 8 with one of each batch left pending: two full design batches (4 + 4), then the model.
+        eng = engine(perov, "gnn-ensemble", acq, goal="target", target=(1.1, 1.7), size=8,
                      ensemble_factory=BootstrapRidgeEnsemble)
         seen: set[str] = set()
         for batch in run(eng, truth, rounds=4, q=4, pending_every=1):
@@ -141,14 +145,14 @@ def test_ensemble_pool_mode_with_pending_and_target(perov: CandidatePool) -> Non
             assert len(keys) == 4 and not keys & seen
             seen |= keys
         assert batch[0].strategy == "gnn-ensemble" and batch[0].predicted_std is not None
-        again = run(engine(perov, "gnn-ensemble", acq, goal="target", target=(1.1, 1.7), size=6,
+        again = run(engine(perov, "gnn-ensemble", acq, goal="target", target=(1.1, 1.7), size=8,
                            ensemble_factory=BootstrapRidgeEnsemble), truth, rounds=4, q=4, pending_every=1)
         assert [p.key for p in again[-1]] == [p.key for p in batch]
 
 
 def test_target_range_campaign_finds_in_range_materials(perov: CandidatePool) -> None:
     gaps = perov.values("gap_gllbsc")
-    truth = dict(zip(perov.keys, gaps))
+    truth = dict(zip(perov.keys, gaps, strict=True))
     in_range = lambda k: 1.1 <= truth[k] <= 1.7  # noqa: E731
     base_rate = float(np.mean([in_range(k) for k in perov.keys]))
     eng = engine(perov, "gp", "qlogei", goal="target", target=(1.1, 1.7), size=10)
@@ -160,7 +164,7 @@ def test_target_range_campaign_finds_in_range_materials(perov: CandidatePool) ->
 
 
 def test_composition_gp_uncertainty_metrics(perov: CandidatePool) -> None:
-    truth = dict(zip(perov.keys, perov.values("e_form")))
+    truth = dict(zip(perov.keys, perov.values("e_form"), strict=True))
     eng = engine(perov, "gp", "qucb", size=20)
     run(eng, truth, rounds=3, q=10)
     assert eng.uncertainty_metrics()["n_train"] == 20  # the model that made the last proposals
@@ -174,7 +178,7 @@ def test_composition_gp_uncertainty_metrics(perov: CandidatePool) -> None:
 
 
 def test_real_gnn_ensemble_integrates(perov: CandidatePool) -> None:
-    truth = dict(zip(perov.keys, perov.values("e_form")))
+    truth = dict(zip(perov.keys, perov.values("e_form"), strict=True))
     eng = Engine(objective=NS(goal="minimize"), acquisition=NS(function="qucb", batch_size=2, beta=2.0),
                  model=NS(name="gnn-ensemble", options={"backbone": "scratch", "members": 2, "hidden": 16, "layers": 1,
                                                    "epochs": 3}),
@@ -210,6 +214,139 @@ def test_continuous_mixed_space_mode(barrel: CandidatePool) -> None:
         engine(None, "gnn-ensemble", space=space)
 
 
+def _designed(barrel: CandidatePool, acq: str) -> Engine:
+    """A GP engine on the crossed-barrel table after its 6-point design was measured."""
+    truth = dict(zip(barrel.keys, barrel.values("toughness"), strict=True))
+    eng = engine(barrel, "gp", acq, size=6)
+    for _ in range(2):
+        eng.observe([Observation(p.key, p.params, truth[p.key]) for p in eng.propose(3)])
+    return eng
+
+
+@pytest.mark.parametrize("acq", ["qucb", "qlognei"])
+def test_pending_points_change_the_acquisition_and_excluded_ones_do_not(
+    barrel: CandidatePool, acq: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sdl.acquisition
+
+    built: list[Any] = []
+    passed: list[torch.Tensor | None] = []  # the X_pending the engine hands BoTorch
+    real = sdl.acquisition.build_acquisition
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        passed.append(kwargs.get("X_pending"))
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(sdl.acquisition, "build_acquisition", spy)
+    eng = _designed(barrel, acq)
+    free = eng.propose(3)
+    others = [p.key for p in free]  # the three best candidates: strongly correlated with their neighbours
+    as_pending = eng.propose(3, pending=others)
+    as_excluded = eng.propose(3, exclude=others)
+    acq_free, acq_pending, acq_excluded = built
+    X = eng.surrogate.inputs()
+    rows = [i for i, k in enumerate(barrel.keys) if k not in eng.measured_keys and k not in others]
+    with torch.no_grad():
+        def values(acqf: Any) -> torch.Tensor:
+            return torch.cat([acqf(part) for part in X[rows].unsqueeze(-2).split(256)])
+
+        v_free, v_pending, v_excluded = values(acq_free), values(acq_pending), values(acq_excluded)
+    # pending experiments are BoTorch X_pending (qLogNEI folds them into its baseline): every
+    # remaining candidate is scored jointly with them
+    pend = passed[1]
+    assert pend is not None
+    torch.testing.assert_close(pend, X[sorted(barrel.index_of(k) for k in others)])
+    assert (v_pending - v_free).abs().max() > 1e-3 * v_free.abs().max()
+    # excluded candidates only leave the pool: the others' acquisition values are exactly unchanged
+    assert passed[0] is None and passed[2] is None
+    torch.testing.assert_close(v_excluded, v_free, rtol=0.0, atol=0.0)
+    assert as_excluded[0].acquisition_value == pytest.approx(float(v_free.max()))
+    for batch in (as_pending, as_excluded):
+        assert len(batch) == 3 and not {p.key for p in batch} & set(others)
+    # the same state gives the same batch (ids included); exclusion is part of that state
+    again = eng.propose(3, exclude=others)
+    assert [(p.key, p.batch_id) for p in again] == [(p.key, p.batch_id) for p in as_excluded]
+
+
+def test_excluded_candidates_are_never_proposed(barrel: CandidatePool) -> None:
+    truth = dict(zip(barrel.keys, barrel.values("toughness"), strict=True))
+    eng = engine(barrel, "gp", "thompson", size=4)
+    excluded: list[str] = []
+    proposed: set[str] = set()
+    for _ in range(5):  # the first proposal of each batch fails and is excluded from then on
+        batch = eng.propose(3, exclude=excluded)
+        keys = {p.key for p in batch}
+        assert not keys & set(excluded) and not keys & proposed
+        proposed |= keys
+        excluded.append(batch[0].key)
+        eng.observe([Observation(p.key, p.params, truth[p.key]) for p in batch[1:]])
+    assert batch[0].strategy == "gp"
+    # recipes (mappings) and Proposals name excluded candidates too
+    recipe = barrel.params(barrel.index_of(eng.propose(1)[0].key))
+    assert eng.propose(1, exclude=[recipe])[0].key != barrel.key_for_params(recipe)
+    # parameter-space mode: an excluded recipe is never proposed again, in the design or after it
+    space = ParameterSpace([{"name": "n", "type": "integer", "low": 1, "high": 6},
+                            {"name": "t", "type": "categorical", "choices": ["a", "b"]}])
+    eng = engine(None, "gp", "qucb", space=space, size=4)
+    first = eng.propose(2)
+    assert first[0].key not in {p.key for p in eng.propose(2, exclude=[first[0]])}
+    gone = [first[0].key]
+    for _ in range(4):
+        batch = eng.propose(2, exclude=gone)
+        assert not {p.key for p in batch} & set(gone)
+        gone.append(batch[0].key)
+        eng.observe([Observation(p.key, p.params, float(p.params["n"]) + (p.params["t"] == "b"))
+                     for p in batch[1:]])
+    assert batch[0].strategy == "gp"
+    with pytest.raises(EngineError, match="pool exhausted"):
+        eng.propose(1, exclude=[f"n={n};t={t}" for n in range(1, 7) for t in "ab"])
+
+
+def test_initial_design_runs_exactly_its_size_with_experiments_in_flight(barrel: CandidatePool) -> None:
+    truth = dict(zip(barrel.keys, barrel.values("toughness"), strict=True))
+    eng = engine(barrel, "gp", "qucb", size=8)
+    running: list[str] = []
+    sizes = []
+    for _ in range(3):  # nothing measured yet: 8 design experiments in flight, then the design is over
+        batch = eng.propose(3, pending=running)
+        assert {p.strategy for p in batch} == {"initial-design"}
+        sizes.append(len(batch))
+        running += [p.key for p in batch]
+    assert sizes == [3, 3, 2]  # the batch that straddles the boundary returns only what the design still owes
+    failed, done = running[:1], running[1:]
+    eng.observe([Observation(k, {}, truth[k]) for k in done])
+    batch = eng.propose(3, exclude=failed)  # a failed design experiment still counts: 7 measured + 1 failed
+    assert len(batch) == 3 and {p.strategy for p in batch} == {"gp"} and not {p.key for p in batch} & set(running)
+    # the same without experiments in flight: measured ones count, straddling batches stop at the size
+    eng = engine(barrel, "gp", "qucb", size=8)
+    sizes = []
+    for _ in range(4):
+        batch = eng.propose(3)
+        sizes.append((len(batch), batch[0].strategy))
+        eng.observe([Observation(p.key, p.params, truth[p.key]) for p in batch])
+    assert sizes == [(3, "initial-design"), (3, "initial-design"), (2, "initial-design"), (3, "gp")]
+    # space mode follows the same rule
+    space = ParameterSpace([{"name": "x", "type": "continuous", "low": 0.0, "high": 1.0}])
+    eng = engine(None, "gp", "qucb", space=space, size=4)
+    first = eng.propose(3)
+    second = eng.propose(3, pending=first)
+    assert len(first) == 3 and len(second) == 1 and second[0].strategy == "initial-design"
+
+
+def test_design_goes_on_until_the_model_has_enough_measurements(barrel: CandidatePool) -> None:
+    truth = dict(zip(barrel.keys, barrel.values("toughness"), strict=True))
+    for model, need in [("gp", 2), ("random", 1)]:
+        eng = engine(barrel, model, "qucb", size=2)
+        failed = [p.key for p in eng.propose(2)]  # the whole design fails: nothing to fit on
+        extra = eng.propose(3, exclude=failed)
+        assert len(extra) == 3 and {p.strategy for p in extra} == {"initial-design"}
+        eng.observe([Observation(p.key, p.params, truth[p.key]) for p in extra[:need - 1]])
+        assert eng.propose(2, exclude=failed)[0].strategy == "initial-design"  # still one short
+        eng.observe([Observation(extra[need - 1].key, {}, truth[extra[need - 1].key])])
+        assert eng.propose(2, exclude=failed)[0].strategy == model
+
+
 def test_bad_observations_and_config(barrel: CandidatePool) -> None:
     eng = engine(barrel, "gp")
     with pytest.raises(EngineError, match="unknown candidate key"):
@@ -220,7 +357,7 @@ def test_bad_observations_and_config(barrel: CandidatePool) -> None:
     assert eng.measured_keys == {barrel.keys[0]}
     with pytest.raises(EngineError, match="unknown strategy"):
         engine(barrel, "svm")
-    with pytest.raises(EngineError, match="acquisition.function"):
+    with pytest.raises(EngineError, match=r"acquisition\.function"):
         engine(barrel, "gp", "ei")
 
 

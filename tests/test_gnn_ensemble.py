@@ -15,7 +15,7 @@ from sdl.models.ensemble import EnsembleOptions, GNNEnsemble
 from sdl.uq import kfold_uncertainty
 
 WORLD = Path(__file__).resolve().parents[1] / "simulators" / "worlds" / "perovskites_demo.csv.gz"
-SMALL = dict(members=3, hidden=16, layers=2, epochs=6, patience=3, batch_size=32, rbf=16)
+SMALL = {"members": 3, "hidden": 16, "layers": 2, "epochs": 6, "patience": 3, "batch_size": 32, "rbf": 16}
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,8 @@ def test_cli_model_evaluate_writes_json(tmp_path) -> None:
     from sdl.cli.main import app
 
     out = tmp_path / "eval.json"
-    args = ["model", "evaluate", "--data", str(WORLD), "--target", "e_form", "--max-rows", "80", "--backbone", "scratch",
-            "--members", "2", "--epochs", "2", "--hidden", "8", "--json", str(out)]
+    args = ["model", "evaluate", "--data", str(WORLD), "--target", "e_form", "--max-rows", "80",
+            "--backbone", "scratch", "--members", "2", "--epochs", "2", "--hidden", "8", "--json", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())

@@ -17,7 +17,9 @@ WORLDS = Path(__file__).resolve().parent.parent / "simulators" / "worlds"
 
 
 def test_gp_on_crossed_barrel_beats_the_mean_predictor() -> None:
-    pool = CandidatePool.from_csv(WORLDS / "crossed_barrel.csv", id_column=None, parameter_columns=["n", "theta", "r", "t"])
+    pool = CandidatePool.from_csv(
+        WORLDS / "crossed_barrel.csv", id_column=None, parameter_columns=["n", "theta", "r", "t"]
+    )
     X, y = pool.parameter_matrix(), torch.as_tensor(pool.values("toughness"))
     perm = torch.randperm(600, generator=torch.Generator().manual_seed(0))
     tr, te = perm[:120], perm[120:]

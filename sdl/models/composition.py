@@ -25,7 +25,8 @@ __all__ = ["ELEMENT_PROPERTIES", "FEATURE_NAMES", "composition_features"]
 logger = logging.getLogger(__name__)
 
 ELEMENT_PROPERTIES = ("Z", "X", "atomic_radius", "group", "row", "atomic_mass", "mendeleev_no")
-FEATURE_NAMES = tuple(f"{p}_{s}" for p in ELEMENT_PROPERTIES for s in ("mean", "std", "min", "max")) + (
+FEATURE_NAMES = (
+    *(f"{p}_{s}" for p in ELEMENT_PROPERTIES for s in ("mean", "std", "min", "max")),
     "n_elements",
     "max_fraction",
 )
@@ -70,7 +71,7 @@ def _features_of(formula: str) -> tuple[float, ...]:
     mean = w @ P
     std = np.sqrt(np.maximum(w @ (P - mean) ** 2, 0.0))
     feats = np.stack([mean, std, P.min(axis=0), P.max(axis=0)], axis=1).reshape(-1)
-    return tuple(feats.tolist()) + (float(len(symbols)), float(w.max()))
+    return (*feats.tolist(), float(len(symbols)), float(w.max()))
 
 
 def composition_features(formulas: Sequence[Any]) -> np.ndarray:

@@ -110,7 +110,9 @@ class GNNEnsemble:
         converter: Graph converter to share (its cache); built from ``options`` when None.
     """
 
-    def __init__(self, options: Any | None = None, seed: int = 0, converter: CrystalGraphConverter | None = None) -> None:
+    def __init__(
+        self, options: Any | None = None, seed: int = 0, converter: CrystalGraphConverter | None = None
+    ) -> None:
         self.options = EnsembleOptions.from_any(options)
         self.seed = int(seed)
         self.converter = converter or CrystalGraphConverter(
@@ -191,7 +193,10 @@ class GNNEnsemble:
         n = y_t.shape[0]
         oob = torch.zeros(o.members, n, dtype=torch.bool)
         for m in range(o.members):
-            net = copy.deepcopy(self.members[m]) if warm and m < len(self.members) else self._new_member(self._member_seed(m))
+            if warm and m < len(self.members):
+                net = copy.deepcopy(self.members[m])
+            else:
+                net = self._new_member(self._member_seed(m))
             trained_on = self._train_member(net, m, packed, target, y_t, n_epochs, budget, report)
             oob[m] = True
             oob[m, trained_on] = False
@@ -224,12 +229,12 @@ class GNNEnsemble:
         n = target.shape[0]
         gen = torch.Generator().manual_seed(self._member_seed(m))
         perm = torch.randperm(n, generator=gen)
-        n_val = int(round(o.validation_fraction * n)) if n >= 10 else 0
+        n_val = round(o.validation_fraction * n) if n >= 10 else 0
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         if o.bootstrap and train_idx.shape[0] > 1:
             train_idx = train_idx[torch.randint(train_idx.shape[0], (train_idx.shape[0],), generator=gen)]
         if n_val == 0:
-            val_idx = train_idx.unique()
+            val_idx = torch.unique(train_idx)
         val_batch = packed.batch(val_idx)
         opt = torch.optim.AdamW(net.parameters(), lr=o.learning_rate, weight_decay=1e-5)
         best = float("inf")
@@ -259,7 +264,7 @@ class GNNEnsemble:
                 batch = packed.batch(idx)
                 loss = torch.nn.functional.l1_loss(net(batch), target[idx])
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                torch.autograd.backward(loss)
                 opt.step()
             epochs_run = epoch
             val = self._val_mae(net, val_batch, y[val_idx])
@@ -280,7 +285,8 @@ class GNNEnsemble:
         report.stopped_by_time.append(by_time)
         logger.info("member %d: %d epochs, best %d, val MAE %.4f, %.1f s", m, epochs_run, best_epoch, best,
                     time.perf_counter() - t_start)
-        return train_idx.unique()
+        trained_on: torch.Tensor = torch.unique(train_idx)
+        return trained_on
 
     def _val_mae(self, net: CrystalGNN, batch: Any, y: torch.Tensor) -> float:
         net.eval()

@@ -52,7 +52,8 @@ class GatedGraphConv(nn.Module):
         f, c = self.norm_msg(z).chunk(2, dim=-1)
         msg = torch.sigmoid(f) * self.act(c) * edge_weight.unsqueeze(-1)
         agg = torch.zeros_like(h).index_add_(0, i, msg)
-        return h + self.act(self.norm_out(agg))
+        out: torch.Tensor = h + self.act(self.norm_out(agg))
+        return out
 
 
 class CrystalGNN(nn.Module):

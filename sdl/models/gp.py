@@ -81,7 +81,7 @@ def predict_gp(model: Any, X: torch.Tensor, chunk: int = 512) -> tuple[torch.Ten
     """
     means, stds = [], []
     with torch.no_grad():
-        for part in X.to(torch.float64).split(chunk):
+        for part in torch.split(X.to(torch.float64), chunk):
             post = model.posterior(part)
             means.append(post.mean.reshape(-1))
             stds.append(post.variance.clamp_min(0.0).sqrt().reshape(-1))

@@ -18,6 +18,7 @@ import logging
 import torch
 from botorch.models.ensemble import EnsembleModel
 from botorch.posteriors.ensemble import EnsemblePosterior
+from botorch.posteriors.posterior import Posterior
 from botorch.sampling.base import MCSampler
 
 __all__ = ["MemberSampler", "PoolEnsembleModel"]
@@ -31,6 +32,8 @@ class PoolEnsembleModel(EnsembleModel):
     Args:
         predictions: ``M x N`` member predictions for the N pool candidates (raw property units).
     """
+
+    predictions: torch.Tensor  # a registered buffer (moves with the model)
 
     def __init__(self, predictions: torch.Tensor) -> None:
         super().__init__()
@@ -85,8 +88,14 @@ class MemberSampler(MCSampler):
     def __init__(self, ensemble_size: int) -> None:
         super().__init__(sample_shape=torch.Size([int(ensemble_size)]), seed=0)
 
-    def forward(self, posterior: EnsemblePosterior) -> torch.Tensor:
-        """All members' values: ``M x batch_shape x q x m``."""
+    def forward(self, posterior: Posterior) -> torch.Tensor:
+        """All members' values: ``M x batch_shape x q x m``.
+
+        Raises:
+            TypeError: Not an ``EnsemblePosterior``.
+        """
+        if not isinstance(posterior, EnsemblePosterior):
+            raise TypeError(f"MemberSampler needs an EnsemblePosterior, got {type(posterior).__name__}")
         m = posterior.ensemble_size
         if m != self.sample_shape[0]:
             raise ValueError(f"MemberSampler built for {self.sample_shape[0]} members, posterior has {m}")
@@ -94,5 +103,5 @@ class MemberSampler(MCSampler):
         base = torch.arange(m, device=posterior.device).reshape(m, *([1] * len(batch))).expand(m, *batch)
         return posterior.rsample_from_base_samples(sample_shape=self.sample_shape, base_samples=base)
 
-    def _update_base_samples(self, posterior: EnsemblePosterior, base_sampler: MCSampler) -> None:
+    def _update_base_samples(self, posterior: Posterior, base_sampler: MCSampler) -> None:
         """Nothing to update: the base samples are fixed (needed by cached-Cholesky acquisitions)."""

@@ -13,8 +13,8 @@ per round). Two heads share that input:
   the labels, on top of a least-squares line in the prior (so with few labels the ensemble falls
   back to a calibrated prior rather than to the mean). The members' spread is recalibrated: one
   scale ``s`` fitted so that the out-of-bag z-scores (each label predicted by the members that
-  never saw it) have a standard normal's median absolute value, and applied to every member's deviation from the ensemble
-  mean. Out-of-bag predictions are also the round's uncertainty metrics: no refits.
+  never saw it) have a standard normal's median absolute value, and applied to every member's
+  deviation from the ensemble mean. Out-of-bag predictions are also the round's uncertainty metrics: no refits.
 * a GP head (:func:`sdl.models.gp.fit_gp` on the same inputs), whose exact leave-one-out
   predictions play the same role (:func:`gp_leave_one_out`).
 """
@@ -188,12 +188,13 @@ class HeadEnsemble:
                 idx = order[start : start + bs]
                 opt.zero_grad(set_to_none=True)
                 loss = torch.nn.functional.mse_loss(net(X[idx]).squeeze(-1), t[idx])
-                loss.backward()
+                torch.autograd.backward(loss)
                 opt.step()
         net.eval()
 
     def _member_predict(self, net: torch.nn.Module, X: torch.Tensor) -> torch.Tensor:
-        return self._linear(X) + self.scale_y * net(X.float()).squeeze(-1).double()
+        out: torch.Tensor = self._linear(X) + self.scale_y * net(X.float()).squeeze(-1).double()
+        return out
 
     def _calibrate(self, y: torch.Tensor, preds: torch.Tensor, oob: torch.Tensor) -> None:
         self.spread_scale, self.held_out = oob_calibration(y, preds, oob)
@@ -204,7 +205,7 @@ class HeadEnsemble:
             raise RuntimeError("HeadEnsemble.predict_members called before fit()")
         parts = []
         with torch.no_grad():
-            for Xc in X.to(torch.float64).split(chunk):
+            for Xc in torch.split(X.to(torch.float64), chunk):
                 P = torch.stack([self._member_predict(net, Xc) for net in self.members])
                 parts.append(scale_spread(P, self.spread_scale))
         return torch.cat(parts, dim=1)
