@@ -201,6 +201,8 @@ class Selection(ABC):
         beta: Width of the optimistic pre-filter score (and qUCB's exploration weight).
     """
 
+    name: ClassVar[str] = "selection"
+    """The ``acquisition.function`` it stands for (records and logs)."""
     needs_model: ClassVar[bool] = True
     """False when the rule picks without a fitted model (random)."""
 
@@ -284,6 +286,11 @@ class AcquisitionSelection(Selection):
         super().__init__(beta)
         self.function = function
 
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """The BoTorch acquisition's name (``qucb``, ``qlogei``, ...)."""
+        return self.function
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.function!r}, beta={self.beta})"
 
@@ -341,6 +348,8 @@ class ThompsonSelection(Selection):
         candidates: Scrambled-Sobol recipes drawn per round in space mode.
     """
 
+    name = "thompson"
+
     def __init__(self, beta: float = 2.0, candidates: int = 1024) -> None:
         super().__init__(beta)
         self.candidates = int(candidates)
@@ -372,6 +381,7 @@ class RandomSelection(Selection):
         seed: The engine's seed.
     """
 
+    name = "random"
     needs_model = False
 
     def __init__(self, seed: int = 0) -> None:
@@ -477,7 +487,8 @@ class Engine:
         model: Config with ``name`` (``random``, ``gp``, ``gnn-ensemble``) and ``options``, mapped
             by :func:`build_surrogate`; or a :class:`~sdl.models.surrogate.Surrogate`.
         acquisition: Config with ``function`` (qlogei, qlognei, qucb, max-variance, thompson),
-            ``batch_size`` and ``beta``, mapped by :func:`build_selection`.
+            ``batch_size`` and ``beta``, mapped by :func:`build_selection`; or a :class:`Selection`
+            (then ``propose`` takes ``q`` or proposes one at a time).
         seed: Seed of the design, the samplers and the models.
         pool: Candidate pool (pool mode); takes precedence over ``space``.
         space: Parameter space (continuous mode).
@@ -529,7 +540,8 @@ class Engine:
             featurize_workers=max(1, int(featurize_workers)),
         )
         self.strategy = self.surrogate.name
-        self.acquisition_name = str(_get(acquisition, "function", "qlognei")).lower()
+        self.acquisition_name = (acquisition.name if isinstance(acquisition, Selection)
+                                 else str(_get(acquisition, "function", "qlognei")).lower())
         self.batch_size = int(_get(acquisition, "batch_size", 1) or 1)
         self.beta = float(_get(acquisition, "beta", 2.0) or 2.0)
         self.selection: Selection = build_selection(acquisition, self.surrogate, self.seed)
@@ -831,9 +843,8 @@ class Engine:
         if self._design_order is None and self.design_method == "prior":
             prior = self.surrogate.prior()
             assert prior is not None
-            worst = np.inf if self.objective.goal == "minimize" else -np.inf
-            utility = np.asarray(self.objective.utility(np.nan_to_num(prior, nan=worst)))
-            self._design_order = np.argsort(-utility, kind="stable")
+            utility = np.asarray(self.objective.utility(prior))
+            self._design_order = np.argsort(-np.where(np.isnan(utility), -np.inf, utility), kind="stable")
         if self._design_order is None:
             self._design_order = np.random.default_rng([self.seed, 0xD5]).permutation(n)
         return self._design_order
