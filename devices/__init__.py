@@ -16,13 +16,11 @@ __all__ = [
     "synthesize",
     "characterize",
     "synthesize_and_characterize",
-    "reconcile",
 ]
 
 _WHERE = {
     "LineTransport": "devices.transport",
     "SynthesisRobot": "devices.robot",
-    "reconcile": "devices.robot",
     "CharacterizationStation": "devices.station",
     "synthesize": "devices.plans",
     "characterize": "devices.plans",

@@ -19,7 +19,7 @@ from ophyd import Device
 from ophyd.status import DeviceStatus
 
 from devices.transport import FaultCallback, LineTransport
-from sdl.exceptions import InstrumentError
+from sdl.exceptions import InstrumentError, InstrumentRejected
 
 __all__ = ["LineDevice"]
 
@@ -118,6 +118,39 @@ class LineDevice(Device):
             self._aborted()
         except InstrumentError as exc:
             logger.warning("%s: could not abort job %s: %s", self.name, job_id, exc)
+
+    # -- the instrument port of sdl.lab.instruments ---------------------------------------------
+    def job(self, job_id: str) -> dict[str, Any]:
+        """The instrument's record of ``job_id`` (``JOB?``) after a crash or a retry.
+
+        Returns:
+            The job record (``state`` is ``running``, ``done``, ``failed`` or ``aborted``, plus
+            ``recipe``, ``result``, ``failure``, ``error``), or ``{"job_id": job_id, "state":
+            "unknown"}`` when the instrument never saw it (safe to start).
+        """
+        try:
+            return dict(self.transport.command("JOB?", job_id).data or {})
+        except InstrumentRejected as exc:
+            if "NOT_FOUND" in str(exc):
+                return {"job_id": job_id, "state": "unknown"}
+            raise
+
+    def abort(self, job_id: str) -> None:
+        """Abort ``job_id`` on the instrument (``<VERB> ABORT``), whether or not this client started it."""
+        with self._active_lock:
+            if self._active == job_id:
+                self._active = None
+        self.transport.command(f"{self.verb} ABORT", job_id)
+        self._aborted()
+
+    def ping(self) -> None:
+        """Raise an :class:`InstrumentError` unless the instrument answers ``*IDN?`` now (one try)."""
+        retries, self.transport.retries = self.transport.retries, 0
+        try:
+            self.transport.open()
+            self.transport.identify()
+        finally:
+            self.transport.retries = retries
 
     def close(self) -> None:
         """Close the serial line and the worker."""

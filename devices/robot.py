@@ -17,9 +17,9 @@ from ophyd.status import DeviceStatus
 
 from devices.line_device import LineDevice
 from devices.transport import FaultCallback, LineTransport
-from sdl.exceptions import InstrumentError, InstrumentProtocolError, InstrumentRejected, MaterialFailure
+from sdl.exceptions import InstrumentError, InstrumentProtocolError, MaterialFailure
 
-__all__ = ["SynthesisRobot", "reconcile"]
+__all__ = ["SynthesisRobot"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class SynthesisRobot(LineDevice):
             retries=retries, busy_timeout=busy_timeout, on_fault=on_fault, transport=transport, **kwargs,
         )
 
-    def set(self, recipe: dict[str, Any]) -> DeviceStatus:  # type: ignore[override]
+    def set(self, recipe: dict[str, Any]) -> DeviceStatus:
         """Start synthesizing ``recipe`` (a dict with ``job_id`` and ``candidate`` or ``params``).
 
         Returns:
@@ -118,23 +118,3 @@ class SynthesisRobot(LineDevice):
 
     def _aborted(self) -> None:
         self.state.put("aborted")
-
-    def reconcile(self, job_id: str) -> dict[str, Any]:
-        """The robot's record of a job (see :func:`reconcile`)."""
-        return reconcile(self, job_id)
-
-
-def reconcile(robot: SynthesisRobot, job_id: str) -> dict[str, Any]:
-    """Ask the robot what became of ``job_id`` after a client crash.
-
-    Returns:
-        The robot's job record (``state`` is ``running``, ``done``, ``failed`` or ``aborted``,
-        plus ``recipe`` and ``result``), or ``{"job_id": job_id, "state": "unknown"}`` when the
-        robot never started it (safe to start).
-    """
-    try:
-        return dict(robot.transport.command("JOB?", job_id).data or {})
-    except InstrumentRejected as exc:
-        if "NOT_FOUND" in str(exc):
-            return {"job_id": job_id, "state": "unknown"}
-        raise

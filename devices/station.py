@@ -193,7 +193,7 @@ class CharacterizationStation(LineDevice):
 
     def read(self) -> OrderedDict[str, dict[str, Any]]:
         """Ophyd signals plus the last measurement (NaN / ``"none"`` before any)."""
-        out = super().read()
+        out: OrderedDict[str, dict[str, Any]] = super().read()
         with self._lock:
             out.update({k: dict(v) for k, v in self._reading.items()})
         return out

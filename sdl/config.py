@@ -374,6 +374,11 @@ class Acquisition(_Frozen):
         description="Acquisition function (default qlognei; qucb is recommended for gnn-ensemble).",
     )
     batch_size: int = Field(default=1, ge=1, le=1024, description="Experiments proposed per round (q).")
+    mode: Literal["batch", "asynchronous"] = Field(
+        default="batch",
+        description="batch (default): propose batch_size experiments as one q-batch once the previous batch has "
+        "ended; asynchronous: propose one experiment whenever a robot is free, the others in flight as pending.",
+    )
     beta: float = Field(default=2.0, gt=0.0, description="Exploration weight of qUCB (mean + sqrt(beta)·std).")
 
 
@@ -394,7 +399,16 @@ class Budget(_Frozen):
 
     experiments: int = Field(gt=0, description="Maximum number of experiments, initial design included.")
     max_failures: int | None = Field(
-        default=None, ge=0, description="Stop after this many failed experiments (none: never)."
+        default=None,
+        ge=0,
+        description="Fail the campaign when more experiments than this failed (material failures, plus abandoned "
+        "ones unless max_abandoned is set; none: never).",
+    )
+    max_abandoned: int | None = Field(
+        default=None,
+        ge=0,
+        description="Fail the campaign when more experiments than this were abandoned to instrument faults "
+        "(none: they count toward max_failures).",
     )
 
 
@@ -442,6 +456,14 @@ class SimulatorOptions(_Frozen):
         default="nearest", description="For a recipe not in the world's table: use the nearest row, or refuse it."
     )
     faults: FaultRates = Field(default_factory=FaultRates, description="Fault probabilities per command.")
+    outage_after_s: float | None = Field(
+        default=None, ge=0.0, description="Fault injection: stop answering this many seconds after start."
+    )
+    outage_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Fault injection: how long the outage lasts (none: for good).",
+    )
 
 
 class Instrument(_Frozen):
@@ -449,7 +471,12 @@ class Instrument(_Frozen):
 
     name: str = Field(pattern=_NAME_PATTERN, description="Unique instrument name (used in logs and the database).")
     role: Literal["synthesis", "characterization"] = Field(description="What the instrument does.")
-    driver: Literal["sdl-line"] = Field(default="sdl-line", description="Driver: the sdl line protocol.")
+    driver: str = Field(
+        default="sdl-line",
+        pattern=r"^(sdl-line|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="Device class: 'sdl-line' (the SDL/1 robot or station of devices/) or 'package.module:Class', "
+        "an Ophyd device that implements the instrument port of sdl.lab.instruments.",
+    )
     url: str | None = Field(
         default=None,
         description="Connection, e.g. 'socket://127.0.0.1:5000' or '/dev/ttyUSB0'; for a simulator, where it serves.",
@@ -460,6 +487,12 @@ class Instrument(_Frozen):
     )
     measures: list[str] = Field(default_factory=list, description="Properties this instrument measures.")
     timeout_s: float = Field(default=10.0, gt=0.0, description="Reply timeout per command, seconds.")
+    outage_window_s: float = Field(
+        default=60.0,
+        ge=0.0,
+        description="How long work waits for this instrument when it cannot be reached or stops answering "
+        "(retried with back-off) before the campaign fails.",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="Driver-specific options (e.g. baudrate).")
     simulator: SimulatorOptions = Field(default_factory=SimulatorOptions, description="Simulator behaviour.")
 

@@ -21,6 +21,7 @@ __all__ = [
     "RepositoryError",
     "IllegalTransition",
     "EngineError",
+    "CampaignFailed",
 ]
 
 
@@ -120,3 +121,10 @@ class IllegalTransition(RepositoryError, ValueError):
 
 class EngineError(SDLError):
     """The active-learning engine cannot do what was asked (e.g. the pool is exhausted)."""
+
+
+class CampaignFailed(SDLError):
+    """The campaign cannot go on (an instrument stayed unreachable, the failure budget is spent).
+
+    Its message is the one line a person needs: what failed, and for an instrument its name and URL.
+    """

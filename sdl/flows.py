@@ -21,7 +21,8 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import (
@@ -32,11 +33,13 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from sdl.exceptions import InstrumentError
+from sdl.exceptions import CampaignFailed, InstrumentError
 from sdl.lab import Lab, Outcome, RoundReport, Ticket, drive, open_lab, run_experiment
+from sdl.simulation import world_best, world_rank
 
 __all__ = [
     "INSTRUMENT_RETRIES",
@@ -133,8 +136,8 @@ class _Monitor:
         self.lab = lab
         self.name = lab.cfg.name
         self.log = get_run_logger()
-        self.true_best = lab.true_best()
-        self.progress_id = create_progress_artifact(
+        self.true_best = world_best(lab.cfg)
+        self.progress_id: UUID = create_progress_artifact(  # type: ignore[assignment] # sync context: a UUID
             progress=self._percent(), key=artifact_key(self.name, "progress"),
             description=f"{self.name}: experiments in an end state / budget ({lab.budget})",
         )
@@ -237,7 +240,8 @@ class _Monitor:
             "best_value": report.best_value, "best_candidate": report.best_candidate,
             "true_best_value": self.true_best[1] if self.true_best else None,
             "true_best_candidate": self.true_best[0] if self.true_best else None,
-            "best_world_rank": self.lab.world_rank(report.best_value),
+            "best_world_rank": world_rank(self.lab.cfg, report.best_value),
+            "interrupted": self.lab.interrupted,
             "plots": {k: str(v) for k, v in report.plots.items()},
         }
         md = [f"# {self.name}: {state}", "", f"Stopped because: {self.lab.stop_reason}", "",
@@ -267,7 +271,7 @@ def _flow_run_name() -> str:
     try:
         from sdl.config import load_campaign
 
-        return load_campaign(path).name
+        return load_campaign(str(path)).name
     except Exception:  # noqa: BLE001 - the run itself will report a bad file
         return f"campaign {Path(str(path)).stem}"
 
@@ -290,7 +294,7 @@ def _tag_flow_run(name: str) -> None:
 @flow(
     name="sdl-campaign",
     flow_run_name=_flow_run_name,
-    task_runner=ThreadPoolTaskRunner(max_workers=16),
+    task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type] # prefect infers Never here
     persist_result=False,
     log_prints=False,
 )
@@ -300,8 +304,13 @@ def campaign_flow(
     budget: int | None = None,
     seed: int | None = None,
     time_scale: float | None = None,
-) -> dict[str, Any]:
+    amend: bool = False,
+) -> Any:
     """Run (or resume) the campaign described by a YAML file to its end.
+
+    The flow run ends Completed (budget or a stopping rule), Failed (an instrument gone, the
+    failure budget spent: the message is the one line that says why) or Cancelled (SIGINT /
+    SIGTERM); the summary is the state's data either way.
 
     Args:
         config_path: The campaign YAML.
@@ -309,10 +318,14 @@ def campaign_flow(
         budget: Overrides ``budget.experiments``.
         seed: Overrides ``seed``.
         time_scale: Overrides the simulators' time scale.
+        amend: Accept a YAML that differs from the stored campaign (recorded as an event).
 
     Returns:
-        A summary: state, stop reason, counts per state, best value and candidate, the world's best.
+        A summary (state, stop reason, counts per state, best value and candidate, the world's
+        best), or a Failed / Cancelled state carrying it.
     """
+    from prefect.states import Cancelled, Failed
+
     from sdl.config import load_campaign
     from sdl.settings import resolve_database_url
 
@@ -321,7 +334,7 @@ def campaign_flow(
     _tag_flow_run(cfg.name)
     log = get_run_logger()
     log.info("campaign %s: repository %s", cfg.name, re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
-    with open_lab(cfg, url, budget=budget, seed=seed, time_scale=time_scale) as lab:
+    with open_lab(cfg, url, budget=budget, seed=seed, time_scale=time_scale, amend=amend) as lab:
         monitor = _Monitor(lab)
 
         def submit(ticket: Ticket) -> _Pending:
@@ -333,7 +346,13 @@ def campaign_flow(
 
         drive(lab, submit, on_done, propose=lambda n: propose_task(lab, n))
         state = lab.finish()
-        return monitor.final(state)
+        summary = monitor.final(state)
+        if state == "failed":
+            log.error("campaign %s failed: %s", cfg.name, lab.stop_reason)
+            return Failed(message=str(lab.stop_reason), data=summary)
+        if lab.interrupted is not None:
+            return Cancelled(message=str(lab.stop_reason), data=summary)
+        return summary
 
 
 class _Pending:
@@ -354,6 +373,7 @@ def run_campaign(
     seed: int | None = None,
     time_scale: float | None = None,
     on_progress: ProgressCallback | None = None,
+    amend: bool = False,
 ) -> dict[str, Any]:
     """Run the campaign flow in this process (ephemeral Prefect, or the server at PREFECT_API_URL).
 
@@ -362,6 +382,15 @@ def run_campaign(
 
     Args:
         on_progress: Called after every experiment with done / budget / best (the CLI's progress bar).
+        amend: Accept a YAML that differs from the stored campaign.
+
+    Returns:
+        The summary; its ``state`` is ``completed``, ``stopped`` (a rule or an interrupt) or
+        ``failed``.
+
+    Raises:
+        CampaignFailed: The flow run failed (its message is the reason, in one line).
+        SDLError: The campaign could not start (bad data, a locked or changed campaign, ...).
     """
     from sdl.config import load_campaign
 
@@ -370,13 +399,25 @@ def run_campaign(
         _LISTENERS.append(on_progress)
     try:
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), tags(cfg.name):
-            return campaign_flow.with_options(flow_run_name=cfg.name)(
+            state = cast(State[Any], campaign_flow.with_options(flow_run_name=cfg.name)(
                 config_path=str(Path(config_path).resolve()), db_url=db_url, budget=budget, seed=seed,
-                time_scale=time_scale,
-            )
+                time_scale=time_scale, amend=amend, return_state=True,
+            ))
     finally:
         if on_progress is not None:
             _LISTENERS.remove(on_progress)
+    if state.is_completed() or state.is_cancelled():
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, dict):
+            return result
+    if state.is_failed():
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, dict):
+            raise CampaignFailed(state.message or str(result.get("stop_reason")))
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, BaseException):
+        raise error
+    raise CampaignFailed(f"campaign {cfg.name}: flow run ended {state.name}: {state.message}")
 
 
 def serve_campaigns(name: str = "sdl-campaign") -> None:

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from sdl.exceptions import InstrumentConnectionError
+from sdl.objectives import Objective
 
-__all__ = ["SimulatorFleet", "journal_path"]
+__all__ = ["SimulatorFleet", "journal_path", "world_best", "world_rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class SimulatorFleet:
                         properties=list(inst.measures) or None,
                         serial=f"SIM-{inst.name}",
                         faults=sim.faults.model_dump(),
+                        outage_after_s=sim.outage_after_s,
+                        outage_s=sim.outage_s,
                         log_level="INFO",  # the log then lists every injected fault: an audit trail
                         log_path=log,
                     )
@@ -115,3 +118,55 @@ class SimulatorFleet:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _world_column(cfg: Any) -> tuple[Any, Objective] | None:
+    """The simulated world's table and the objective, when a simulated instrument measures it."""
+    import pandas as pd
+
+    prop = cfg.objective.property
+    for inst in cfg.instruments:
+        if inst.simulated and inst.world is not None and prop in inst.measures:
+            try:
+                frame = pd.read_csv(inst.world)
+            except Exception:  # noqa: BLE001 - no ground truth is better than a crash at the end of a campaign
+                logger.warning("could not read the world %s", inst.world, exc_info=True)
+                return None
+            if prop not in frame.columns:
+                return None
+            return frame, Objective.from_any(cfg.objective)
+    return None
+
+
+def world_best(cfg: Any) -> tuple[str, float] | None:
+    """The best value a simulated world holds for the campaign's objective (to judge it), or None.
+
+    Ground truth belongs to the simulation, not to the lab: a real lab has none.
+    """
+    found = _world_column(cfg)
+    if found is None:
+        return None
+    frame, objective = found
+    prop = cfg.objective.property
+    utility = objective.utility(frame[prop].to_numpy(dtype=float))
+    row = frame.iloc[int(utility.argmax())]
+    if "id" in frame.columns:
+        key = str(row["id"])
+    else:  # a table world: the recorded parameters name the best point
+        names = [c for c in frame.columns if c != prop]
+        key = ", ".join(f"{c}={row[c]:g}" if isinstance(row[c], float) else f"{c}={row[c]}" for c in names)
+    return key, float(row[prop])
+
+
+def world_rank(cfg: Any, value: float | None) -> tuple[int, int] | None:
+    """Rank of ``value`` among the simulated world's recorded values (1 = the best), and their count.
+
+    Why: "best found" means little without knowing how many recorded materials beat it.
+    """
+    found = None if value is None else _world_column(cfg)
+    if found is None or value is None:
+        return None
+    frame, objective = found
+    utility = objective.utility(frame[cfg.objective.property].to_numpy(dtype=float))
+    better = int((utility > float(objective.utility([value])[0]) + 1e-12).sum())
+    return better + 1, len(utility)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -54,11 +55,24 @@ class FaultInjector:
         seed: Seed of every stream.
     """
 
-    def __init__(self, rates: FaultRates | None = None, seed: int = 0) -> None:
+    def __init__(self, rates: FaultRates | None = None, seed: int = 0, *, outage_after_s: float | None = None,
+                 outage_s: float | None = None) -> None:
         self.rates = rates or FaultRates()
         self.seed = seed
+        self.outage_after_s = outage_after_s
+        self.outage_s = outage_s
+        self._started = time.monotonic()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+
+    def silent(self, now: float | None = None) -> bool:
+        """Whether the instrument is in its injected outage (it reads commands and answers nothing)."""
+        if self.outage_after_s is None:
+            return False
+        elapsed = (time.monotonic() if now is None else now) - self._started
+        if elapsed < self.outage_after_s:
+            return False
+        return self.outage_s is None or elapsed < self.outage_after_s + self.outage_s
 
     def line_fault(self) -> LineFault | None:
         """The fault to apply to the next command, if any."""

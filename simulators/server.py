@@ -59,6 +59,8 @@ class ServerOptions:
     pty: bool = False
     exit_with_parent: bool = False
     serial: str = "SIM-0001"
+    outage_after_s: float | None = None
+    outage_s: float | None = None
     synth_seconds: float = SYNTH_SECONDS
     measure_seconds: float = MEASURE_SECONDS
 
@@ -79,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serial", default="SIM-0001", help="serial number in the *IDN? reply")
     p.add_argument("--synth-seconds", type=float, default=SYNTH_SECONDS, help="unscaled synthesis duration")
     p.add_argument("--measure-seconds", type=float, default=MEASURE_SECONDS, help="unscaled measurement duration")
+    p.add_argument("--outage-after-s", type=float, default=None, metavar="S",
+                   help="fault injection: stop answering S seconds after start")
+    p.add_argument("--outage-s", type=float, default=None, metavar="S",
+                   help="fault injection: answer again after S seconds of outage (default: never)")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
     for name in ("timeout", "garbled", "drop", "busy", "failed-synthesis", "drift"):
         p.add_argument(f"--fault-{name}", type=float, default=0.0, metavar="RATE", help=f"probability of a {name} fault")
@@ -110,6 +116,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         pty=args.pty,
         exit_with_parent=args.exit_with_parent,
         serial=args.serial,
+        outage_after_s=args.outage_after_s,
+        outage_s=args.outage_s,
         synth_seconds=args.synth_seconds,
         measure_seconds=args.measure_seconds,
     )
@@ -125,7 +133,8 @@ def build_lab(options: ServerOptions) -> Lab:
         time_scale=options.time_scale,
         seed=options.seed,
         noise_std=options.noise_std,
-        faults=FaultInjector(options.faults, seed=options.seed),
+        faults=FaultInjector(options.faults, seed=options.seed, outage_after_s=options.outage_after_s,
+                             outage_s=options.outage_s),
         journal=Journal(options.journal),
         serial=options.serial,
         synth_seconds=options.synth_seconds,
@@ -141,6 +150,8 @@ class _Session:
 
     def respond(self, raw: bytes, too_long: bool = False) -> tuple[list[bytes], str | None]:
         """Reply lines for one received line, and the line fault applied (if any)."""
+        if self.lab.faults.silent():
+            return [], "outage"
         fault = self.lab.faults.line_fault()
         if fault == "drop":
             return [], "drop"
@@ -234,6 +245,7 @@ def serve_tcp(lab: Lab, listen: str, out: TextIO = sys.stdout, stop: threading.E
     stop = stop or threading.Event()
     server = _TCPServer(_split_listen(listen), lab)
     host, port = server.server_address[:2]
+    host = host.decode() if isinstance(host, bytes) else host
     out.write(f"listening socket://{host}:{port}\n")
     out.flush()
     threading.Thread(target=_ticker, args=(lab, stop), daemon=True).start()
@@ -384,6 +396,7 @@ class SimulatorProcess:
             stderr=self._log if self._log else subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
             env=env,
+            start_new_session=True,  # a Ctrl-C in the terminal is the client's to handle, not the instrument's
         )
         self.url = self._read_url(startup_timeout)
 

@@ -125,7 +125,65 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path, prefect_api: str) 
         for e in experiments:
             if e.state == "completed":
                 assert any(m.quality == "ok" for m in store.measurements(experiment_id=e.id))
-        reconciled = store.events(campaign.id, "experiment.reconciled") + store.events(campaign.id, "experiment.resumed")
+        reconciled = [
+            *store.events(campaign.id, "experiment.reconciled"),
+            *store.events(campaign.id, "experiment.resumed"),
+        ]
         assert reconciled, "no experiment was caught mid-run: the kills did not test resume"
     finally:
         store.close()
+
+
+def _flow_run_states(api: str, name: str) -> list[str]:
+    """States of the flow runs named ``name`` on the Prefect server at ``api``."""
+    import httpx
+
+    reply = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}}, timeout=30)
+    reply.raise_for_status()
+    return [run["state_type"] for run in reply.json()]
+
+
+def test_sdl_run_on_a_dead_robot_fails_fast_in_one_line(tmp_path: Path, prefect_api: str) -> None:
+    """A robot whose URL does not answer: exit 1, one error line naming it, a Failed flow run."""
+    yaml = write_campaign(tmp_path, name="dead-robot", budget=4, robot_url="socket://127.0.0.1:1", timeout_s=0.3,
+                          outage_window_s=2.0)
+    db = tmp_path / "lab.db"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdl.cli.main", "run", str(yaml), "--db", f"sqlite:///{db}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert len(errors) <= 3, errors
+    assert any("robot0" in line and "socket://127.0.0.1:1" in line for line in errors), errors
+    assert _experiments(db) == []
+    deadline = time.monotonic() + 30
+    while (states := _flow_run_states(prefect_api, "dead-robot")) != ["FAILED"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert states == ["FAILED"]
+    log = (tmp_path / "sdl-runs" / "dead-robot.log").read_text()
+    assert "robot0" in log and "Traceback" in log  # the details are kept for whoever debugs it
+
+
+def test_sigint_lets_jobs_in_flight_finish_and_a_rerun_resumes(tmp_path: Path, prefect_api: str) -> None:
+    yaml = write_campaign(tmp_path, name="ctrl-c", budget=BUDGET, batch_size=2)
+    yaml.write_text(yaml.read_text().replace("time_scale: 0.002", "time_scale: 0.02"))
+    db = tmp_path / "lab.db"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1"}
+    proc = _sdl_run(yaml, db, env)
+    deadline = time.monotonic() + 240
+    while not any(state == "running" for _, state in _experiments(db)):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 130, stderr.decode()
+    states = [state for _, state in _experiments(db)]
+    assert "abandoned" not in states and "running" not in states and "completed" in states, states
+    assert len(states) < BUDGET
+    rerun = _sdl_run(yaml, db, env)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr.decode()
+    assert [state for _, state in _experiments(db)] == ["completed"] * BUDGET

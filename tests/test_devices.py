@@ -19,7 +19,7 @@ from instruments_helpers import (  # noqa: F401 - fixtures
 )
 
 from devices.plans import characterize, synthesize
-from devices.robot import SynthesisRobot, reconcile
+from devices.robot import SynthesisRobot
 from devices.station import CharacterizationStation
 from devices.transport import LineTransport
 from sdl.exceptions import InstrumentConnectionError, InstrumentError, InstrumentRejected, MaterialFailure
@@ -46,8 +46,8 @@ def test_robot_set_returns_at_once_and_finishes_with_the_sample(crystal_sim) -> 
     reading = robot.read()
     assert reading["robot_state"]["value"] == "done"
     assert reading["robot_sample_key"]["value"] == "perov_60"
-    assert reconcile(robot, "dev-set-1")["state"] == "done"
-    assert reconcile(robot, "never-started")["state"] == "unknown"
+    assert robot.job("dev-set-1")["state"] == "done"
+    assert robot.job("never-started")["state"] == "unknown"
 
 
 def test_station_reads_the_worlds_recorded_values(crystal_sim) -> None:  # noqa: F811
@@ -113,10 +113,10 @@ def test_stop_aborts_the_synthesis_on_the_robot(tmp_path: Path) -> None:
         robot = SynthesisRobot(name="robot", url=sim.url, timeout=120)
         status = robot.set({"job_id": "dev-stop", "candidate": "perov_33"})
         deadline = time.monotonic() + 10
-        while reconcile(robot, "dev-stop")["state"] == "unknown" and time.monotonic() < deadline:
+        while robot.job("dev-stop")["state"] == "unknown" and time.monotonic() < deadline:
             time.sleep(0.02)
         robot.stop()
-        assert reconcile(robot, "dev-stop")["state"] == "aborted"
+        assert robot.job("dev-stop")["state"] == "aborted"
         with pytest.raises(InstrumentError, match="aborted"):
             status.wait(10)  # the Status fails with the robot's word, it does not hang
         # a finished or aborted job id is never synthesized again
@@ -130,7 +130,7 @@ def test_material_failure_is_not_an_instrument_error(tmp_path: Path) -> None:
         outcome = run_plan(synthesize(robot, {"job_id": "dev-lost", "candidate": "perov_33"}))
         assert outcome.exit_status == "fail"
         assert isinstance(outcome.exception, MaterialFailure) and "sample lost" in str(outcome.exception)
-        assert reconcile(robot, "dev-lost")["failure"] == "material"
+        assert robot.job("dev-lost")["failure"] == "material"
 
 
 def test_unreachable_instrument_names_itself_and_its_url() -> None:
@@ -148,12 +148,12 @@ def test_status_timeout_fails_the_run_and_aborts_on_the_robot(tmp_path: Path) ->
         assert time.monotonic() - started < 10
         assert isinstance(outcome.exception, InstrumentError) and "timeout" in str(outcome.exception)
         deadline = time.monotonic() + 5
-        while reconcile(robot, "dev-slow")["state"] == "running" and time.monotonic() < deadline:
+        while robot.job("dev-slow")["state"] == "running" and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert reconcile(robot, "dev-slow")["state"] == "aborted"  # DeviceStatus failure called stop()
+        assert robot.job("dev-slow")["state"] == "aborted"  # DeviceStatus failure called stop()
 
 
 def test_lazy_package_exports() -> None:
     import devices
 
-    assert devices.SynthesisRobot is SynthesisRobot and devices.reconcile is reconcile
+    assert devices.SynthesisRobot is SynthesisRobot

@@ -24,9 +24,12 @@ WORLD = REPO / "simulators" / "worlds" / "perovskites_demo.csv.gz"
 
 def write_campaign(tmp_path: Path, *, name: str = "lab-test", budget: int = 5, robots: int = 1,
                    stations: int = 1, faults: str = "", model: str = "random", timeout_s: float = 10.0,
-                   max_failures: int | None = None) -> Path:
+                   max_failures: int | None = None, batch_size: int = 2, design_size: int = 2,
+                   mode: str = "batch", robot_sim: str = "", robot_url: str | None = None,
+                   outage_window_s: float = 60.0) -> Path:
     """A small crystal campaign on the demo world with fast simulators."""
     sim = "{time_scale: 0.002" + (f", faults: {{{faults}}}" if faults else "") + "}"
+    rsim = "{time_scale: 0.002" + (f", faults: {{{faults}}}" if faults else "") + (f", {robot_sim}" if robot_sim else "") + "}"
     lines = [
         f"name: {name}",
         "seed: 3",
@@ -34,15 +37,17 @@ def write_campaign(tmp_path: Path, *, name: str = "lab-test", budget: int = 5, r
         "  candidates: {file: %s, id_column: id, structure_column: cif, formula_column: formula}" % WORLD,
         "objective: {property: e_form, unit: eV, goal: minimize}",
         f"model: {{name: {model}}}",
-        "acquisition: {function: qucb, batch_size: 2}",
-        "initial_design: {strategy: random, size: 2}",
+        f"acquisition: {{function: qucb, batch_size: {batch_size}, mode: {mode}}}",
+        f"initial_design: {{strategy: random, size: {design_size}}}",
         f"budget: {{experiments: {budget}" + (f", max_failures: {max_failures}" if max_failures is not None else "")
         + "}",
         "retrain: {every: 2}",
         "instruments:",
     ]
     for i in range(robots):
-        lines.append(f"  - {{name: robot{i}, role: synthesis, simulated: true, world: {WORLD}, timeout_s: {timeout_s}, simulator: {sim}}}")
+        where = f"url: '{robot_url}'" if robot_url else f"simulated: true, world: {WORLD}, simulator: {rsim}"
+        lines.append(f"  - {{name: robot{i}, role: synthesis, {where}, timeout_s: {timeout_s}, "
+                     f"outage_window_s: {outage_window_s}}}")
     for i in range(stations):
         lines.append(f"  - {{name: station{i}, role: characterization, simulated: true, world: {WORLD}, "
                      f"measures: [e_form], timeout_s: {timeout_s}, simulator: {sim}}}")
@@ -182,7 +187,6 @@ def test_recover_reconciles_each_state_with_the_robot(tmp_path: Path, sqlite_url
         while robot.transport.command("JOB?", t_done.job_id).data["state"] != "done":
             assert time.time() < deadline
             time.sleep(0.02)
-        lab._inflight.clear()  # a new process knows nothing but the repository
 
     with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state") as lab:
         run_plain(lab)  # resumes first
@@ -198,3 +202,178 @@ def test_recover_reconciles_each_state_with_the_robot(tmp_path: Path, sqlite_url
                              t_aborted.experiment_id: "end"}
         resumed = [e.experiment_id for e in store.events(lab.campaign_id, "experiment.resumed")]
         assert resumed == [t_proposed.experiment_id]
+
+
+def test_batches_are_proposed_as_written_and_the_design_runs_exactly_its_size(tmp_path: Path,
+                                                                            sqlite_url: str) -> None:
+    """batch_size 3, design size 4, budget 10: design batches 3 + 1, then model batches 3 + 3."""
+    cfg = load_campaign(write_campaign(tmp_path, name="batches", budget=10, model="gp", batch_size=3,
+                                       design_size=4, robots=2, stations=2))
+    with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state") as lab:
+        assert run_plain(lab) == "completed"
+        experiments = lab.store.experiments(lab.campaign_id)
+    assert [e.state for e in experiments] == ["completed"] * 10
+    design = [e for e in experiments if (e.model_version or "").startswith("design")]
+    assert len(design) == 4 and design == experiments[:4]
+    batches: dict[str, list] = {}
+    for e in experiments:
+        batches.setdefault(e.batch_id, []).append(e)
+    assert [len(b) for b in batches.values()] == [3, 1, 3, 3]
+    groups = list(batches.values())
+    for earlier, later in zip(groups, groups[1:]):  # a batch is proposed once the previous one ended
+        assert max(e.finished_at for e in earlier) <= min(e.proposed_at for e in later)
+        assert len({e.model_version for e in later}) == 1
+
+
+def test_asynchronous_mode_proposes_one_experiment_per_free_robot(tmp_path: Path, sqlite_url: str) -> None:
+    cfg = load_campaign(write_campaign(tmp_path, name="async", budget=6, batch_size=4, mode="asynchronous"))
+    with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state") as lab:
+        assert lab.wanted() == 1  # one robot
+        run_plain(lab)
+        experiments = lab.store.experiments(lab.campaign_id)
+    assert [e.state for e in experiments] == ["completed"] * 6
+    assert len({e.batch_id for e in experiments}) == 6
+
+
+def test_failed_and_abandoned_candidates_are_excluded_not_pending(tmp_path: Path, sqlite_url: str) -> None:
+    cfg = load_campaign(write_campaign(tmp_path, name="exclusion", budget=8, model="gp", design_size=2))
+    with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state") as lab:
+        calls: list[tuple[list[str], list[str]]] = []
+        propose = lab.engine.propose
+
+        def spy(q, pending=(), exclude=()):
+            calls.append((list(pending), list(exclude)))
+            return propose(q, pending=pending, exclude=exclude)
+
+        lab.engine.propose = spy  # type: ignore[method-assign]
+        first = lab.propose(2)
+        lab.store.start_experiment(first[0].experiment_id, instruments=["robot0"])
+        lab.ledger.started(first[0].experiment_id)
+        lab._fail(first[0], "test: the precursor decomposed")
+        second = lab.propose(1)
+    assert calls[1] == ([first[1].candidate_key], [first[0].candidate_key])
+    assert second[0].candidate_key not in {t.candidate_key for t in first}
+
+
+def test_a_robot_dead_at_start_fails_the_campaign_before_any_experiment(tmp_path: Path, sqlite_url: str) -> None:
+    from sdl.lab import InstrumentOutage
+
+    cfg = load_campaign(write_campaign(tmp_path, name="dead", robot_url="socket://127.0.0.1:1", timeout_s=0.3,
+                                       outage_window_s=1.0))
+    started = time.monotonic()
+    with pytest.raises(InstrumentOutage, match=r"instrument robot0 at socket://127.0.0.1:1 did not answer for 1 s"):
+        with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state"):
+            pass
+    assert time.monotonic() - started < 30
+    from sdl.repository import Store
+
+    with Store.from_url(sqlite_url) as store:
+        campaign = store.get_campaign("dead")
+        assert campaign.state == "failed" and store.experiments(campaign.id) == []
+        assert [e.kind for e in store.events(campaign.id, "instrument.gone")] == ["instrument.gone"]
+
+
+def test_a_robot_that_stops_answering_and_comes_back_within_its_window_loses_nothing(tmp_path: Path,
+                                                                                    sqlite_url: str) -> None:
+    cfg = load_campaign(write_campaign(tmp_path, name="blip", budget=6, timeout_s=0.3, outage_window_s=30.0,
+                                       robot_sim="outage_after_s: 2.0, outage_s: 3.0"))
+    with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state", time_scale=0.05) as lab:
+        assert run_plain(lab) == "completed"
+        store, cid = lab.store, lab.campaign_id
+        states = [e.state for e in store.experiments(cid)]
+        kinds = [e.kind for e in store.events(cid) if e.kind.startswith("instrument.")]
+    assert states == ["completed"] * 6
+    assert "instrument.down" in kinds and "instrument.up" in kinds and "instrument.gone" not in kinds
+
+
+def test_a_robot_gone_for_good_fails_the_campaign_without_spending_its_failure_budget(tmp_path: Path,
+                                                                                      database_url: str) -> None:
+    cfg = load_campaign(write_campaign(tmp_path, name="gone", budget=20, timeout_s=0.3, outage_window_s=2.0,
+                                       max_failures=1, robot_sim="outage_after_s: 2.0"))
+    with open_lab(cfg, database_url, state_dir=tmp_path / "state", time_scale=0.05) as lab:
+        started = time.monotonic()
+        assert run_plain(lab) == "failed"
+        elapsed = time.monotonic() - started
+        store, cid = lab.store, lab.campaign_id
+        experiments = store.experiments(cid)
+        campaign = store.get_campaign(cid)
+    assert elapsed < 60
+    assert campaign.state == "failed"
+    assert "robot0" in lab.stop_reason and "socket://127.0.0.1:" in lab.stop_reason
+    states = [e.state for e in experiments]
+    assert "abandoned" not in states and "failed" not in states and len(states) < 20
+    assert any(s in ("running", "proposed") for s in states)  # held for the next run, not thrown away
+
+
+def test_interrupt_drain_finishes_started_jobs_and_keeps_the_rest_proposed(tmp_path: Path, sqlite_url: str) -> None:
+    cfg = load_campaign(write_campaign(tmp_path, name="drain", budget=8, batch_size=4))
+    with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state", time_scale=0.05) as lab:
+        def interrupt_once_running() -> None:
+            while lab.counts()["running"] == 0:
+                time.sleep(0.01)
+            lab.interrupt("drain", "SIGINT")
+
+        threading.Thread(target=interrupt_once_running, daemon=True).start()
+        assert run_plain(lab) == "stopped"
+        states = [e.state for e in lab.store.experiments(lab.campaign_id)]
+    assert "abandoned" not in states and "completed" in states and "proposed" in states
+    with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state") as lab:  # rerun resumes to the budget
+        assert run_plain(lab) == "completed"
+        states = [e.state for e in lab.store.experiments(lab.campaign_id)]
+    assert states == ["completed"] * 8
+
+
+def test_interrupt_abort_aborts_jobs_on_the_instrument_and_records_them(tmp_path: Path, sqlite_url: str) -> None:
+    cfg = load_campaign(write_campaign(tmp_path, name="abort", budget=4, batch_size=2))
+    with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state", time_scale=0.5) as lab:
+        def abort_once_running() -> None:
+            while lab.counts()["running"] == 0:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            lab.interrupt("abort", "SIGTERM")
+
+        threading.Thread(target=abort_once_running, daemon=True).start()
+        assert run_plain(lab) == "stopped"
+        experiments = lab.store.experiments(lab.campaign_id)
+        aborted = [r["job_id"] for r in journal(lab, "robot0") if r["event"] == "aborted"]
+    states = [e.state for e in experiments]
+    assert states.count("abandoned") == 1 and states.count("proposed") == 1, states
+    assert len(aborted) == 1
+
+
+def test_a_second_runner_is_refused_and_a_changed_yaml_needs_amend(tmp_path: Path, database_url: str) -> None:
+    from sdl.repository import CampaignConfigChanged, CampaignLocked
+
+    path = write_campaign(tmp_path, name="lease", budget=2)
+    cfg = load_campaign(path)
+    with open_lab(cfg, database_url, state_dir=tmp_path / "state") as lab:
+        with pytest.raises(CampaignLocked, match=r"campaign 'lease' .*pid \d+"):
+            with open_lab(cfg, database_url, state_dir=tmp_path / "state2"):
+                pass
+        run_plain(lab)
+    path.write_text(path.read_text().replace("experiments: 2", "experiments: 3"))
+    changed = load_campaign(path)
+    with pytest.raises(CampaignConfigChanged, match=r"budget.experiments 2 → 3"):
+        with open_lab(changed, database_url, state_dir=tmp_path / "state"):
+            pass
+    with open_lab(changed, database_url, state_dir=tmp_path / "state", amend=True) as lab:
+        assert run_plain(lab) == "completed"
+        assert lab.counts()["completed"] == 3
+        assert [e.kind for e in lab.store.events(lab.campaign_id, "campaign.amended")] == ["campaign.amended"]
+
+
+def test_every_experiment_links_a_material_and_its_sample(tmp_path: Path, database_url: str) -> None:
+    cfg = load_campaign(write_campaign(tmp_path, name="materials", budget=3))
+    with open_lab(cfg, database_url, state_dir=tmp_path / "state") as lab:
+        run_plain(lab)
+        store = lab.store
+        for e in store.experiments(lab.campaign_id):
+            assert e.material_id is not None
+            material = store.get_material(e.material_id)
+            assert material.source_id == e.candidate_key and material.formula
+            samples = store.samples(e.id)
+            assert len(samples) == 1 and samples[0].instrument == "robot0"
+            ok = [m for m in store.measurements(experiment_id=e.id) if m.quality == "ok"]
+            assert ok and all(m.sample_id == samples[0].id for m in ok)
+            history = store.material_measurements(e.material_id, "e_form")
+            assert [h.campaign for h in history] == ["materials"]

@@ -6,6 +6,7 @@ database in ephemeral mode, analytics off), because prefect reads its settings a
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,11 +16,14 @@ import typer
 
 __all__ = ["register"]
 
+logger = logging.getLogger(__name__)
+
 
 def _fail(message: str, code: int = 2) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -30,11 +34,20 @@ def run(
     seed: int | None = typer.Option(None, "--seed", help="Seed (overrides the YAML)."),
     time_scale: float | None = typer.Option(None, "--time-scale", min=0.0, help="Simulators' time scale (overrides the YAML)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print Prefect's task logs in the terminal."),
+    amend: bool = typer.Option(False, "--amend", help="Accept a YAML that differs from the stored campaign "
+                               "of the same name (recorded as an event with the old and new config)."),
 ) -> None:
-    """Run a campaign to its end; rerunning the same campaign on the same database resumes it."""
+    """Run a campaign to its end; rerunning the same campaign on the same database resumes it.
+
+    Exit codes: 0 completed or stopped by a rule, 1 the campaign failed or could not start,
+    2 bad input, 130 / 143 interrupted by SIGINT / SIGTERM (rerun to resume).
+    Ctrl-C once: the experiments in flight finish and nothing new starts; twice: they are aborted on
+    the instruments and recorded as abandoned.
+    """
     from sdl.config import load_campaign
     from sdl.exceptions import CampaignConfigError, SDLError
     from sdl.lab import state_dir_for
+    from sdl.lab.interrupts import handle_interrupts
     from sdl.prefect_server import prepare_client_environment
     from sdl.settings import resolve_database_url
 
@@ -46,12 +59,7 @@ def run(
         _fail(f"{file}: instruments: the campaign lists no instruments, so it cannot be run")
     url = resolve_database_url(db, cfg)
     mode = prepare_client_environment(state_dir_for(url))
-    if not verbose:
-        import logging
-
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-        for handler in logging.getLogger().handlers:  # prefect's loggers also propagate to the root
-            handler.setLevel(logging.WARNING)
+    log_file = _log_to_file(state_dir_for(url) / f"{cfg.name}.log", verbose)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
 
     from rich.console import Console
@@ -78,15 +86,75 @@ def run(
             text = f"best {cfg.objective.property} = {best:.4g} ({info.get('best_candidate')})" if best is not None else ""
             progress.update(bar, completed=info["done"], total=info["budget"], best=text)
 
-        try:
-            summary = run_campaign(file, db_url=url, budget=budget, seed=seed, time_scale=time_scale,
-                                   on_progress=on_progress)
-        except (SDLError, OSError) as exc:
-            progress.stop()
-            _fail(f"{file}: {exc}", code=1)
+        with handle_interrupts() as interrupts:
+            try:
+                summary = run_campaign(file, db_url=url, budget=budget, seed=seed, time_scale=time_scale,
+                                       on_progress=on_progress, amend=amend)
+            except (SDLError, OSError) as exc:
+                progress.stop()
+                logger.info("campaign %s did not finish", cfg.name, exc_info=exc)  # the traceback, for the log file
+                _fail(f"{file}: campaign {cfg.name}: {_one_line(exc)} (details: {log_file})", code=1)
         progress.update(bar, completed=summary["counts"].get("completed", 0) + summary["counts"].get("failed", 0)
                         + summary["counts"].get("abandoned", 0))
     _print_summary(console, cfg, summary)
+    if interrupts.exit_code:
+        console.print(f"[yellow]interrupted ({interrupts.signal_name})[/]: rerun `sdl run {file}` to resume",
+                      highlight=False)
+        raise typer.Exit(interrupts.exit_code)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _log_to_file(path: Path, verbose: bool) -> Path:
+    """Send every log record (with tracebacks) to ``path``; the terminal gets warnings, without tracebacks.
+
+    Why: a campaign that meets a dead instrument must say so in one line, not in pages of
+    tracebacks; the tracebacks are kept for whoever debugs it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s]: %(message)s"))
+    root.addHandler(file_handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")  # we say what failed, once
+        for handler in root.handlers:  # prefect's loggers also propagate to the root
+            if handler is not file_handler:
+                handler.setLevel(logging.WARNING)
+                handler.addFilter(_for_people)
+                handler.setFormatter(_NoTraceback("%(levelname)s %(name)s: %(message)s"))
+    return path
+
+
+_TOLD_AT_WARNING = ("sdl.lab.instruments", "sdl.lab.interrupts")
+
+
+def _for_people(record: logging.LogRecord) -> bool:
+    """The warnings a person must act on (an instrument down, an interrupt) and our own errors.
+
+    Prefect's and the transport's records stay in the log file: the failure itself is said once, at
+    the end, by the command.
+    """
+    if record.name in _TOLD_AT_WARNING:
+        return True
+    return record.levelno >= logging.ERROR and record.name.startswith("sdl.") and record.name != "sdl.lab.ledger"
+
+
+class _NoTraceback(logging.Formatter):
+    """One line per record: the terminal is for people, the log file for tracebacks."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return super().format(record).splitlines()[0]
+        finally:
+            record.exc_info, record.exc_text = saved
 
 
 def _featurize_candidates(cfg: Any, url: str, console: Any) -> None:

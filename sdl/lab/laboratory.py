@@ -23,9 +23,12 @@ completion when its measurement is already in the repository); *unknown* → nev
 start; *running* → wait for it; anything else (interrupted, aborted) → ``abandoned``. Nothing is
 synthesized twice, nothing measured is lost.
 
-Budget. An experiment *counts* once it reached an end state: completed + failed + abandoned.
-The campaign stops proposing when that count plus the experiments in flight equals the budget,
-so it ends with exactly ``budget`` experiments in end states (unless a stopping rule ends it early).
+Counting, batching and the stopping rules live in :mod:`sdl.lab.ledger`; the instrument port,
+the pool and outages in :mod:`sdl.lab.instruments`; the loop that drives experiments in
+:mod:`sdl.lab.loop`. An instrument that cannot be reached holds its experiments (their state stays
+in the repository) for its outage window, then the campaign fails; an interrupt either lets started
+jobs finish (SIGINT) or aborts them on the instruments and records them abandoned (a second SIGINT,
+or SIGTERM); experiments not yet started stay ``proposed`` for the next run.
 """
 
 from __future__ import annotations
@@ -35,40 +38,43 @@ import logging
 import os
 import re
 import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdl.exceptions import InstrumentError, MaterialFailure, SDLError
-from sdl.runner import run_plan
+from sdl.lab.instruments import (
+    ROBOT,
+    STATION,
+    InstrumentPool,
+    InstrumentPort,
+    OutageGuard,
+    is_outage,
+    load_driver,
+)
+from sdl.lab.ledger import ExperimentLedger, StoppingPolicy
+from sdl.objectives import Objective
+from sdl.runner import RunOutcome, run_plan
+
+if TYPE_CHECKING:
+    from sdl.config import CampaignConfig
+    from sdl.engine import Engine, Proposal
+    from sdl.repository.store import BestRecord, ExperimentRecord, Store
 
 __all__ = [
-    "ROBOT",
-    "STATION",
-    "Ticket",
+    "Interrupted",
+    "Lab",
     "Outcome",
     "RoundReport",
-    "InstrumentPool",
-    "Lab",
-    "job_id_for",
+    "Ticket",
     "campaign_token",
-    "state_dir_for",
+    "job_id_for",
     "open_lab",
-    "END_STATES",
-    "with_retries",
-    "run_experiment",
-    "drive",
-    "run_plain",
+    "state_dir_for",
 ]
 
 logger = logging.getLogger(__name__)
-
-ROBOT = "synthesis"
-STATION = "characterization"
-END_STATES = ("completed", "failed", "abandoned")
 
 
 def job_id_for(idempotency_key: str, token: str = "") -> str:
@@ -160,70 +166,20 @@ class RoundReport:
     plots: dict[str, Path]
 
 
-class InstrumentPool:
-    """Free instruments by role; each instrument serves one experiment at a time.
+class Interrupted(SDLError):
+    """The run was asked to stop (SIGINT / SIGTERM).
 
-    Why a pool and not a lock per instrument: with several robots, an experiment takes *any* free
-    robot, except an experiment whose job a given robot already knows (a retry or a resumed
-    experiment), which must go back to that robot.
-
-    Args:
-        instruments: ``{name: (role, device)}``.
-        on_release: Called (no arguments) whenever an instrument is given back.
+    ``aborted``: a job was aborted on its instrument (the experiment is abandoned); otherwise the
+    experiment had not started its next step and keeps its state for the next run.
     """
 
-    def __init__(
-        self, instruments: dict[str, tuple[str, Any]], on_release: Callable[[], None] | None = None
-    ) -> None:
-        self.devices: dict[str, Any] = {name: dev for name, (_, dev) in instruments.items()}
-        self.roles: dict[str, str] = {name: role for name, (role, _) in instruments.items()}
-        self._free: set[str] = set(self.roles)
-        self._cond = threading.Condition()
-        self._on_release = on_release
-
-    def names(self, role: str) -> list[str]:
-        """Names of the instruments with ``role``, in configuration order."""
-        return [n for n, r in self.roles.items() if r == role]
-
-    def count(self, role: str) -> int:
-        """Number of instruments with ``role``."""
-        return len(self.names(role))
-
-    def free(self, role: str) -> int:
-        """Number of instruments of ``role`` free right now."""
-        with self._cond:
-            return sum(1 for n in self._free if self.roles[n] == role)
-
-    @contextlib.contextmanager
-    def lease(self, role: str, name: str | None = None) -> Iterator[tuple[str, Any]]:
-        """Borrow a free instrument of ``role`` (or exactly ``name``); blocks until one frees.
-
-        Yields:
-            ``(name, device)``.
-        """
-        candidates = [name] if name is not None else self.names(role)
-        if not candidates or any(c not in self.roles for c in candidates):
-            raise SDLError(f"no instrument {name or ''} with role {role!r} in this campaign".replace("  ", " "))
-        with self._cond:
-            while True:
-                free = [c for c in candidates if c in self._free]
-                if free:
-                    taken = free[0]
-                    self._free.discard(taken)
-                    break
-                self._cond.wait(1.0)
-        try:
-            yield taken, self.devices[taken]
-        finally:
-            with self._cond:
-                self._free.add(taken)
-                self._cond.notify_all()
-            if self._on_release is not None:
-                self._on_release()
+    def __init__(self, message: str, *, aborted: bool = False) -> None:
+        super().__init__(message)
+        self.aborted = aborted
 
 
 class Lab:
-    """One campaign's laboratory: repository, engine, instruments and the rules that tie them.
+    """One campaign's laboratory: repository, engine, instruments and the ledger that ties them.
 
     Build it with :func:`open_lab` (which also starts simulators and connects devices). Public
     methods are safe to call from worker threads; engine calls are serialized by a lock.
@@ -237,22 +193,23 @@ class Lab:
         seed: Campaign seed recorded in the repository (default ``cfg.seed``).
         state_dir: Where plots go.
         max_measure_attempts: Measurements of one sample before giving up on a flagged (drifted) value.
+        amend: Accept a YAML that differs from the stored campaign of the same name (recorded as an event).
     """
 
     def __init__(
         self,
-        cfg: Any,
-        store: Any,
-        engine: Any,
+        cfg: CampaignConfig,
+        store: Store,
+        engine: Engine,
         pool: InstrumentPool,
         *,
         budget: int | None = None,
         seed: int | None = None,
         state_dir: Path | None = None,
         max_measure_attempts: int = 3,
+        amend: bool = False,
     ) -> None:
         from sdl.documents import RepositoryWriter
-        from sdl.objectives import Objective
 
         self.cfg = cfg
         self.store = store
@@ -264,32 +221,39 @@ class Lab:
         self.objective = Objective.from_any(cfg.objective)
         self.property = cfg.objective.property
         self.max_measure_attempts = max_measure_attempts
+        self.amend = amend
         self.writer = RepositoryWriter(store)
-        self.pool._on_release = self.notify
-        self._lock = threading.RLock()
+        self.pool.on_release = self.notify
+        self.ledger = ExperimentLedger(self.objective, StoppingPolicy(
+            budget=self.budget, batch_size=int(cfg.acquisition.batch_size), mode=cfg.acquisition.mode,
+            goal_value=cfg.stopping.goal_value, patience=cfg.stopping.patience,
+            max_failures=cfg.budget.max_failures, max_abandoned=cfg.budget.max_abandoned,
+        ))
+        self.guard = OutageGuard({i.name: i.outage_window_s for i in cfg.instruments}, on_change=self._outage_event)
+        self.pool.guard = self.guard
         self._engine_lock = threading.Lock()
         self._changed = threading.Condition()
-        self._inflight: dict[int, Ticket] = {}
-        self._excluded: set[str] = set()  # failed / abandoned candidates: never proposed again
-        self._current: dict[str, int | None] = {}  # instrument → experiment it works for
-        self._values: list[tuple[int, float]] = []  # (experiment id, value) in completion order
-        self._best_utility: float | None = None
-        self._since_improvement = 0
+        self._tickets: dict[int, Ticket] = {}
+        self._current: dict[str, tuple[int, str] | None] = {}  # instrument → (experiment, job) it works on
         self._reported = 0
         self._round = 0
         self._last_model_version: str | None = None
         self._model_version_id: int | None = None  # repository row of the model behind new proposals
-        self._counts = {state: 0 for state in ("proposed", "running", *END_STATES)}
         self._measure_jobs: dict[str, str] = {}  # measurement job id → station that has it
         self._recovered: set[str] = set()  # keys of experiments a previous process left unfinished
-        self.stop_reason: str | None = None
+        self.interrupted: str | None = None  # "drain" or "abort" once a signal asked the run to stop
         self.campaign_id = 0
         self._token = ""
 
     # ------------------------------------------------------------------ campaign and engine
     def start(self) -> None:
-        """Get or create the campaign row and teach the engine everything already measured."""
+        """Get or create the campaign row and teach the engine everything already measured.
+
+        Raises:
+            CampaignConfigChanged: The YAML differs from the stored campaign (unless ``amend``).
+        """
         import sdl
+        from sdl.engine import Observation
 
         record = self.store.get_or_create_campaign(
             self.cfg.name,
@@ -299,30 +263,47 @@ class Lab:
             budget=self.budget,
             description=self.cfg.description,
             code_version=sdl.__version__,
+            amend=self.amend,
         )
         self.campaign_id = record.id
         self._token = campaign_token(record)
         if record.state != "running":
             self.store.set_campaign_state(record.id, "running", reason="sdl run (resume)")
-        from sdl.engine import Observation
-
         observations = self.store.observations(self.campaign_id, self.property)
         if observations:
             self.engine.observe(
                 [Observation(key=o.candidate_key, params=o.params, value=o.value) for o in observations]
             )
-        for o in observations:
-            self._record_value(o.experiment_id, o.value)
-        for exp in self.store.experiments(self.campaign_id):
-            self._counts[exp.state] += 1
-            if exp.state in ("failed", "abandoned"):
-                self._excluded.add(exp.candidate_key)
-        self._reported = len(self._values)
+        self.ledger.load(((e.id, e.candidate_key, e.state) for e in self.store.experiments(self.campaign_id)),
+                         ((o.experiment_id, o.value) for o in observations))
+        self._reported = len(observations)
+        from sdl.lab import interrupts
+
+        interrupts.register(self)
+        counts = self.ledger.counts()
         logger.info(
             "campaign %r (id %d): %d completed, %d failed, %d abandoned, %d pending; budget %d",
-            self.cfg.name, self.campaign_id, self._counts["completed"], self._counts["failed"],
-            self._counts["abandoned"], self._counts["proposed"] + self._counts["running"], self.budget,
+            self.cfg.name, self.campaign_id, counts["completed"], counts["failed"], counts["abandoned"],
+            counts["proposed"] + counts["running"], self.budget,
         )
+
+    def check_instruments(self) -> None:
+        """Ask every instrument whether it is there before any experiment is proposed.
+
+        An instrument that cannot be reached is waited for (its outage window); then the campaign
+        fails before it spends anything.
+
+        Raises:
+            InstrumentOutage: An instrument stayed unreachable for its whole window.
+            InstrumentError: An instrument answers but not as an SDL/1 instrument should.
+        """
+        for device in self.pool.devices.values():
+            try:
+                device.ping()
+            except InstrumentError as exc:
+                if not is_outage(exc):
+                    raise
+                self.guard.wait_until_up(device, exc)
 
     def event(self, kind: str, message: str, *, experiment_id: int | None = None,
               level: str = "info", payload: dict[str, Any] | None = None) -> None:
@@ -333,113 +314,97 @@ class Lab:
         except Exception:  # noqa: BLE001
             logger.exception("could not log event %s", kind)
 
+    def _outage_event(self, instrument: str, what: str, message: str) -> None:
+        level = "info" if what == "up" else "error"
+        self.event(f"instrument.{what}", message, level=level, payload={"instrument": instrument})
+
     def fault_callback(self, instrument: str) -> Callable[[str, str], None]:
         """``on_fault`` for an instrument's transport: every line fault goes to the event log."""
 
         def on_fault(kind: str, message: str) -> None:
             if "JOB?" in message and "NOT_FOUND" in message:
                 return  # asking about a job the instrument never saw is a question, not a fault
-            experiment_id = self._current.get(instrument)
-            logger.warning("%s: %s fault: %s", instrument, kind, message)
+            current = self._current.get(instrument)
             self.event(
-                "instrument.fault", f"{instrument}: {kind}: {message}", experiment_id=experiment_id,
-                level="warning", payload={"instrument": instrument, "fault": kind, "message": message},
+                "instrument.fault", f"{instrument}: {kind}: {message}",
+                experiment_id=current[0] if current else None, level="warning",
+                payload={"instrument": instrument, "fault": kind, "message": message},
             )
 
         return on_fault
 
-    # ------------------------------------------------------------------ counting and stopping
+    # ------------------------------------------------------------------ the ledger's answers
     @property
     def n_ended(self) -> int:
         """Experiments in an end state (what the budget counts)."""
-        return sum(self._counts[s] for s in END_STATES)
+        return self.ledger.n_ended
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the campaign stops (a failure first)."""
+        return self.ledger.failure or self.ledger.stop_reason
 
     def counts(self) -> dict[str, int]:
         """Experiments per state, as this process knows them (the repository agrees)."""
-        with self._lock:
-            return dict(self._counts)
+        return self.ledger.counts()
+
+    def wanted(self) -> int:
+        """How many experiments to propose now (see :meth:`ExperimentLedger.wanted`)."""
+        return self.ledger.wanted(self.pool.count(ROBOT))
 
     def finished(self) -> bool:
         """True when nothing is in flight and no more experiments will be proposed."""
-        with self._lock:
-            return not self._inflight and self.wanted() == 0
+        return self.ledger.done()
 
-    def wanted(self) -> int:
-        """How many experiments to propose now: one per free robot, within budget and rules."""
-        with self._lock:
-            if self.stop_reason is None and self.n_ended >= self.budget:
-                self.stop_reason = f"budget of {self.budget} experiments reached"
-            if self.stop_reason is not None:
-                return 0
-            remaining = self.budget - self.n_ended - len(self._inflight)
-            robots = self.pool.count(ROBOT)
-            stations = self.pool.count(STATION)
-            waiting_for_robot = sum(1 for t in self._inflight.values() if t.stage == "synthesis")
-            room = robots + stations - len(self._inflight)
-            return max(0, min(remaining, robots - waiting_for_robot, room))
-
-    def _record_value(self, experiment_id: int, value: float) -> None:
-        self._values.append((experiment_id, value))
-        utility = float(self.objective.utility(value))
-        if self._best_utility is None or utility > self._best_utility + 1e-12:
-            self._best_utility = utility
-            self._since_improvement = 0
-        else:
-            self._since_improvement += 1
-
-    def best(self) -> Any:
-        """The best completed experiment (``BestRecord``) or None."""
+    def best(self) -> BestRecord | None:
+        """The best completed experiment or None."""
         return self.store.best_so_far(
             self.campaign_id, self.property, self.objective.goal, self.objective.target_range
         )
 
-    def _check_rules(self) -> None:
-        """Set :attr:`stop_reason` when a stopping rule fires (called after every end state)."""
-        rules = self.cfg.stopping
-        if self.stop_reason is not None:
-            return
-        if self.n_ended >= self.budget:
-            self.stop_reason = f"budget of {self.budget} experiments reached"
-        elif rules.goal_value is not None and self._values and self._reached(rules.goal_value):
-            self.stop_reason = f"goal value {rules.goal_value} reached"
-        elif rules.patience is not None and self._values:
-            per_round = max(1, int(self.cfg.acquisition.batch_size))
-            if self._since_improvement >= rules.patience * per_round:
-                self.stop_reason = (
-                    f"no improvement in {rules.patience} rounds ({self._since_improvement} experiments)"
-                )
-        max_failures = self.cfg.budget.max_failures
-        if self.stop_reason is None and max_failures is not None and self._counts["failed"] > max_failures:
-            self.stop_reason = f"{self._counts['failed']} failed experiments (max_failures {max_failures})"
-        if self.stop_reason is not None:
-            logger.info("stopping: %s", self.stop_reason)
-
-    def _reached(self, goal_value: float) -> bool:
-        best = self.objective.best_value([v for _, v in self._values])
-        if best is None:
-            return False
-        if self.objective.goal == "maximize":
-            return best >= goal_value
-        if self.objective.goal == "minimize":
-            return best <= goal_value
-        return abs(best - goal_value) <= 1e-12 or float(self.objective.utility(best)) >= 0.0
-
-    def _expected_improvement(self, proposals: Sequence[Any]) -> float | None:
+    def _expected_improvement(self, proposals: Sequence[Proposal]) -> float | None:
         """Largest closed-form expected improvement (in utility) of a model-based batch, else None."""
         from scipy.stats import norm
 
-        if self._best_utility is None or self.objective.goal == "target":
+        best = self.ledger.best_value
+        if best is None or self.objective.goal == "target":
             return None
+        best_utility = float(self.objective.utility([best])[0])
         sign = 1.0 if self.objective.goal == "maximize" else -1.0
-        best = None
+        largest = None
         for p in proposals:
             if p.predicted_mean is None or p.predicted_std is None:
                 return None
             mu, sd = sign * p.predicted_mean, max(float(p.predicted_std), 1e-12)
-            z = (mu - self._best_utility) / sd
-            ei = sd * float(norm.pdf(z)) + (mu - self._best_utility) * float(norm.cdf(z))
-            best = ei if best is None else max(best, ei)
-        return best
+            z = (mu - best_utility) / sd
+            ei = sd * float(norm.pdf(z)) + (mu - best_utility) * float(norm.cdf(z))
+            largest = ei if largest is None else max(largest, ei)
+        return largest
+
+    # ------------------------------------------------------------------ interrupts
+    def interrupt(self, kind: str, why: str) -> None:
+        """Stop the run: ``drain`` lets started jobs finish, ``abort`` aborts them on the instruments.
+
+        Experiments not yet started keep their ``proposed`` state; the next run resumes them.
+        """
+        if kind == "drain" and self.interrupted is None:
+            self.interrupted = "drain"
+            self.ledger.stop(f"interrupted ({why}): finishing the experiments in flight")
+            self.event("campaign.interrupted", f"{why}: finishing the experiments in flight", level="warning")
+        elif kind == "abort" and self.interrupted != "abort":
+            self.interrupted = "abort"
+            self.ledger.stop(f"interrupted ({why}): jobs in flight aborted")
+            self.event("campaign.interrupted", f"{why}: aborting the jobs in flight", level="warning")
+            self.guard.cancel()
+            for name, current in list(self._current.items()):
+                if current is not None:
+                    with contextlib.suppress(Exception):
+                        self.pool.devices[name].abort(current[1])
+        self.notify()
+
+    def _check_interrupt(self, stage: str) -> None:
+        if self.interrupted == "abort" or (self.interrupted == "drain" and stage == "synthesis"):
+            raise Interrupted(f"run interrupted before {stage}")
 
     # ------------------------------------------------------------------ proposals
     def recipe_for(self, candidate_key: str, params: dict[str, Any], job_id: str) -> dict[str, Any]:
@@ -449,64 +414,76 @@ class Lab:
             return {"job_id": job_id, "candidate": candidate_key}
         return {"job_id": job_id, "params": dict(params)}
 
-    def _ticket(self, exp: Any, stage: str = "synthesis") -> Ticket:
+    def _ticket(self, exp: ExperimentRecord, stage: str = "synthesis") -> Ticket:
         job_id = job_id_for(exp.idempotency_key, self._token)
         return Ticket(
             experiment_id=exp.id, key=exp.idempotency_key, job_id=job_id, candidate_key=exp.candidate_key,
             params=dict(exp.params or {}), recipe=self.recipe_for(exp.candidate_key, dict(exp.params or {}), job_id),
-            stage=stage, robot=(exp.instruments or [None])[0], predicted_mean=exp.predicted_mean,
+            stage=stage, robot=exp.instruments[0] if exp.instruments else None, predicted_mean=exp.predicted_mean,
             predicted_std=exp.predicted_std, acquisition_value=exp.acquisition_value, batch_id=exp.batch_id,
             model_version=exp.model_version,
         )
 
-    def propose(self, n: int) -> list[Ticket]:
-        """Ask the engine for ``n`` experiments and commit each as ``proposed`` with its key.
+    def _material_id(self, candidate_key: str, params: dict[str, Any]) -> int | None:
+        """The ``materials`` row of a candidate (crystals de-duplicated by structure, recipes by key)."""
+        pool = self.engine.pool
+        try:
+            if pool is not None and pool.structure_column is not None and candidate_key in pool:
+                structure = pool.structures([pool.index_of(candidate_key)])[0]
+                return self.store.material_for_structure(structure, source_id=candidate_key)
+            return self.store.material_for_params(params or {"candidate": candidate_key})
+        except Exception:  # noqa: BLE001 - a missing material link must not stop the lab
+            logger.exception("could not link candidate %s to a material", candidate_key)
+            return None
 
-        Pending for the engine: proposed and running experiments, plus failed and abandoned
-        candidates (a lost sample is not proposed again).
+    def propose(self, n: int) -> list[Ticket]:
+        """Ask the engine for ``n`` experiments as one q-batch and commit each as ``proposed``.
+
+        Pending for the engine: proposed and running experiments. Failed and abandoned candidates
+        are excluded from the pool, not pending.
         """
         from sdl.exceptions import EngineError
 
         if n <= 0:
             return []
         with self._engine_lock:
-            pending = [t.candidate_key for t in self._inflight.values()] + sorted(self._excluded)
             try:
-                proposals = self.engine.propose(q=n, pending=pending)
+                proposals = self.engine.propose(q=n, pending=self.ledger.pending_keys(),
+                                                exclude=self.ledger.excluded_keys())
             except EngineError as exc:
-                with self._lock:
-                    self.stop_reason = f"engine cannot propose: {exc}"
-                self.event("campaign.stopping", self.stop_reason, level="warning")
+                self.ledger.stop(f"engine cannot propose: {exc}")
+                self.event("campaign.stopping", str(self.stop_reason), level="warning")
                 return []
             version = self.engine.model_version
             if version != self._last_model_version:
                 # Under the engine lock: metrics and the training count describe one fitted model.
                 self._model_changed(version)
+            model_version_id = self._model_version_id
         threshold = self.cfg.stopping.min_expected_improvement
         ei = self._expected_improvement(proposals)
-        if threshold is not None and ei is not None and ei < threshold and self._counts["completed"] > 0:
-            with self._lock:
-                self.stop_reason = f"expected improvement {ei:.3g} below {threshold}"
-            self.event("campaign.stopping", self.stop_reason)
+        if threshold is not None and ei is not None and ei < threshold and self.ledger.counts()["completed"] > 0:
+            self.ledger.stop(f"expected improvement {ei:.3g} below {threshold}")
+            self.event("campaign.stopping", str(self.stop_reason))
             return []
         tickets = []
-        with self._lock:
-            for p in proposals:
-                seq = sum(self._counts.values()) + 1
-                key = f"{self.cfg.name}:{seq}"
-                exp_id = self.store.propose_experiment(
-                    self.campaign_id, idempotency_key=key, candidate_key=p.key, params=p.params,
-                    provenance={
-                        "model_version": p.model_version, "model_version_id": self._model_version_id,
-                        "acquisition_value": p.acquisition_value,
-                        "predicted_mean": p.predicted_mean, "predicted_std": p.predicted_std,
-                        "batch_id": p.batch_id, "strategy": p.strategy,
-                    },
-                )
-                self._counts["proposed"] += 1
-                ticket = self._ticket(self.store.get_experiment(exp_id))
-                self._inflight[exp_id] = ticket
-                tickets.append(ticket)
+        for p in proposals:
+            key = f"{self.cfg.name}:{self.ledger.n_total + 1}"
+            exp_id = self.store.propose_experiment(
+                self.campaign_id, idempotency_key=key, candidate_key=p.key, params=p.params,
+                material_id=self._material_id(p.key, dict(p.params or {})),
+                provenance={
+                    "model_version": p.model_version, "model_version_id": model_version_id,
+                    "acquisition_value": p.acquisition_value,
+                    "predicted_mean": p.predicted_mean, "predicted_std": p.predicted_std,
+                    "batch_id": p.batch_id, "strategy": p.strategy,
+                },
+            )
+            self.ledger.track(exp_id, p.key, "proposed", p.batch_id, new=True)
+            record = self.store.get_experiment(exp_id)
+            assert record is not None
+            ticket = self._ticket(record)
+            self._tickets[exp_id] = ticket
+            tickets.append(ticket)
         return tickets
 
     def _model_changed(self, version: str) -> None:
@@ -515,7 +492,8 @@ class Lab:
         The metrics are the fitted model's held-out predictions of its own labels (leave-one-out
         for a GP, out-of-bag for an ensemble: ``Engine.uncertainty_metrics``, no refits); the
         prospective metrics (each prediction made at proposal time, compared with the later
-        measurement) are stored beside them under ``prospective``. Called with the engine lock held.
+        measurement) are stored beside them under ``prospective``. Called with the engine lock held,
+        so the training count and the metrics describe the same fitted model.
         """
         self._last_model_version = version
         self._model_version_id = None
@@ -542,22 +520,20 @@ class Lab:
     # ------------------------------------------------------------------ resume
     def recover(self) -> list[Ticket]:
         """Tickets for the experiments a previous process left unfinished (see the module docstring)."""
-        from devices.robot import reconcile
-
         tickets: list[Ticket] = []
         for exp in self.store.pending_experiments(self.campaign_id):
+            ticket = self._ticket(exp)
+            self.ledger.track(exp.id, exp.candidate_key, exp.state, exp.batch_id)
             if exp.state == "proposed":
-                ticket = self._ticket(exp)
                 self.event("experiment.resumed", f"experiment {exp.id} was proposed: run it",
                            experiment_id=exp.id, payload={"decision": "run"})
             else:
-                ticket = self._ticket(exp)
                 robot = ticket.robot
-                if robot not in self.pool.roles:
+                if robot is None or robot not in self.pool.roles:
                     self._abandon(ticket, f"its robot {robot!r} is not in this campaign any more")
                     continue
                 with self.pool.lease(ROBOT, robot) as (_, device):
-                    job = reconcile(device, ticket.job_id)
+                    job = device.job(ticket.job_id)
                 state = job.get("state")
                 decision = {"unknown": "start", "running": "wait", "done": "characterize"}.get(str(state))
                 self.event("experiment.reconciled", f"experiment {exp.id}: robot {robot} says job "
@@ -567,18 +543,17 @@ class Lab:
                     ticket.stage = "synthesis"
                 elif state == "done":
                     ticket.stage = "record" if self.measured_value(exp.id) is not None else "characterization"
+                    self._record_sample(ticket, device, job)
                 elif state == "failed" and job.get("failure") == "material":
                     self._fail(ticket, str(job.get("error") or "material failure"))
                     continue
                 else:
                     self._abandon(ticket, f"robot job {ticket.job_id} is {state}: {job.get('error')}")
                     continue
-            with self._lock:
-                self._inflight[ticket.experiment_id] = ticket
-                self._recovered.add(ticket.key)
+            self._tickets[ticket.experiment_id] = ticket
+            self._recovered.add(ticket.key)
             tickets.append(ticket)
-        with self._lock:
-            self._check_rules()
+        self.ledger.check_rules()
         return tickets
 
     # ------------------------------------------------------------------ one experiment
@@ -586,37 +561,78 @@ class Lab:
         return {"sdl": {"campaign_id": self.campaign_id, "experiment_id": ticket.experiment_id},
                 "campaign": self.cfg.name, "idempotency_key": ticket.key}
 
+    def _run_on(self, name: str, device: InstrumentPort, ticket: Ticket, job_id: str,
+                plan: Iterable[Any]) -> RunOutcome:
+        """Run ``plan`` on ``device`` for ``ticket`` (abortable by :meth:`interrupt`)."""
+        self._current[name] = (ticket.experiment_id, job_id)
+        try:
+            return run_plan(plan, subscribers=[self.writer], key=name)
+        finally:
+            self._current[name] = None
+
+    def _held(self, name: str, error: BaseException) -> bool:
+        """After a failed plan: wait out an outage of ``name`` (True: try again), else False."""
+        if not is_outage(error) or self.interrupted is not None:
+            return False
+        self.guard.wait_until_up(self.pool.devices[name], error)  # raises InstrumentOutage after the window
+        return True
+
     def synthesize(self, ticket: Ticket) -> None:
         """Make the sample on a free robot (or the robot that knows the job).
+
+        An unreachable robot holds the experiment (outage window), then the campaign fails.
 
         Raises:
             MaterialFailure: The sample is lost for a chemical reason (record it, do not retry).
             InstrumentError: An instrument fault (retry: the job id makes a retry safe).
+            InstrumentOutage: The robot stayed unreachable for its outage window.
+            Interrupted: The run is stopping; the experiment keeps its state.
         """
         from devices.plans import synthesize
 
         if ticket.stage != "synthesis":
             return
-        # The repository, not the ticket, says whether a robot already has this job: a retry
-        # (or a resumed experiment) must go back to that robot, never start on another one.
-        record = self.store.get_experiment(ticket.experiment_id)
-        known = (record.instruments or [None])[0] if record.state == "running" else None
-        with self.pool.lease(ROBOT, known) as (name, robot):
-            self._current[name] = ticket.experiment_id
-            try:
+        while True:
+            self._check_interrupt("synthesis")
+            # The repository, not the ticket, says whether a robot already has this job: a retry
+            # (or a resumed experiment) must go back to that robot, never start on another one.
+            record = self.store.get_experiment(ticket.experiment_id)
+            assert record is not None
+            known = record.instruments[0] if record.state == "running" and record.instruments else None
+            with self.pool.lease(ROBOT, known) as (name, robot):
                 if known is None:
+                    self._check_interrupt("synthesis")
                     self.store.start_experiment(ticket.experiment_id, instruments=[name])
-                    with self._lock:
-                        self._counts["proposed"] -= 1
-                        self._counts["running"] += 1
+                    self.ledger.started(ticket.experiment_id)
                 ticket.robot = name
-                outcome = run_plan(synthesize(robot, ticket.recipe, md=self._md(ticket)), subscribers=[self.writer], key=name)
-            finally:
-                self._current[name] = None
-        if not outcome.ok:
-            raise _as_lab_error(outcome.exception, name)
+                outcome = self._run_on(name, robot, ticket, ticket.job_id,
+                                       synthesize(robot, ticket.recipe, md=self._md(ticket)))  # type: ignore[arg-type]
+                if outcome.ok:
+                    self._record_sample(ticket, robot, None)
+            if outcome.ok:
+                break
+            error = _as_lab_error(outcome.exception, name)
+            if not self._held(name, error):
+                if self.interrupted == "abort":
+                    raise Interrupted(f"synthesis aborted: {error}", aborted=True) from error
+                raise error
         ticket.stage = "characterization"
         self.notify()
+
+    def _record_sample(self, ticket: Ticket, robot: InstrumentPort, job: dict[str, Any] | None) -> None:
+        """The robot made a sample: its ``samples`` row, and the station is told which sample to measure."""
+        uid = ""
+        if job is not None:
+            uid = str(((job.get("result") or {}).get("sample") or {}).get("id") or "")
+        else:
+            signal = getattr(robot, "sample", None)
+            uid = str(signal.get()) if signal is not None else ""
+        uid = uid or ticket.job_id
+        try:
+            self.store.add_sample(ticket.experiment_id, instrument=robot.name, sample_uid=uid)
+        except Exception:  # noqa: BLE001 - the sample row is bookkeeping; the measurement is what counts
+            logger.exception("could not record sample %s of experiment %d", uid, ticket.experiment_id)
+        ticket.recipe = {**ticket.recipe, "sample": uid}
 
     def characterize(self, ticket: Ticket) -> float:
         """Measure the sample on a free station; returns the objective's ``ok`` value.
@@ -626,6 +642,8 @@ class Lab:
 
         Raises:
             InstrumentError: An instrument fault, or no ``ok`` value after every attempt.
+            InstrumentOutage: The station stayed unreachable for its outage window.
+            Interrupted: The run is aborting.
         """
         from devices.plans import characterize
 
@@ -633,7 +651,9 @@ class Lab:
         if value is not None:
             ticket.stage = "record"
             return value
-        for attempt in range(1, self.max_measure_attempts + 1):
+        attempt = 1
+        while attempt <= self.max_measure_attempts:
+            self._check_interrupt("characterization")
             measure_job = f"{ticket.job_id}.m{attempt}"[-128:]
             recipe = {**ticket.recipe, "measure_job_id": measure_job}
             station = self._measure_jobs.get(measure_job)
@@ -641,16 +661,17 @@ class Lab:
                 station = self._station_knowing(measure_job)
             with self.pool.lease(STATION, station) as (name, device):
                 self._measure_jobs[measure_job] = name
-                self._current[name] = ticket.experiment_id
-                try:
-                    outcome = run_plan(characterize(device, recipe, md=self._md(ticket)),
-                                       subscribers=[self.writer], key=name)
-                finally:
-                    self._current[name] = None
+                outcome = self._run_on(name, device, ticket, measure_job,
+                                       characterize(device, recipe, md=self._md(ticket)))  # type: ignore[arg-type]
             if self.writer.pending:
                 self.writer.retry()
             if not outcome.ok:
-                raise _as_lab_error(outcome.exception, name)
+                error = _as_lab_error(outcome.exception, name)
+                if self._held(name, error):
+                    continue  # the same measurement job again, on the same station
+                if self.interrupted == "abort":
+                    raise Interrupted(f"characterization aborted: {error}", aborted=True) from error
+                raise error
             value = self.measured_value(ticket.experiment_id)
             if value is not None:
                 ticket.stage = "record"
@@ -662,6 +683,7 @@ class Lab:
                        f"(quality {[m.quality for m in flagged] or 'missing'}); measuring again",
                        experiment_id=ticket.experiment_id, level="warning",
                        payload={"measure_job_id": measure_job, "qualities": [m.quality for m in flagged]})
+            attempt += 1
         raise InstrumentError(
             f"no usable {self.property} measurement after {self.max_measure_attempts} attempts",
             instrument=STATION,
@@ -670,13 +692,11 @@ class Lab:
     def _station_knowing(self, measure_job: str) -> str | None:
         """The station that already has ``measure_job`` (after a crash or a retry), if any."""
         for name in self.pool.names(STATION):
-            device = self.pool.devices[name]
             try:
-                reply = device.transport.command("JOB?", measure_job)
+                if self.pool.devices[name].job(measure_job).get("state") != "unknown":
+                    return name
             except InstrumentError:
                 continue
-            if reply.data:
-                return name
         return None
 
     def measured_value(self, experiment_id: int) -> float | None:
@@ -692,23 +712,16 @@ class Lab:
         self.store.complete_experiment(ticket.experiment_id)
         with self._engine_lock:
             self.engine.observe([Observation(key=ticket.candidate_key, params=ticket.params, value=value)])
-        with self._lock:
-            self._counts["running"] -= 1
-            self._counts["completed"] += 1
-            self._inflight.pop(ticket.experiment_id, None)
-            self._record_value(ticket.experiment_id, value)
-            self._check_rules()
+        self.ledger.ended(ticket.experiment_id, "completed", from_state="running",
+                          candidate_key=ticket.candidate_key, value=value)
+        self._tickets.pop(ticket.experiment_id, None)
         self.notify()
         return Outcome(ticket, "completed", value)
 
     def _fail(self, ticket: Ticket, reason: str) -> Outcome:
         self.store.fail_experiment(ticket.experiment_id, reason=reason, kind="material")
-        with self._lock:
-            self._counts["running"] -= 1
-            self._counts["failed"] += 1
-            self._excluded.add(ticket.candidate_key)
-            self._inflight.pop(ticket.experiment_id, None)
-            self._check_rules()
+        self.ledger.ended(ticket.experiment_id, "failed", from_state="running", candidate_key=ticket.candidate_key)
+        self._tickets.pop(ticket.experiment_id, None)
         self.notify()
         return Outcome(ticket, "failed", reason=reason)
 
@@ -717,14 +730,12 @@ class Lab:
         return self._fail(ticket, str(error))
 
     def _abandon(self, ticket: Ticket, reason: str) -> Outcome:
-        state = self.store.get_experiment(ticket.experiment_id).state
+        record = self.store.get_experiment(ticket.experiment_id)
+        assert record is not None
         self.store.abandon_experiment(ticket.experiment_id, reason=reason)
-        with self._lock:
-            self._counts[state] -= 1
-            self._counts["abandoned"] += 1
-            self._excluded.add(ticket.candidate_key)
-            self._inflight.pop(ticket.experiment_id, None)
-            self._check_rules()
+        self.ledger.ended(ticket.experiment_id, "abandoned", from_state=record.state,
+                          candidate_key=ticket.candidate_key)
+        self._tickets.pop(ticket.experiment_id, None)
         self.notify()
         return Outcome(ticket, "abandoned", reason=reason)
 
@@ -735,8 +746,19 @@ class Lab:
         """
         if ticket.robot is not None and ticket.stage == "synthesis":
             with contextlib.suppress(Exception):
-                self.pool.devices[ticket.robot].transport.command("SYNTH ABORT", ticket.job_id)
+                self.pool.devices[ticket.robot].abort(ticket.job_id)
         return self._abandon(ticket, f"{type(error).__name__}: {error}")
+
+    def hold(self, ticket: Ticket, reason: str) -> Outcome:
+        """Leave an experiment in its state for the next run (an outage or an interrupt)."""
+        record = self.store.get_experiment(ticket.experiment_id)
+        state = record.state if record is not None else "proposed"
+        self.ledger.released(ticket.experiment_id)
+        self._tickets.pop(ticket.experiment_id, None)
+        self.event("experiment.held", f"experiment {ticket.experiment_id} stays {state}: {reason}",
+                   experiment_id=ticket.experiment_id, level="warning", payload={"state": state})
+        self.notify()
+        return Outcome(ticket, state, reason=reason)
 
     # ------------------------------------------------------------------ monitoring
     def model_metrics(self) -> dict[str, Any]:
@@ -755,7 +777,7 @@ class Lab:
             return {"n": len(y), "error": str(exc)}
 
     def _predictions(self) -> tuple[list[float], list[float], list[float]]:
-        ids = {eid: v for eid, v in self._values}
+        ids = dict(self.ledger.values())
         y, mu, sd = [], [], []
         for exp in self.store.experiments(self.campaign_id, states=("completed",)):
             if exp.id in ids and exp.predicted_mean is not None and exp.predicted_std is not None:
@@ -766,18 +788,17 @@ class Lab:
 
     def round_due(self) -> bool:
         """True when ``retrain.every`` new measurements arrived since the last report."""
-        with self._lock:
-            return len(self._values) - self._reported >= int(self.cfg.retrain.every)
+        return len(self.ledger.values()) - self._reported >= int(self.cfg.retrain.every)
 
     def round_report(self, true_best: float | None = None) -> RoundReport:
         """Best so far, model metrics, the latest proposals' provenance, and the plots."""
         from sdl import plots
 
-        with self._lock:
-            self._reported = len(self._values)
-            self._round += 1
-            values = [v for _, v in self._values]
-            done = self.n_ended
+        pairs = self.ledger.values()
+        self._reported = len(pairs)
+        self._round += 1
+        values = [v for _, v in pairs]
+        done = self.n_ended
         best = self.best()
         metrics = self.model_metrics()
         plot_dir = self.state_dir / "plots"
@@ -793,7 +814,7 @@ class Lab:
         except Exception:  # noqa: BLE001 - a figure must not stop the lab
             logger.exception("could not draw the plots")
         experiments = self.store.experiments(self.campaign_id)
-        measured = dict(self._values)
+        measured = dict(pairs)
         ranked = sorted(
             (e for e in experiments if e.id in measured),
             key=lambda e: -float(self.objective.utility(measured[e.id])),
@@ -819,54 +840,17 @@ class Lab:
             true_best=true_best, metrics=metrics, top=top, provenance=provenance, plots=paths,
         )
 
-    def true_best(self) -> tuple[str, float] | None:
-        """The best value a simulated world holds for the objective (to judge the campaign), or None."""
-        import pandas as pd
-
-        for inst in self.cfg.instruments:
-            if inst.simulated and inst.world is not None and self.property in inst.measures:
-                try:
-                    frame = pd.read_csv(inst.world)
-                except Exception:  # noqa: BLE001
-                    return None
-                if self.property not in frame.columns:
-                    return None
-                utility = self.objective.utility(frame[self.property].to_numpy(dtype=float))
-                i = int(utility.argmax())
-                row = frame.iloc[i]
-                if "id" in frame.columns:
-                    key = str(row["id"])
-                else:  # a table world: the recorded parameters name the best point
-                    names = [c for c in frame.columns if c != self.property]
-                    key = ", ".join(f"{c}={row[c]:g}" if isinstance(row[c], float) else f"{c}={row[c]}"
-                                    for c in names)
-                return key, float(row[self.property])
-        return None
-
-    def world_rank(self, value: float | None) -> tuple[int, int] | None:
-        """Rank of ``value`` among the simulated world's recorded values (1 = the best), and their count.
-
-        Why: "best found" means little without knowing how many recorded materials beat it.
-        """
-        if value is None:
-            return None
-        import pandas as pd
-
-        for inst in self.cfg.instruments:
-            if inst.simulated and inst.world is not None and self.property in inst.measures:
-                try:
-                    column = pd.read_csv(inst.world)[self.property].to_numpy(dtype=float)
-                except Exception:  # noqa: BLE001 - no rank is better than a crash at the end of a campaign
-                    return None
-                utility = self.objective.utility(column)
-                better = int((utility > float(self.objective.utility([value])[0]) + 1e-12).sum())
-                return better + 1, len(column)
-        return None
-
     def finish(self) -> str:
-        """Mark the campaign completed (budget reached) or stopped (another rule); returns the state."""
-        reason = self.stop_reason or "nothing left to do"
-        state = "completed" if reason.startswith("budget") else "stopped"
+        """Record how the campaign ended; returns the state (completed, stopped or failed).
+
+        Budget reached: ``completed``; a failure (instrument gone, failure budget spent): ``failed``;
+        any other rule or an interrupt: ``stopped`` (the next ``sdl run`` resumes it).
+        """
+        if self.ledger.failure is not None:
+            state, reason = "failed", self.ledger.failure
+        else:
+            reason = self.ledger.stop_reason or "nothing left to do"
+            state = "completed" if reason.startswith("budget") and self.interrupted is None else "stopped"
         self.store.set_campaign_state(self.campaign_id, state, reason=reason)
         return state
 
@@ -890,24 +874,27 @@ class Lab:
 
 def _as_lab_error(exc: BaseException | None, instrument: str) -> BaseException:
     """Material failures stay; instrument errors stay; anything else is an instrument fault."""
-    if isinstance(exc, (MaterialFailure, InstrumentError)):
+    if isinstance(exc, MaterialFailure | InstrumentError):
         return exc
     return InstrumentError(f"plan failed: {type(exc).__name__}: {exc}", instrument=instrument)
 
 
 @contextlib.contextmanager
 def open_lab(
-    cfg: Any,
+    cfg: CampaignConfig,
     database_url: str,
     *,
     budget: int | None = None,
     seed: int | None = None,
     time_scale: float | None = None,
     state_dir: Path | None = None,
+    amend: bool = False,
+    holder: str = "sdl run",
 ) -> Iterator[Lab]:
-    """Open the repository, start simulators, connect the instruments, build the engine.
+    """Open the repository, take the campaign's lease, start simulators, connect the instruments.
 
-    Everything is closed (and the simulators stopped) when the block ends, even on error.
+    Everything is closed (the lease released, the simulators stopped) when the block ends, even on
+    error. A second runner of the same campaign is refused at once (``CampaignLocked``).
 
     Args:
         cfg: The loaded campaign.
@@ -916,11 +903,12 @@ def open_lab(
         seed: Overrides ``cfg.seed`` (engine and simulators).
         time_scale: Overrides every simulator's time scale.
         state_dir: Journals and plots (default: :func:`state_dir_for` the database / campaign).
+        amend: Accept a changed YAML for an existing campaign (recorded as an event).
+        holder: Who holds the lease (shown to a second runner).
     """
-    from devices.robot import SynthesisRobot
-    from devices.station import CharacterizationStation
     from sdl.engine import Engine
-    from sdl.repository import Store
+    from sdl.models.embedding_store import EmbeddingStore, default_store_path
+    from sdl.repository import Store, hold_lease
     from sdl.simulation import SimulatorFleet
 
     if seed is not None and seed != cfg.seed:
@@ -930,38 +918,42 @@ def open_lab(
     state_dir = Path(state_dir) if state_dir else state_dir_for(database_url) / cfg.name
     state_dir.mkdir(parents=True, exist_ok=True)
     store = Store.from_url(database_url, create=True)
-    fleet = SimulatorFleet(state_dir, cfg.name, time_scale=time_scale)
-    lab: Lab | None = None
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(store.close)
+        engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(database_url)))
+        lab = Lab(cfg, store, engine, InstrumentPool({}), budget=budget, seed=cfg.seed, state_dir=state_dir,
+                  amend=amend)
+        existing = store.get_campaign(cfg.name)
+        if existing is not None:  # the lease first: a second runner must not touch a running campaign
+            stack.enter_context(hold_lease(store, existing.id, holder=holder))
+        lab.start()  # refuses a changed YAML before anything is started
+        if existing is None:
+            stack.enter_context(hold_lease(store, lab.campaign_id, holder=holder))
+        fleet = stack.enter_context(SimulatorFleet(state_dir, cfg.name, time_scale=time_scale))
         urls = fleet.start(cfg.instruments, seed=cfg.seed)
-        with_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if with_threads:
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads:
             import torch
 
-            torch.set_num_threads(with_threads)
-        from sdl.models.embedding_store import EmbeddingStore, default_store_path
-
-        engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(database_url)))
+            torch.set_num_threads(threads)
         engine.prepare(progress=_featurize_logger(cfg.name))
-        devices: dict[str, tuple[str, Any]] = {}
-        lab = Lab(cfg, store, engine, InstrumentPool({}), budget=budget, seed=cfg.seed, state_dir=state_dir)
+        devices: dict[str, tuple[str, InstrumentPort]] = {}
+        stack.callback(lab.close)
         for inst in cfg.instruments:
             url = urls.get(inst.name) or inst.url
-            options = dict(inst.options)
-            common = dict(name=inst.name, url=url, line_timeout=inst.timeout_s,
-                          on_fault=lab.fault_callback(inst.name), **options)
-            if inst.role == ROBOT:
-                devices[inst.name] = (ROBOT, SynthesisRobot(**common))
-            else:
-                devices[inst.name] = (STATION, CharacterizationStation(properties=list(inst.measures), **common))
-        lab.pool = InstrumentPool(devices, on_release=lab.notify)
-        lab.start()
+            common: dict[str, Any] = dict(name=inst.name, url=url, line_timeout=inst.timeout_s,
+                                          on_fault=lab.fault_callback(inst.name), **inst.options)
+            if inst.role == STATION:
+                common["properties"] = list(inst.measures)
+            devices[inst.name] = (inst.role, load_driver(inst.driver, inst.role)(**common))
+        lab.pool = InstrumentPool(devices, on_release=lab.notify, guard=lab.guard)
+        try:
+            lab.check_instruments()
+        except SDLError as exc:  # dead at start: the campaign fails before it spends anything
+            lab.ledger.fail(str(exc))
+            lab.finish()
+            raise
         yield lab
-    finally:
-        if lab is not None:
-            lab.close()
-        fleet.stop()
-        store.close()
 
 
 def _featurize_logger(campaign: str) -> Callable[[int, int], None]:
@@ -975,115 +967,3 @@ def _featurize_logger(campaign: str) -> Callable[[int, int], None]:
             logger.info("campaign %s: featurising candidates %d / %d", campaign, done, total)
 
     return report
-
-
-def with_retries(step: Callable[[Ticket], Any], attempts: int = 3, delay: float = 0.1) -> Callable[[Ticket], Any]:
-    """Plain-Python stand-in for a Prefect task's retries: retry ``step`` on instrument faults only."""
-
-    def run(ticket: Ticket) -> Any:
-        for attempt in range(1, attempts + 1):
-            try:
-                return step(ticket)
-            except InstrumentError as exc:
-                if attempt == attempts:
-                    raise
-                logger.warning("experiment %d: %s; retry %d of %d", ticket.experiment_id, exc, attempt,
-                               attempts - 1)
-                time.sleep(delay * attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    return run
-
-
-def run_experiment(
-    lab: Lab,
-    ticket: Ticket,
-    *,
-    synthesize: Callable[[Ticket], Any] | None = None,
-    characterize: Callable[[Ticket], float] | None = None,
-) -> Outcome:
-    """Carry one experiment to its end state: synthesis, characterization, record.
-
-    Args:
-        lab: The campaign's lab.
-        ticket: The experiment (``stage`` says where a resumed experiment starts).
-        synthesize: The synthesis step (default :meth:`Lab.synthesize`; the flow passes a Prefect
-            task with retries). Must raise ``MaterialFailure`` / ``InstrumentError``.
-        characterize: The characterization step, returning the ``ok`` value.
-
-    Returns:
-        ``completed``; ``failed`` for a material failure (never retried); ``abandoned`` when an
-        instrument fault outlived the retries.
-    """
-    synthesize = synthesize or lab.synthesize
-    characterize = characterize or lab.characterize
-    try:
-        if ticket.stage == "synthesis":
-            synthesize(ticket)
-            ticket.stage = "characterization"
-            lab.notify()
-        if ticket.stage == "record":
-            value = lab.measured_value(ticket.experiment_id)
-            if value is None:
-                ticket.stage = "characterization"
-        if ticket.stage == "characterization":
-            value = characterize(ticket)
-        assert value is not None
-        return lab.complete(ticket, value)
-    except MaterialFailure as exc:
-        lab.event("experiment.material_failure", str(exc), experiment_id=ticket.experiment_id, level="warning")
-        return lab.fail(ticket, exc)
-    except InstrumentError as exc:
-        lab.event("experiment.instrument_failure", str(exc), experiment_id=ticket.experiment_id, level="error")
-        return lab.abandon(ticket, exc)
-
-
-def drive(
-    lab: Lab,
-    submit: Callable[[Ticket], Any],
-    on_done: Callable[[Ticket, Any], None],
-    *,
-    propose: Callable[[int], list[Ticket]] | None = None,
-    poll: float = 0.5,
-) -> None:
-    """The closed loop: resume, then propose one experiment per free robot until a rule stops it.
-
-    Args:
-        lab: The campaign's lab (already started).
-        submit: Starts one experiment concurrently (e.g. a Prefect task's ``submit``) and returns
-            a future-like object with ``done()``.
-        on_done: Called in this thread for each finished future (progress, artifacts); may raise
-            to stop the campaign (it then stays resumable).
-        propose: Proposes ``n`` experiments (default :meth:`Lab.propose`; the flow passes a task).
-        poll: Longest wait between two looks at the futures (an instrument freeing wakes it earlier).
-    """
-    propose = propose or lab.propose
-    running: dict[Any, Ticket] = {}
-    for ticket in lab.recover():
-        running[submit(ticket)] = ticket
-    while True:
-        wanted = lab.wanted()
-        for ticket in propose(wanted) if wanted else []:
-            running[submit(ticket)] = ticket
-        done = [f for f in running if f.done()]
-        for future in done:
-            on_done(running.pop(future), future)
-        if not running and lab.wanted() == 0:
-            break
-        if not done:
-            lab.wait_for_change(poll)
-
-
-def run_plain(lab: Lab, *, on_outcome: Callable[[Outcome], None] | None = None, retries: int = 3) -> None:
-    """Run the whole campaign without Prefect (threads, plain retries): tests and scripts."""
-    workers = lab.pool.count(ROBOT) + lab.pool.count(STATION)
-    synth, char = with_retries(lab.synthesize, retries), with_retries(lab.characterize, retries)
-
-    def done(ticket: Ticket, future: Future[Any]) -> None:
-        outcome = future.result()
-        if on_outcome is not None:
-            on_outcome(outcome)
-
-    with ThreadPoolExecutor(max_workers=max(2, workers), thread_name_prefix="experiment") as executor:
-        drive(lab, lambda t: executor.submit(run_experiment, lab, t, synthesize=synth, characterize=char), done)
-    lab.finish()

@@ -1,0 +1,162 @@
+"""The closed loop over a :class:`~sdl.lab.laboratory.Lab`: one experiment to its end, and the campaign.
+
+Plain functions on purpose: ``sdl/flows.py`` passes Prefect tasks for the steps and the proposal,
+:func:`run_plain` passes threads and plain retries, and both share every decision made here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol, TypeVar
+
+from sdl.exceptions import InstrumentError, MaterialFailure
+from sdl.lab.instruments import ROBOT, STATION, InstrumentOutage
+from sdl.lab.laboratory import Interrupted, Lab, Outcome, Ticket
+
+__all__ = ["drive", "run_experiment", "run_plain", "with_retries"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _Done(Protocol):
+    def done(self) -> bool: ...
+
+
+F = TypeVar("F", bound=_Done)
+
+
+def with_retries(step: Callable[[Ticket], T], attempts: int = 3, delay: float = 0.1) -> Callable[[Ticket], T]:
+    """Plain-Python stand-in for a Prefect task's retries: retry ``step`` on instrument faults only."""
+
+    def run(ticket: Ticket) -> T:
+        for attempt in range(1, attempts + 1):
+            try:
+                return step(ticket)
+            except InstrumentError as exc:
+                if attempt == attempts:
+                    raise
+                logger.warning("experiment %d: %s; retry %d of %d", ticket.experiment_id, exc, attempt,
+                               attempts - 1)
+                time.sleep(delay * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return run
+
+
+def run_experiment(
+    lab: Lab,
+    ticket: Ticket,
+    *,
+    synthesize: Callable[[Ticket], object] | None = None,
+    characterize: Callable[[Ticket], float] | None = None,
+) -> Outcome:
+    """Carry one experiment to its end state: synthesis, characterization, record.
+
+    Args:
+        lab: The campaign's lab.
+        ticket: The experiment (``stage`` says where a resumed experiment starts).
+        synthesize: The synthesis step (default :meth:`Lab.synthesize`; the flow passes a Prefect
+            task with retries). Must raise ``MaterialFailure`` / ``InstrumentError``.
+        characterize: The characterization step, returning the ``ok`` value.
+
+    Returns:
+        ``completed``; ``failed`` for a material failure (never retried); ``abandoned`` when an
+        instrument fault outlived the retries or an abort stopped a job; the experiment's unchanged
+        state (``proposed`` / ``running``) when an outage or an interrupt holds it for the next run.
+    """
+    synthesize = synthesize or lab.synthesize
+    characterize = characterize or lab.characterize
+    value: float | None = None
+    try:
+        if ticket.stage == "synthesis":
+            synthesize(ticket)
+            ticket.stage = "characterization"
+            lab.notify()
+        if ticket.stage == "record":
+            value = lab.measured_value(ticket.experiment_id)
+            if value is None:
+                ticket.stage = "characterization"
+        if ticket.stage == "characterization":
+            value = characterize(ticket)
+        assert value is not None
+        return lab.complete(ticket, value)
+    except MaterialFailure as exc:
+        lab.event("experiment.material_failure", str(exc), experiment_id=ticket.experiment_id, level="warning")
+        return lab.fail(ticket, exc)
+    except InstrumentOutage as exc:
+        if lab.interrupted is not None:
+            return lab.hold(ticket, "interrupted while its instrument was down")
+        lab.ledger.fail(str(exc))
+        lab.pool.close_leases(str(exc))
+        return lab.hold(ticket, str(exc))
+    except Interrupted as exc:
+        if exc.aborted:  # a job was aborted on its instrument: the sample is gone
+            return lab.abandon(ticket, exc)
+        return lab.hold(ticket, str(exc))
+    except InstrumentError as exc:
+        lab.event("experiment.instrument_failure", str(exc), experiment_id=ticket.experiment_id, level="error")
+        return lab.abandon(ticket, exc)
+    except Exception as exc:
+        if lab.ledger.failure is not None:  # a lease refused because the campaign is failing
+            return lab.hold(ticket, str(exc))
+        raise
+
+
+def drive(
+    lab: Lab,
+    submit: Callable[[Ticket], F],
+    on_done: Callable[[Ticket, F], None],
+    *,
+    propose: Callable[[int], list[Ticket]] | None = None,
+    poll: float = 0.5,
+) -> None:
+    """The closed loop: resume, then propose batches (or one per free robot) until a rule stops it.
+
+    Args:
+        lab: The campaign's lab (already started).
+        submit: Starts one experiment concurrently (e.g. a Prefect task's ``submit``) and returns
+            a future-like object with ``done()``.
+        on_done: Called in this thread for each finished future (progress, artifacts); may raise
+            to stop the campaign (it then stays resumable).
+        propose: Proposes ``n`` experiments (default :meth:`Lab.propose`; the flow passes a task).
+        poll: Longest wait between two looks at the futures (an instrument freeing wakes it earlier).
+    """
+    propose = propose or lab.propose
+    running: dict[F, Ticket] = {}
+    for ticket in lab.recover():
+        running[submit(ticket)] = ticket
+    while True:
+        wanted = lab.wanted()
+        for ticket in propose(wanted) if wanted else []:
+            running[submit(ticket)] = ticket
+        done = [f for f in running if f.done()]
+        for future in done:
+            on_done(running.pop(future), future)
+        if not running and lab.wanted() == 0:
+            break
+        if not done:
+            lab.wait_for_change(poll)
+
+
+def run_plain(lab: Lab, *, on_outcome: Callable[[Outcome], None] | None = None, retries: int = 3) -> str:
+    """Run the whole campaign without Prefect (threads, plain retries): tests and scripts.
+
+    Returns:
+        The campaign's end state (:meth:`Lab.finish`).
+    """
+    workers = max(lab.pool.count(ROBOT) + lab.pool.count(STATION), int(lab.cfg.acquisition.batch_size))
+    synth, char = with_retries(lab.synthesize, retries), with_retries(lab.characterize, retries)
+
+    def done(ticket: Ticket, future: Future[Outcome]) -> None:
+        outcome = future.result()
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    with ThreadPoolExecutor(max_workers=max(2, workers), thread_name_prefix="experiment") as executor:
+        drive(lab, lambda t: executor.submit(run_experiment, lab, t, synthesize=synth, characterize=char), done)
+    return lab.finish()
