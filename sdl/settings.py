@@ -1,25 +1,56 @@
-"""``SDL_*`` environment settings, resolved in one place.
+"""``SDL_*`` environment settings, in one pydantic-settings class, read when asked for.
 
-The database URL is the one setting every command needs; its precedence is fixed here so that
-``sdl run``, ``sdl status`` and ``sdl export`` can never disagree about where the data are.
-This module never imports torch or prefect.
+Why one class: every ``SDL_*`` variable the framework honours is a field here with its meaning,
+so ``sdl run``, ``sdl status`` and ``sdl export`` can never disagree about where the data are and a
+user finds every knob in one place. Settings are read from the environment at each call of
+:func:`settings` (tests and CLIs change the environment at run time). This module never imports
+torch or prefect.
+
+* ``SDL_DATABASE_URL``: the knowledge repository (after ``--db``, before the YAML's ``repository.url``).
+* ``SDL_STATE_DIR``: journals, plots, logs and the ephemeral Prefect home (default ``sdl-runs/`` beside
+  a SQLite database, else in the working directory).
+* ``SDL_EMBEDDING_CACHE``: the crystal-embedding cache file (default beside a SQLite database, else
+  ``~/.cache/sdl/embeddings.sqlite``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
     from sdl.config import CampaignConfig
 
-__all__ = ["DATABASE_URL_ENV", "DEFAULT_DATABASE_URL", "resolve_database_url"]
+__all__ = ["DATABASE_URL_ENV", "DEFAULT_DATABASE_URL", "SDLSettings", "resolve_database_url", "settings"]
 
 logger = logging.getLogger(__name__)
 
 DATABASE_URL_ENV = "SDL_DATABASE_URL"
 DEFAULT_DATABASE_URL = "sqlite:///sdl.db"
+
+
+class SDLSettings(BaseSettings):
+    """The ``SDL_*`` environment variables (empty strings count as unset)."""
+
+    model_config = SettingsConfigDict(env_prefix="SDL_", extra="ignore")
+
+    database_url: str | None = None
+    state_dir: Path | None = None
+    embedding_cache: Path | None = None
+
+    @field_validator("database_url", "state_dir", "embedding_cache", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+def settings() -> SDLSettings:
+    """The settings as the environment says now."""
+    return SDLSettings()
 
 
 def resolve_database_url(cli_url: str | None, campaign: CampaignConfig | None = None) -> str:
@@ -38,7 +69,7 @@ def resolve_database_url(cli_url: str | None, campaign: CampaignConfig | None = 
     """
     candidates = (
         ("--db", cli_url),
-        (DATABASE_URL_ENV, os.environ.get(DATABASE_URL_ENV)),
+        (DATABASE_URL_ENV, settings().database_url),
         ("campaign repository.url", campaign.repository.url if campaign is not None else None),
     )
     for source, url in candidates:

@@ -99,8 +99,11 @@ def state_dir_for(database_url: str) -> Path:
     """
     from sqlalchemy.engine import make_url
 
-    if os.environ.get("SDL_STATE_DIR"):
-        return Path(os.environ["SDL_STATE_DIR"]).expanduser().resolve()
+    from sdl.settings import settings
+
+    configured = settings().state_dir
+    if configured is not None:
+        return configured.expanduser().resolve()
 
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":

@@ -58,9 +58,11 @@ def structure_key(text: str) -> str:
 
 def default_store_path(database_url: str | None = None) -> Path:
     """Where embeddings live: ``$SDL_EMBEDDING_CACHE``, else beside a SQLite repository, else ~/.cache/sdl."""
-    env = os.environ.get(STORE_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
+    from sdl.settings import settings
+
+    configured = settings().embedding_cache
+    if configured is not None:
+        return configured.expanduser()
     if database_url and database_url.startswith("sqlite:///") and ":memory:" not in database_url:
         return Path(database_url[len("sqlite:///"):]).expanduser().resolve().parent / STORE_NAME
     return Path.home() / ".cache" / "sdl" / "embeddings.sqlite"
