@@ -19,23 +19,45 @@ Structure keys and their limits:
   structures (same distance sets, different arrangement; rare) share a key; partial occupancies
   are keyed by the species string of the site.
 
+Identity of crystals is decided by pymatgen's ``StructureMatcher`` (:func:`same_structure`,
+tolerances in :data:`MATCHER_TOLERANCES`), not by the key: the repository compares a new crystal
+with the stored ones of the same reduced formula and uses the key only to name the row. So the
+key's rounding limits above never split or merge materials in the repository.
+
 Parameter keys: ``params:`` + canonical JSON (sorted keys, no spaces) with floats rounded to
 :data:`PARAM_SIGNIFICANT_DIGITS` significant digits and integral floats written as integers.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["canonical_key", "canonical_params", "N_NEIGHBOURS", "PARAM_SIGNIFICANT_DIGITS"]
+if TYPE_CHECKING:
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.core import Structure
+
+__all__ = [
+    "canonical_key",
+    "canonical_params",
+    "same_structure",
+    "structure_matcher",
+    "MATCHER_TOLERANCES",
+    "N_NEIGHBOURS",
+    "PARAM_SIGNIFICANT_DIGITS",
+]
 
 N_NEIGHBOURS = 12
 PARAM_SIGNIFICANT_DIGITS = 10
 SYMPREC = 0.01
+MATCHER_TOLERANCES: tuple[float, float, float] = (0.2, 0.3, 5.0)
+"""``(ltol, stol, angle_tol)``: pymatgen's default ``StructureMatcher`` tolerances (fractional
+length, site, degrees), stated here so that a pymatgen upgrade cannot silently change which
+crystals are one material."""
 
 
 def _round_sig(x: float, digits: int = PARAM_SIGNIFICANT_DIGITS) -> float | int:
@@ -43,7 +65,7 @@ def _round_sig(x: float, digits: int = PARAM_SIGNIFICANT_DIGITS) -> float | int:
         raise ValueError(f"parameter value {x!r} is not finite")
     if x == 0:
         return 0
-    rounded = round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
+    rounded = round(x, digits - 1 - math.floor(math.log10(abs(x))))
     return int(rounded) if float(rounded).is_integer() and abs(rounded) < 2**53 else rounded
 
 
@@ -141,3 +163,23 @@ def canonical_key(
 
         parts.append(f"formula:{Composition(formula).reduced_formula}")
     return "|".join(parts)
+
+
+@functools.cache
+def structure_matcher() -> StructureMatcher:
+    """The one ``StructureMatcher`` that decides material identity (primitive cells, volume scaled)."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    ltol, stol, angle_tol = MATCHER_TOLERANCES
+    return StructureMatcher(
+        ltol=ltol, stol=stol, angle_tol=angle_tol, primitive_cell=True, scale=True, attempt_supercell=False
+    )
+
+
+def same_structure(a: Structure, b: Structure) -> bool:
+    """Whether two crystals are one material: invariant to cell choice, origin and site order.
+
+    Volumes are scaled before comparing, so two relaxations of one compound are one material;
+    different polymorphs (another arrangement or coordination) are not.
+    """
+    return bool(structure_matcher().fit(a, b))

@@ -14,7 +14,7 @@ from sdl.repository.store import alembic_config
 
 EXPECTED_TABLES = {
     "campaigns", "materials", "experiments", "samples", "measurements", "bluesky_runs",
-    "bluesky_documents", "model_versions", "events", "sdl_alembic_version",
+    "bluesky_documents", "model_versions", "events", "campaign_leases", "sdl_alembic_version",
 }
 
 
@@ -65,4 +65,31 @@ def test_migrations_are_found_without_an_ini_in_the_working_directory(
     monkeypatch.chdir(tmp_path)  # type: ignore[arg-type]
     store = Store.from_url("sqlite:///relative/sdl.db", create=True)
     assert store.current_revision() is not None
+    store.close()
+
+
+def test_0001_database_with_data_upgrades_to_0002_and_back(database_url: str) -> None:
+    """A repository made before leases existed keeps its campaigns through 0002 and its downgrade."""
+    from alembic import command
+
+    store = Store.from_url(database_url)
+    store.upgrade("0001")
+    assert store.current_revision() == "0001"
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO campaigns (name, description, config_snapshot, config_hash, state, created_at, updated_at) "
+            "VALUES ('old', '', '{}', 'h', 'running', :t, :t)"), {"t": "2026-11-30 10:00:00"})
+    store.upgrade()
+    assert store.current_revision() == "0002"
+    campaign = store.get_campaign("old")
+    assert campaign is not None
+    token = store.acquire_lease(campaign.id, holder="test", host="h", pid=1)
+    assert store.lease(campaign.id) is not None and token
+    with store.engine.connect() as conn:
+        command.downgrade(alembic_config(conn), "0001")
+        conn.commit()
+    assert store.current_revision() == "0001"
+    with store.engine.connect() as conn:
+        assert "campaign_leases" not in sa.inspect(conn).get_table_names()
+    assert store.get_campaign("old") is not None
     store.close()

@@ -196,14 +196,14 @@ def test_idempotent_proposal_returns_existing_row(store: Store) -> None:
         store.propose_experiment(c.id, idempotency_key=f"{c.id}:k1", candidate_key="other", params={}, provenance={})
 
 
-def test_campaign_rerun_with_other_hash_is_logged(store: Store) -> None:
+def test_campaign_rerun_with_other_budget_is_logged(store: Store) -> None:
     c1 = _campaign(store)
     assert _campaign(store).id == c1.id
     assert store.events(c1.id, kind="campaign.config_changed") == []
-    c2 = _campaign(store, config_hash="h2", budget=20)
-    assert c2.id == c1.id and c2.config_hash == "h2" and c2.budget == 20
+    c2 = _campaign(store, budget=20, code_version="0.2.0")  # same config hash: taken, logged
+    assert c2.id == c1.id and c2.config_hash == "h1" and c2.budget == 20
     (changed,) = store.events(c1.id, kind="campaign.config_changed")
-    assert changed.payload == {"config_hash": {"old": "h1", "new": "h2"}, "budget": {"old": 10, "new": 20}}
+    assert changed.payload == {"budget": {"old": 10, "new": 20}, "code_version": {"old": "0.1.0", "new": "0.2.0"}}
     store.set_campaign_state(c1.id, "completed", reason="budget spent")
     assert store.get_campaign(c1.id).state == "completed"  # type: ignore[union-attr]
     with pytest.raises(RepositoryError, match="campaign state"):
@@ -272,16 +272,15 @@ def test_bad_measurements_never_stored(store: Store) -> None:
         with pytest.raises(RepositoryError):
             store.add_measurement(eid, property="e_form", value=bad)  # type: ignore[arg-type]
     assert store.measurements(experiment_id=eid) == []
-    with pytest.raises(RepositoryError, match="naive|failed"):
+    with pytest.raises(RepositoryError, match=r"naive|failed"):
         store.add_measurement(eid, property="e_form", value=1.0, timestamp=dt.datetime(2026, 1, 1))
 
 
 def test_events_are_append_only(store: Store) -> None:
     store.log_event("k", "m")
     for statement in ("UPDATE events SET message = 'x'", "DELETE FROM events"):
-        with pytest.raises(sa.exc.DatabaseError, match="append-only"):
-            with store.engine.begin() as conn:
-                conn.execute(sa.text(statement))
+        with pytest.raises(sa.exc.DatabaseError, match="append-only"), store.engine.begin() as conn:
+            conn.execute(sa.text(statement))
     assert [e.message for e in store.events()] == ["m"]
     assert not any(name.startswith(("update", "delete")) and "event" in name for name in dir(store))
 
@@ -292,7 +291,7 @@ def test_sqlite_connection_pragmas(sqlite_url: str) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
-    with pytest.raises(RepositoryError, match="FOREIGN KEY|foreign key|IntegrityError"):
+    with pytest.raises(RepositoryError, match=r"FOREIGN KEY|foreign key|IntegrityError"):
         store.add_measurement(12345, property="p", value=1.0)
     store.close()
 
@@ -339,7 +338,77 @@ def test_canonical_material_keys_on_real_perovskites() -> None:
     assert canonical_key(params={"t": 1.0, "a": 0.1 + 0.2}) == canonical_key(params={"a": 0.3, "t": 1}) == (
         'params:{"a":0.3,"t":1}')
     assert canonical_key(formula="O3SrTi") == canonical_key(formula="SrTiO3") == "formula:SrTiO3"
-    with pytest.raises(ValueError, match="params.x"):
+    with pytest.raises(ValueError, match=r"params\.x"):
         canonical_key(params={"x": math.nan})
     with pytest.raises(ValueError, match="needs a structure"):
         canonical_key()
+
+
+DEMO = {
+    "name": "demo",
+    "acquisition": {"name": "qlogei", "batch_size": 4},
+    "budget": {"experiments": 32},
+    "instruments": [{"name": "robot"}, {"name": "xrd"}],
+}
+
+
+def test_config_differences_paths() -> None:
+    from sdl.repository import ABSENT, config_differences
+
+    new = {
+        "name": "demo",
+        "acquisition": {"name": "qlogei", "batch_size": 8, "beta": 0.5},
+        "budget": {"experiments": 40},
+        "instruments": [{"name": "robot"}, {"name": "xrd2"}, {"name": "uv"}],
+        "seed": 1,
+    }
+    assert config_differences(DEMO, new) == [
+        ("acquisition.batch_size", 4, 8),
+        ("acquisition.beta", ABSENT, 0.5),
+        ("budget.experiments", 32, 40),
+        ("instruments[1].name", "xrd", "xrd2"),
+        ("instruments[2]", ABSENT, {"name": "uv"}),
+        ("seed", ABSENT, 1),
+    ]
+    assert config_differences(new, DEMO)[-1] == ("seed", 1, ABSENT) and str(ABSENT) == "<absent>"
+    assert config_differences(DEMO, DEMO) == []
+    assert config_differences({"a": 1}, {"a": 1.0}) == [] and config_differences({"a": 1}, {"a": True}) != []
+
+
+def test_changed_config_raises_one_line_unless_amended(store: Store) -> None:
+    from sdl.repository import CampaignConfigChanged
+
+    c = _campaign(store, "demo", snapshot=DEMO, config_hash="h1")
+    changed = {**DEMO, "acquisition": {"name": "qlogei", "batch_size": 8}, "budget": {"experiments": 40}}
+    with pytest.raises(CampaignConfigChanged) as info:
+        _campaign(store, "demo", snapshot=changed, config_hash="h2")
+    assert str(info.value) == (
+        "campaign 'demo' already exists with a different configuration: acquisition.batch_size 4 → 8, "
+        "budget.experiments 32 → 40; rerun with --amend to change it, or give the campaign a new name"
+    )
+    assert info.value.differences == [("acquisition.batch_size", 4, 8), ("budget.experiments", 32, 40)]
+    assert isinstance(info.value, RepositoryError)
+    unchanged = store.get_campaign("demo")
+    assert unchanged is not None and unchanged.config_hash == "h1" and unchanged.config_snapshot == DEMO
+    assert store.events(c.id, kind="campaign.amended") == []
+
+    amended = store.get_or_create_campaign("demo", snapshot=changed, config_hash="h2", seed=7, budget=40, amend=True)
+    assert amended.id == c.id and amended.config_hash == "h2" and amended.config_snapshot == changed
+    assert amended.budget == 40
+    (event,) = store.events(c.id, kind="campaign.amended")
+    assert event.payload == {
+        "old": DEMO,
+        "new": changed,
+        "differences": [["acquisition.batch_size", 4, 8], ["budget.experiments", 32, 40]],
+    }
+    assert store.get_or_create_campaign("demo", snapshot=changed, config_hash="h2", seed=7, budget=40).id == c.id
+    with pytest.raises(CampaignConfigChanged, match=r"acquisition\.batch_size 8 → 4"):
+        _campaign(store, "demo", snapshot=DEMO, config_hash="h1")
+    # many or long changes still make one line; equal snapshots with another hash name the hashes
+    wide = {f"k{i}": {"text": "x" * 100} for i in range(9)}
+    with pytest.raises(CampaignConfigChanged) as info:
+        _campaign(store, "demo", snapshot=wide, config_hash="h3")
+    assert "\n" not in str(info.value) and "and 7 more" in str(info.value) and "…" in str(info.value)
+    assert "<absent>" in str(info.value)
+    with pytest.raises(CampaignConfigChanged, match=r"config hash h2 → h4"):
+        store.get_or_create_campaign("demo", snapshot=changed, config_hash="h4", seed=7, budget=40)

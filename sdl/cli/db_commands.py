@@ -11,7 +11,7 @@ import datetime as dt
 import io
 import json
 import math
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -27,7 +27,7 @@ __all__ = ["register", "ExportFormat"]
 DB_HELP = "Database URL (default: $SDL_DATABASE_URL, else sqlite:///sdl.db)."
 
 
-class ExportFormat(str, Enum):
+class ExportFormat(StrEnum):
     """File formats of ``sdl export``."""
 
     csv = "csv"
@@ -156,7 +156,8 @@ def export(
     output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file (default: stdout)."),
     objective: str | None = typer.Option(None, "--property", help="Measured property (default: the objective)."),
 ) -> None:
-    """Export one row per experiment: state, candidate or parameters, measured objective, provenance."""
+    """Export one row per experiment: state, candidate, material (id, formula), sample, parameters, measured
+    objective, provenance."""
     from sdl.exceptions import RepositoryError
 
     if fmt is ExportFormat.parquet and output is None:
@@ -168,7 +169,11 @@ def export(
         _die(str(exc))
     finally:
         store.close()
-    columns = list(rows[0]) if rows else ["experiment_id", "campaign", "state", "candidate_key"]
+    columns = (
+        list(rows[0])
+        if rows
+        else ["experiment_id", "campaign", "state", "candidate_key", "material_id", "formula", "sample_uid"]
+    )
     try:
         if fmt is ExportFormat.parquet:
             import pandas as pd

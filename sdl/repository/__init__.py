@@ -6,14 +6,20 @@ Never imports torch or prefect: any process (CLI, flow, document writer) can ope
 from __future__ import annotations
 
 from sdl.repository.store import (
+    ABSENT,
     PROVENANCE_KEYS,
     SAMPLE_STATES,
     TRANSITIONS,
     BestRecord,
+    CampaignConfigChanged,
+    CampaignLease,
+    CampaignLocked,
     CampaignRecord,
     DocumentRecord,
     EventRecord,
     ExperimentRecord,
+    LeaseRecord,
+    MaterialMeasurementRecord,
     MaterialRecord,
     MeasurementRecord,
     ModelVersionRecord,
@@ -21,10 +27,18 @@ from sdl.repository.store import (
     RunRecord,
     SampleRecord,
     Store,
+    config_differences,
+    hold_lease,
 )
 
 __all__ = [
     "Store",
+    "CampaignLocked",
+    "CampaignConfigChanged",
+    "CampaignLease",
+    "hold_lease",
+    "config_differences",
+    "ABSENT",
     "TRANSITIONS",
     "PROVENANCE_KEYS",
     "SAMPLE_STATES",
@@ -33,6 +47,8 @@ __all__ = [
     "DocumentRecord",
     "EventRecord",
     "ExperimentRecord",
+    "LeaseRecord",
+    "MaterialMeasurementRecord",
     "MaterialRecord",
     "MeasurementRecord",
     "ModelVersionRecord",

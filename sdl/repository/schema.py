@@ -10,7 +10,7 @@ datetimes, stored as UTC on both backends, read back with ``tzinfo=UTC``) and :d
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -25,6 +25,7 @@ __all__ = [
     "EXPERIMENT_STATES",
     "FAILURE_KINDS",
     "Campaign",
+    "Lease",
     "Material",
     "Experiment",
     "Sample",
@@ -95,7 +96,11 @@ class Base(DeclarativeBase):
     """Declarative base with a naming convention, so that migrations name constraints the same way."""
 
     metadata = sa.MetaData(naming_convention=_NAMING)
-    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSONType, float: sa.Double()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dt.datetime: UTCDateTime(),
+        dict[str, Any]: JSONType,
+        float: sa.Double(),
+    }
 
 
 class Campaign(Base):
@@ -115,6 +120,24 @@ class Campaign(Base):
     state: Mapped[str] = mapped_column(sa.String(20), default="running")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Lease(Base):
+    """Who runs a campaign right now: at most one row per campaign, absent when nobody does.
+
+    A runner writes ``heartbeat_at`` every few seconds; a row whose heartbeat is old, or whose
+    process is gone from this host, may be taken over (see :meth:`Store.acquire_lease`).
+    """
+
+    __tablename__ = "campaign_leases"
+
+    campaign_id: Mapped[int] = mapped_column(sa.ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True)
+    token: Mapped[str] = mapped_column(sa.String(64))
+    holder: Mapped[str] = mapped_column(sa.String(200))
+    host: Mapped[str] = mapped_column(sa.String(255))
+    pid: Mapped[int]
+    acquired_at: Mapped[dt.datetime]
+    heartbeat_at: Mapped[dt.datetime]
 
 
 class Material(Base):

@@ -13,19 +13,31 @@ Why it looks like this:
 * SQLite connections get WAL mode, foreign keys and a busy timeout, and take the write lock at
   ``BEGIN`` (``BEGIN IMMEDIATE``), so concurrent writers wait instead of failing on a lock
   upgrade. PostgreSQL goes through the same code from a ``postgresql+psycopg://`` URL.
+* One runner per campaign: :meth:`Store.acquire_lease` is a compare-and-set on the
+  ``campaign_leases`` row, kept alive by :class:`CampaignLease`'s heartbeat thread.
+* A campaign name means one configuration: rerunning it with another one raises
+  :class:`CampaignConfigChanged` unless the caller says ``amend=True``.
+* Materials are one row per crystal across campaigns: pymatgen's ``StructureMatcher`` decides,
+  within the bucket of the same reduced formula (parsed structures cached per ``Store``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -42,6 +54,7 @@ from sdl.repository.schema import (
     Campaign,
     Event,
     Experiment,
+    Lease,
     Material,
     Measurement,
     ModelVersion,
@@ -49,8 +62,19 @@ from sdl.repository.schema import (
     utcnow,
 )
 
+if TYPE_CHECKING:
+    from pymatgen.core import Structure
+
 __all__ = [
     "Store",
+    "CampaignLocked",
+    "CampaignConfigChanged",
+    "CampaignLease",
+    "hold_lease",
+    "config_differences",
+    "ABSENT",
+    "LeaseRecord",
+    "MaterialMeasurementRecord",
     "TRANSITIONS",
     "PROVENANCE_KEYS",
     "SAMPLE_STATES",
@@ -94,6 +118,149 @@ SAMPLE_STATES = ("created", "synthesized", "measured", "lost")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+MATERIAL_LOCK_NAMESPACE = "sdl.material:"
+"""Prefix of the PostgreSQL advisory-lock key that serialises new materials of one formula."""
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class CampaignLocked(RepositoryError):
+    """Another live process runs this campaign (or took over this runner's lease).
+
+    ``str(err)`` is one line naming the campaign, the holder, its host and pid and since when.
+
+    Args:
+        message: The one-line explanation.
+        campaign: The campaign's name.
+        holder: What holds the lease now (e.g. ``sdl run``), None if nobody does.
+        host: The holder's host name.
+        pid: The holder's process id.
+        since: When the holder took the lease (UTC).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        campaign: str,
+        holder: str | None = None,
+        host: str | None = None,
+        pid: int | None = None,
+        since: dt.datetime | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.campaign = campaign
+        self.holder = holder
+        self.host = host
+        self.pid = pid
+        self.since = since
+
+
+class CampaignConfigChanged(RepositoryError):
+    """A campaign name was reused with another configuration and the caller did not ask to amend it.
+
+    Args:
+        message: The one-line explanation, listing the changed fields.
+        campaign: The campaign's name.
+        differences: ``(dotted path, old, new)`` per changed leaf, from :func:`config_differences`.
+    """
+
+    def __init__(self, message: str, *, campaign: str, differences: Sequence[tuple[str, object, object]]) -> None:
+        super().__init__(message)
+        self.campaign = campaign
+        self.differences = list(differences)
+
+
+# --------------------------------------------------------------------------- config differences
+
+
+class _Absent:
+    """The value of a key one side of a comparison does not have (prints as ``<absent>``)."""
+
+    _instance: _Absent | None = None
+
+    def __new__(cls) -> _Absent:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+    __str__ = __repr__
+
+
+ABSENT: Final = _Absent()
+"""Stands for a missing key in :func:`config_differences` (JSON: the string ``"<absent>"``)."""
+
+MAX_DIFFERENCES_SHOWN = 6
+MAX_VALUE_CHARS = 40
+
+
+def _is_sequence(value: object) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def _collect_differences(old: object, new: object, path: str, out: list[tuple[str, object, object]]) -> None:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in sorted(set(old) | set(new), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in old:
+                out.append((sub, ABSENT, new[key]))
+            elif key not in new:
+                out.append((sub, old[key], ABSENT))
+            else:
+                _collect_differences(old[key], new[key], sub, out)
+    elif _is_sequence(old) and _is_sequence(new):
+        assert isinstance(old, (list, tuple)) and isinstance(new, (list, tuple))
+        for i in range(max(len(old), len(new))):
+            sub = f"{path}[{i}]"
+            if i >= len(old):
+                out.append((sub, ABSENT, new[i]))
+            elif i >= len(new):
+                out.append((sub, old[i], ABSENT))
+            else:
+                _collect_differences(old[i], new[i], sub, out)
+    elif old != new or isinstance(old, bool) != isinstance(new, bool):
+        out.append((path or "<root>", old, new))
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, object, object]]:
+    """Every changed leaf between two config snapshots, as ``(dotted path, old, new)``.
+
+    Nested mappings give dotted paths (``budget.experiments``), lists are compared by index
+    (``instruments[1].name``), a key only one side has is shown with :data:`ABSENT` on the other.
+    Paths come sorted, so the same two configs always give the same list.
+    """
+    out: list[tuple[str, object, object]] = []
+    _collect_differences(old, new, "", out)
+    return out
+
+
+def _show(value: object) -> str:
+    if value is ABSENT:
+        return "<absent>"
+    text = json.dumps(to_jsonable(value), ensure_ascii=False, separators=(", ", ": "))
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 1] + "…"
+
+
+def _config_changed_message(
+    name: str, differences: Sequence[tuple[str, object, object]], old_hash: str, new_hash: str
+) -> str:
+    if differences:
+        shown = [f"{path} {_show(a)} → {_show(b)}" for path, a, b in differences[:MAX_DIFFERENCES_SHOWN]]
+        if len(differences) > MAX_DIFFERENCES_SHOWN:
+            shown.append(f"and {len(differences) - MAX_DIFFERENCES_SHOWN} more")
+        what = ": " + ", ".join(shown)
+    else:  # the snapshots agree but the hashes do not (e.g. a new hashing rule)
+        what = f" (config hash {old_hash[:12]} → {new_hash[:12]})"
+    return (
+        f"campaign {name!r} already exists with a different configuration{what}; "
+        "rerun with --amend to change it, or give the campaign a new name"
+    )
 
 
 # --------------------------------------------------------------------------- records
@@ -186,6 +353,40 @@ class MeasurementRecord:
     event_uid: str | None
     campaign_id: int
     candidate_key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MaterialMeasurementRecord:
+    """One measurement of a material, from whichever campaign made it (for cross-campaign use)."""
+
+    measurement_id: int
+    material_id: int
+    campaign_id: int
+    campaign: str
+    experiment_id: int
+    sample_id: int | None
+    sample_uid: str | None
+    property: str
+    value: float
+    unit: str | None
+    uncertainty: float | None
+    quality: str
+    instrument: str | None
+    timestamp: dt.datetime
+    run_uid: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseRecord:
+    """Who runs a campaign now: the lease row (``heartbeat_at`` is the last sign of life)."""
+
+    campaign_id: int
+    token: str
+    holder: str
+    host: str
+    pid: int
+    acquired_at: dt.datetime
+    heartbeat_at: dt.datetime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,6 +559,65 @@ def alembic_config(connection: sa.Connection | None = None, url: str | None = No
     return cfg
 
 
+# --------------------------------------------------------------------------- leases
+
+
+def _process_gone(host: str, pid: int) -> bool:
+    """Whether ``pid`` ran on this very host and no longer exists (POSIX only; elsewhere: never)."""
+    if os.name != "posix" or pid <= 0 or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def _rowcount(result: object) -> int:
+    """Rows an UPDATE or DELETE changed (what the compare-and-set statements check)."""
+    return int(result.rowcount or 0) if isinstance(result, sa.CursorResult) else 0
+
+
+def _iso_z(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------- materials
+
+
+def _advisory_key(formula: str) -> int:
+    """A signed 64-bit PostgreSQL advisory-lock key for one formula's new materials."""
+    digest = hashlib.sha256((MATERIAL_LOCK_NAMESPACE + formula).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _reduced_formula(formula: str) -> str:
+    """``O3SrTi`` → ``SrTiO3`` (pymatgen's reduced formula); an unparsable one as given."""
+    from pymatgen.core import Composition
+
+    try:
+        return str(Composition(formula).reduced_formula)
+    except (ValueError, KeyError) as exc:
+        logger.debug("formula %r not parsed (%s): compared as given", formula, exc)
+        return formula
+
+
+def _parse_structure(material_id: int, structure: Mapping[str, Any] | None, cif: str | None) -> Structure | None:
+    """A stored material's crystal, from its pymatgen JSON or else its CIF; None if unreadable."""
+    from pymatgen.core import Structure
+
+    try:
+        if structure is not None:
+            return Structure.from_dict(dict(structure))
+        if cif:
+            return Structure.from_str(cif, fmt="cif")
+    except Exception as exc:  # noqa: BLE001 - whatever pymatgen raises, the row simply cannot match
+        logger.warning("material %d: stored structure unreadable, never matched: %s", material_id, exc)
+    return None
+
+
 # --------------------------------------------------------------------------- Store
 
 
@@ -371,6 +631,10 @@ class Store:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # formula → {material id: parsed structure (None: unreadable)}; rows are never edited,
+        # so a parsed structure stays right; new rows are found by their ids.
+        self._buckets: dict[str, dict[int, Structure | None]] = {}
+        self._buckets_lock = threading.Lock()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -468,11 +732,21 @@ class Store:
         budget: int | None,
         description: str = "",
         code_version: str | None = None,
+        amend: bool = False,
     ) -> CampaignRecord:
         """The campaign called ``name``, created on first use.
 
-        A re-run with a different config hash (or budget, seed) is allowed: the row takes the new
-        values and a ``campaign.config_changed`` event keeps the old ones.
+        A name means one configuration: a rerun whose ``config_hash`` differs raises
+        :class:`CampaignConfigChanged` (listing what changed), so a typo in the YAML cannot
+        silently mix two experiments' data; ``amend=True`` takes the new snapshot and hash in the
+        same transaction and logs ``campaign.amended``. Seed, budget or code version changes
+        under an unchanged hash are taken and logged as ``campaign.config_changed``.
+
+        Args:
+            amend: Accept a changed configuration for an existing campaign.
+
+        Raises:
+            CampaignConfigChanged: The stored hash differs and ``amend`` is False.
         """
         if not name:
             raise RepositoryError("campaign name must not be empty")
@@ -505,40 +779,77 @@ class Store:
                             payload={"config_hash": config_hash, "seed": seed, "budget": budget},
                         )
                     else:
-                        changed = {
-                            k: {"old": getattr(row, k), "new": v}
-                            for k, v in (
-                                ("config_hash", config_hash),
-                                ("seed", seed),
-                                ("budget", budget),
-                                ("code_version", code_version),
-                            )
-                            if getattr(row, k) != v
-                        }
-                        if changed:
-                            row.config_snapshot = snap
-                            row.config_hash = config_hash
-                            row.seed = seed
-                            row.budget = budget
-                            row.code_version = code_version
-                            row.description = description or row.description
-                            row.updated_at = utcnow()
-                            self._event(
-                                s,
-                                "campaign.config_changed",
-                                f"campaign {name!r} re-run with changed {', '.join(sorted(changed))}",
-                                campaign_id=row.id,
-                                level="warning",
-                                payload=changed,
-                            )
-                            logger.warning("campaign %r re-run with changed %s", name, ", ".join(sorted(changed)))
+                        self._update_campaign(
+                            s, row, snap, config_hash, seed, budget, description, code_version, amend=amend
+                        )
                     s.flush()
-                    return _record(CampaignRecord, row)
+                    record: CampaignRecord = _record(CampaignRecord, row)
+                    return record
             except RepositoryError as exc:
                 if attempt == 0 and isinstance(exc.__cause__, IntegrityError):
                     continue  # another process created it between our select and insert
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _update_campaign(
+        self,
+        s: Session,
+        row: Campaign,
+        snap: dict[str, Any],
+        config_hash: str,
+        seed: int | None,
+        budget: int | None,
+        description: str,
+        code_version: str | None,
+        *,
+        amend: bool,
+    ) -> None:
+        """An existing campaign meets a (maybe) new config: refuse, amend, or take the small changes."""
+        touched = False
+        if row.config_hash != config_hash:
+            differences = config_differences(row.config_snapshot, snap)
+            if not amend:
+                raise CampaignConfigChanged(
+                    _config_changed_message(row.name, differences, row.config_hash, config_hash),
+                    campaign=row.name,
+                    differences=differences,
+                )
+            old_snapshot = row.config_snapshot
+            row.config_snapshot = snap
+            row.config_hash = config_hash
+            listing = ", ".join(path for path, _, _ in differences) or "config hash"
+            self._event(
+                s,
+                "campaign.amended",
+                f"campaign {row.name!r} amended: {listing}",
+                campaign_id=row.id,
+                level="warning",
+                payload={"old": old_snapshot, "new": snap, "differences": [list(d) for d in differences]},
+            )
+            logger.warning("campaign %r amended: %s", row.name, listing)
+            touched = True
+        changed = {
+            k: {"old": getattr(row, k), "new": v}
+            for k, v in (("seed", seed), ("budget", budget), ("code_version", code_version))
+            if getattr(row, k) != v
+        }
+        if changed:
+            row.seed = seed
+            row.budget = budget
+            row.code_version = code_version
+            self._event(
+                s,
+                "campaign.config_changed",
+                f"campaign {row.name!r} re-run with changed {', '.join(sorted(changed))}",
+                campaign_id=row.id,
+                level="warning",
+                payload=changed,
+            )
+            logger.warning("campaign %r re-run with changed %s", row.name, ", ".join(sorted(changed)))
+            touched = True
+        if touched:
+            row.description = description or row.description
+            row.updated_at = utcnow()
 
     def get_campaign(self, campaign: int | str) -> CampaignRecord | None:
         """A campaign by id or name, or None."""
@@ -570,6 +881,204 @@ class Store:
                 campaign_id=campaign_id,
                 payload={"from": old, "to": state, "reason": reason},
             )
+
+    # ----------------------------------------------------------------- campaign leases
+
+    @staticmethod
+    def _db_now(s: Session) -> dt.datetime:
+        """The database server's clock on PostgreSQL (one clock for every host), else this host's."""
+        if s.get_bind().dialect.name == "postgresql":
+            now = s.scalar(sa.select(sa.func.now()))
+            if isinstance(now, dt.datetime) and now.tzinfo is not None:
+                return now.astimezone(dt.UTC)
+        return utcnow()
+
+    @staticmethod
+    def _campaign_name(s: Session, campaign_id: int) -> str:
+        name = s.scalar(sa.select(Campaign.name).where(Campaign.id == campaign_id))
+        if name is None:
+            raise RepositoryError(f"no campaign with id={campaign_id}")
+        return name
+
+    def acquire_lease(
+        self,
+        campaign_id: int,
+        *,
+        holder: str,
+        host: str,
+        pid: int,
+        stale_after_s: float = 30.0,
+        token: str | None = None,
+    ) -> str:
+        """Become the one runner of a campaign; returns the lease token to renew and release with.
+
+        One transaction: the lease row is read under a row lock, then changed by a compare-and-set
+        ``UPDATE ... WHERE token = <the token just read>`` (or inserted when there is none; the
+        primary key makes a racing insert fail). The lease may be taken when nobody holds it, when
+        the caller presents its own ``token``, when its heartbeat is older than ``stale_after_s``
+        (the database server's clock on PostgreSQL), or at once when the holder ran on this host
+        and its pid no longer exists. Taking over logs ``campaign.lease_taken_over``.
+
+        Args:
+            campaign_id: The campaign to run.
+            holder: What runs it, in words (``sdl run``); shown to whoever is refused.
+            host: The runner's host name (``socket.gethostname()``).
+            pid: The runner's process id.
+            stale_after_s: A heartbeat older than this means the holder is dead.
+            token: A token this runner already holds, to take the lease again (e.g. after a reconnect).
+
+        Raises:
+            CampaignLocked: Another live holder has the lease.
+        """
+        if not stale_after_s > 0:
+            raise ValueError(f"stale_after_s={stale_after_s} must be positive")
+        mine = token or secrets.token_hex(16)
+        for attempt in range(3):
+            try:
+                with self._tx("acquire_lease") as s:
+                    name = self._campaign_name(s, campaign_id)
+                    now = self._db_now(s)
+                    row = s.scalars(
+                        sa.select(Lease).where(Lease.campaign_id == campaign_id).with_for_update()
+                    ).one_or_none()
+                    if row is None:
+                        s.add(
+                            Lease(
+                                campaign_id=campaign_id,
+                                token=mine,
+                                holder=holder,
+                                host=host,
+                                pid=pid,
+                                acquired_at=now,
+                                heartbeat_at=now,
+                            )
+                        )
+                        s.flush()
+                        logger.info("campaign %r: lease taken by %s on %s (pid %d)", name, holder, host, pid)
+                        return mine
+                    old = _record(LeaseRecord, row)
+                    reason = self._takeover_reason(old, mine, now, stale_after_s)
+                    if reason is None:
+                        raise self._locked(name, old, stale_after_s)
+                    result = s.execute(
+                        sa.update(Lease)
+                        .where(Lease.campaign_id == campaign_id, Lease.token == old.token)
+                        .values(
+                            token=mine,
+                            holder=holder,
+                            host=host,
+                            pid=pid,
+                            heartbeat_at=now,
+                            acquired_at=old.acquired_at if old.token == mine else now,
+                        )
+                        .execution_options(synchronize_session=False)
+                    )
+                    if _rowcount(result) != 1:
+                        continue  # changed under us (cannot happen under the row lock): read again
+                    if old.token != mine:
+                        previous = {k: v for k, v in dataclasses.asdict(old).items() if k != "token"}
+                        self._event(
+                            s,
+                            "campaign.lease_taken_over",
+                            f"campaign {name!r}: lease of {old.holder} on {old.host} (pid {old.pid}) "
+                            f"taken over by {holder} on {host} (pid {pid}): {reason}",
+                            campaign_id=campaign_id,
+                            level="warning",
+                            payload={
+                                "old": previous,
+                                "new": {"holder": holder, "host": host, "pid": pid},
+                                "reason": reason,
+                            },
+                        )
+                        logger.warning(
+                            "campaign %r: lease of %s on %s (pid %d) taken over: %s",
+                            name,
+                            old.holder,
+                            old.host,
+                            old.pid,
+                            reason,
+                        )
+                    return mine
+            except RepositoryError as exc:
+                if attempt < 2 and isinstance(exc.__cause__, IntegrityError):
+                    continue  # another runner inserted the lease row first: read it
+                raise
+        raise RepositoryError(f"campaign {campaign_id}: the lease kept changing while it was being taken")
+
+    @staticmethod
+    def _takeover_reason(old: LeaseRecord, mine: str, now: dt.datetime, stale_after_s: float) -> str | None:
+        """Why ``old`` may be replaced (its token is ours, it is stale, its process is gone), or None."""
+        if old.token == mine:
+            return "same token"
+        age = (now - old.heartbeat_at).total_seconds()
+        if age > stale_after_s:
+            return f"no heartbeat for {age:.0f} s (stale after {stale_after_s:g} s)"
+        if _process_gone(old.host, old.pid):
+            return f"pid {old.pid} no longer exists on {old.host}"
+        return None
+
+    @staticmethod
+    def _locked(name: str, lease: LeaseRecord, stale_after_s: float) -> CampaignLocked:
+        return CampaignLocked(
+            f"campaign {name!r} is being run by {lease.holder} on host {lease.host} (pid {lease.pid}) "
+            f"since {_iso_z(lease.acquired_at)}; stop it first, or wait {stale_after_s:g} s if that process is dead",
+            campaign=name,
+            holder=lease.holder,
+            host=lease.host,
+            pid=lease.pid,
+            since=lease.acquired_at,
+        )
+
+    def renew_lease(self, campaign_id: int, token: str) -> None:
+        """Heartbeat: the lease held by ``token`` is alive now.
+
+        Raises:
+            CampaignLocked: The lease is no longer ``token``'s (taken over, maybe released since):
+                the caller must stop running the campaign.
+        """
+        with self._tx("renew_lease") as s:
+            result = s.execute(
+                sa.update(Lease)
+                .where(Lease.campaign_id == campaign_id, Lease.token == token)
+                .values(heartbeat_at=self._db_now(s))
+                .execution_options(synchronize_session=False)
+            )
+            if _rowcount(result) == 1:
+                return
+            name = self._campaign_name(s, campaign_id)
+            row = s.get(Lease, campaign_id)
+            if row is None:
+                raise CampaignLocked(
+                    f"campaign {name!r}: this runner's lease is gone (another process took it over and "
+                    "released it); stop here, then rerun",
+                    campaign=name,
+                )
+            raise CampaignLocked(
+                f"campaign {name!r}: this runner's lease was taken over by {row.holder} on host {row.host} "
+                f"(pid {row.pid}) at {_iso_z(row.acquired_at)}; stop here, only one process may run it",
+                campaign=name,
+                holder=row.holder,
+                host=row.host,
+                pid=row.pid,
+                since=row.acquired_at,
+            )
+
+    def release_lease(self, campaign_id: int, token: str) -> None:
+        """Give the lease up; does nothing when ``token`` does not hold it (any more)."""
+        with self._tx("release_lease") as s:
+            result = s.execute(
+                sa.delete(Lease)
+                .where(Lease.campaign_id == campaign_id, Lease.token == token)
+                .execution_options(synchronize_session=False)
+            )
+            if _rowcount(result):
+                logger.info("campaign %d: lease released", campaign_id)
+
+    def lease(self, campaign_id: int) -> LeaseRecord | None:
+        """The campaign's current lease (maybe stale), or None when nobody holds it."""
+        with self._tx("lease") as s:
+            row = s.get(Lease, campaign_id)
+            return None if row is None else _record(LeaseRecord, row)
 
     # ----------------------------------------------------------------- materials
 
@@ -621,6 +1130,194 @@ class Store:
             clause = Material.id == material if isinstance(material, int) else Material.canonical_key == material
             row = s.scalars(sa.select(Material).where(clause)).one_or_none()
             return None if row is None else _record(MaterialRecord, row)
+
+    def materials(self, formula: str | None = None) -> list[MaterialRecord]:
+        """All materials (of one reduced formula, given in any order of elements), by id."""
+        query = sa.select(Material)
+        if formula is not None:
+            query = query.where(Material.formula == _reduced_formula(formula))
+        with self._tx("materials") as s:
+            return [_record(MaterialRecord, r) for r in s.scalars(query.order_by(Material.id))]
+
+    def material_for_params(self, params: Mapping[str, Any]) -> int:
+        """The material of a process recipe: one row per :func:`sdl.materials.canonical_params` key,
+        so float noise (``0.1 + 0.2`` vs ``0.3``) and key order make no second row."""
+        from sdl.materials import canonical_key
+
+        try:
+            key = canonical_key(params=params)
+        except ValueError as exc:
+            raise RepositoryError(f"no material for these parameters: {exc}") from exc
+        return self.upsert_material(key, params=json.loads(key.removeprefix("params:")))
+
+    def material_for_structure(
+        self,
+        structure: Structure,
+        *,
+        source_id: str | None = None,
+        cif: str | None = None,
+    ) -> int:
+        """The material of a crystal: an existing row if pymatgen's ``StructureMatcher`` says so, else a new one.
+
+        Only the rows of the same reduced formula are compared (their parsed structures are cached
+        in this ``Store``), first without a write lock; a new row is then inserted under a
+        per-formula lock (a PostgreSQL advisory lock, SQLite's write lock) after comparing
+        with any row that appeared meanwhile, so two processes never make two rows of one crystal.
+        The row is named by :func:`sdl.materials.canonical_key`; two crystals that the matcher
+        tells apart but that share a key get ``~2``, ``~3``… suffixes.
+
+        Args:
+            structure: The crystal (any cell, origin or site order).
+            source_id: Where it comes from (e.g. ``mp-5229``); filled into an existing row lacking one.
+            cif: Its CIF text, kept as given.
+        """
+        from sdl.materials import same_structure
+
+        formula = structure.composition.reduced_formula
+        with self._tx("material_for_structure lookup") as s:
+            bucket = self._bucket(s, formula)
+        compared = set(bucket)
+        for mid, other in bucket.items():
+            if other is not None and same_structure(structure, other):
+                if source_id is not None or cif is not None:
+                    with self._tx("material_for_structure fill") as s:
+                        self._fill_material(s, mid, source_id=source_id, cif=cif)
+                return mid
+        for attempt in range(2):
+            try:
+                with self._tx("material_for_structure") as s:
+                    if s.get_bind().dialect.name == "postgresql":
+                        s.execute(sa.select(sa.func.pg_advisory_xact_lock(_advisory_key(formula))))
+                    found = None
+                    for mid, other in self._bucket(s, formula).items():
+                        if mid not in compared:
+                            compared.add(mid)
+                            if other is not None and same_structure(structure, other):
+                                found = mid
+                                break
+                    if found is not None:
+                        self._fill_material(s, found, source_id=source_id, cif=cif)
+                        return found
+                    row = Material(
+                        canonical_key=self._free_key(s, self._structure_key(structure)),
+                        formula=formula,
+                        structure=to_jsonable(structure.as_dict()),
+                        cif=cif,
+                        source_id=source_id,
+                        created_at=utcnow(),
+                    )
+                    s.add(row)
+                    s.flush()
+                    new_id = row.id
+            except RepositoryError as exc:
+                if attempt == 0 and isinstance(exc.__cause__, IntegrityError):
+                    continue  # a racing insert of the same key: read the bucket again
+                raise
+            with self._buckets_lock:  # committed: later calls compare with it without parsing
+                self._buckets.setdefault(formula, {})[new_id] = structure.copy()
+            logger.debug("material %d: new crystal %s (%s)", new_id, formula, row.canonical_key)
+            return new_id
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _structure_key(structure: Structure) -> str:
+        from sdl.materials import canonical_key
+
+        try:
+            return canonical_key(structure=structure)
+        except ValueError as exc:
+            raise RepositoryError(f"no material for this structure: {exc}") from exc
+
+    @staticmethod
+    def _free_key(s: Session, key: str) -> str:
+        """``key``, or ``key~N`` when the matcher told this crystal apart from the key's owner(s)."""
+        taken = set(
+            s.scalars(
+                sa.select(Material.canonical_key).where(
+                    sa.or_(Material.canonical_key == key, Material.canonical_key.startswith(key + "~"))
+                )
+            )
+        )
+        n = 1
+        candidate = key
+        while candidate in taken:
+            n += 1
+            candidate = f"{key}~{n}"
+        return candidate
+
+    def _bucket(self, s: Session, formula: str) -> dict[int, Structure | None]:
+        """The parsed structures of ``formula``'s materials, by id: new rows parsed, the rest cached."""
+        ids = list(s.scalars(sa.select(Material.id).where(Material.formula == formula).order_by(Material.id)))
+        with self._buckets_lock:
+            cached = dict(self._buckets.get(formula, {}))
+        missing = [i for i in ids if i not in cached]
+        if missing:
+            for mid, structure, cif in s.execute(
+                sa.select(Material.id, Material.structure, Material.cif).where(Material.id.in_(missing))
+            ):
+                cached[mid] = _parse_structure(mid, structure, cif)
+            with self._buckets_lock:
+                self._buckets.setdefault(formula, {}).update({i: cached[i] for i in missing if i in cached})
+        return {i: cached[i] for i in ids if i in cached}
+
+    @staticmethod
+    def _fill_material(s: Session, material_id: int, *, source_id: str | None, cif: str | None) -> None:
+        """Fill a matched material's missing ``source_id`` / ``cif`` (never overwrite what it has)."""
+        for column, value in ((Material.source_id, source_id), (Material.cif, cif)):
+            if value is not None:
+                s.execute(
+                    sa.update(Material)
+                    .where(Material.id == material_id, column.is_(None))
+                    .values({column: value})
+                    .execution_options(synchronize_session=False)
+                )
+
+    def material_measurements(
+        self,
+        material_id: int,
+        property: str | None = None,  # noqa: A002 - the domain's word
+        *,
+        quality: str | None = "ok",
+    ) -> list[MaterialMeasurementRecord]:
+        """Every measurement of one material across all campaigns, oldest first.
+
+        Args:
+            material_id: From :meth:`material_for_structure` or :meth:`material_for_params`.
+            property: Only this property (None: all).
+            quality: Only this quality flag (None: any).
+        """
+        query = (
+            sa.select(Measurement, Experiment.campaign_id, Campaign.name, Sample.sample_uid)
+            .join(Experiment, Experiment.id == Measurement.experiment_id)
+            .join(Campaign, Campaign.id == Experiment.campaign_id)
+            .outerjoin(Sample, Sample.id == Measurement.sample_id)
+            .where(Experiment.material_id == material_id)
+        )
+        if property is not None:
+            query = query.where(Measurement.property == property)
+        if quality is not None:
+            query = query.where(Measurement.quality == quality)
+        with self._tx("material_measurements") as s:
+            return [
+                MaterialMeasurementRecord(
+                    measurement_id=m.id,
+                    material_id=material_id,
+                    campaign_id=cid,
+                    campaign=cname,
+                    experiment_id=m.experiment_id,
+                    sample_id=m.sample_id,
+                    sample_uid=suid,
+                    property=m.property,
+                    value=m.value,
+                    unit=m.unit,
+                    uncertainty=m.uncertainty,
+                    quality=m.quality,
+                    instrument=m.instrument,
+                    timestamp=m.timestamp,
+                    run_uid=m.run_uid,
+                )
+                for m, cid, cname, suid in s.execute(query.order_by(Measurement.timestamp, Measurement.id))
+            ]
 
     # ----------------------------------------------------------------- experiments
 
@@ -850,12 +1547,15 @@ class Store:
 
     @staticmethod
     def _measurement_row(experiment_id: int, m: Mapping[str, Any]) -> Measurement:
+        """A validated, unsaved row; a missing ``sample_id`` is filled by :meth:`_link_samples`."""
         prop = m.get("property")
         if not prop:
             raise RepositoryError(f"measurement of experiment {experiment_id} has no property name")
-        value = m.get("value")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-            raise RepositoryError(f"measurement {prop!r} of experiment {experiment_id}: value {value!r} is not a number")
+        value: Any = m.get("value")
+        if isinstance(value, bool) or (not isinstance(value, (int, float)) and not hasattr(value, "__float__")):
+            raise RepositoryError(
+                f"measurement {prop!r} of experiment {experiment_id}: value {value!r} is not a number"
+            )
         try:
             number = float(value)
         except (TypeError, ValueError) as exc:
@@ -902,12 +1602,30 @@ class Store:
         timestamp: dt.datetime | None = None,
         event_uid: str | None = None,
     ) -> int:
-        """Store one measurement; non-numeric or non-finite values raise RepositoryError."""
+        """Store one measurement; non-numeric or non-finite values raise RepositoryError.
+
+        Without ``sample_id`` it is linked to the experiment's latest sample, if there is one,
+        so a synthesized sample's measurements all point to its ``samples`` row.
+        """
         row = self._measurement_row(experiment_id, locals())
         with self._tx("add_measurement") as s:
+            self._link_samples(s, [row])
             s.add(row)
             s.flush()
             return row.id
+
+    @staticmethod
+    def _link_samples(s: Session, rows: Sequence[Measurement]) -> None:
+        """Give each row without a sample its experiment's latest sample (in the writing transaction)."""
+        latest: dict[int, int | None] = {}
+        for row in rows:
+            if row.sample_id is not None:
+                continue
+            if row.experiment_id not in latest:
+                latest[row.experiment_id] = s.scalar(
+                    sa.select(sa.func.max(Sample.id)).where(Sample.experiment_id == row.experiment_id)
+                )
+            row.sample_id = latest[row.experiment_id]
 
     def invalidate_run_measurements(self, run_uid: str, *, reason: str) -> int:
         """Flag every measurement of a run ``invalid`` (the run did not succeed); returns how many."""
@@ -917,7 +1635,7 @@ class Store:
                 .where(Measurement.run_uid == run_uid, Measurement.quality != "invalid")
                 .values(quality="invalid")
             )
-            n = result.rowcount or 0
+            n = _rowcount(result)
             run = s.get(BlueskyRun, run_uid)
             experiment_id = run.experiment_id if run else None
             campaign_id = s.get(Experiment, experiment_id).campaign_id if experiment_id else None  # type: ignore[union-attr]
@@ -932,7 +1650,9 @@ class Store:
             )
             return n
 
-    def measurements(self, *, experiment_id: int | None = None, campaign_id: int | None = None) -> list[MeasurementRecord]:
+    def measurements(
+        self, *, experiment_id: int | None = None, campaign_id: int | None = None
+    ) -> list[MeasurementRecord]:
         """Measurements of one experiment or campaign, in insertion order."""
         query = self._measurement_query()
         if experiment_id is not None:
@@ -949,12 +1669,12 @@ class Store:
         return self._measurement_records(query.order_by(Measurement.id))
 
     @staticmethod
-    def _measurement_query() -> sa.Select[Any]:
+    def _measurement_query() -> sa.Select[Measurement, int, str]:
         return sa.select(Measurement, Experiment.campaign_id, Experiment.candidate_key).join(
             Experiment, Experiment.id == Measurement.experiment_id
         )
 
-    def _measurement_records(self, query: sa.Select[Any]) -> list[MeasurementRecord]:
+    def _measurement_records(self, query: sa.Select[Measurement, int, str]) -> list[MeasurementRecord]:
         with self._tx("measurements") as s:
             return [
                 _record(MeasurementRecord, m, campaign_id=cid, candidate_key=ckey) for m, cid, ckey in s.execute(query)
@@ -974,7 +1694,9 @@ class Store:
         with self._tx("record_run_start") as s:
             if s.get(BlueskyRun, uid) is not None:
                 return
-            s.add(BlueskyRun(uid=uid, experiment_id=experiment_id, plan_name=plan_name, start_time=start_time or utcnow()))
+            s.add(
+                BlueskyRun(uid=uid, experiment_id=experiment_id, plan_name=plan_name, start_time=start_time or utcnow())
+            )
             campaign_id = None
             if experiment_id is not None:
                 exp = s.get(Experiment, experiment_id)
@@ -1058,6 +1780,7 @@ class Store:
                 created_at=utcnow(),
             )
             s.add(row)
+            self._link_samples(s, rows)
             s.add_all(rows)
             s.flush()
             return row.id
@@ -1226,7 +1949,7 @@ class Store:
         return best
 
     @staticmethod
-    def _objective_of(snapshot: Mapping[str, Any]) -> tuple[str | None, str, Sequence[float] | None]:
+    def _objective_of(snapshot: object) -> tuple[str | None, str, Sequence[float] | None]:
         objective = snapshot.get("objective") if isinstance(snapshot, Mapping) else None
         if isinstance(objective, list) and objective:  # tolerate a list of objectives: first one
             objective = objective[0]
@@ -1282,9 +2005,10 @@ class Store:
     def export_rows(self, campaign_name: str, objective_property: str | None = None) -> list[dict[str, Any]]:
         """One flat dict per experiment of a campaign, for ``sdl export``.
 
-        Columns: ``experiment_id, state, candidate_key, param.<name>…, <property>`` (mean of the
-        ok measurements, None when there are none), ``<property>_n`` and the provenance and
-        timestamps. Raises RepositoryError for an unknown campaign.
+        Columns: ``experiment_id, campaign, state, candidate_key, material_id, formula, sample_uid``
+        (the experiment's samples, comma-separated; None without one), ``param.<name>…``,
+        ``<property>`` (mean of the ok measurements, None when there are none), ``<property>_n``
+        and the provenance and timestamps. Raises RepositoryError for an unknown campaign.
         """
         campaign = self.get_campaign(campaign_name)
         if campaign is None:
@@ -1306,6 +2030,21 @@ class Store:
                 ):
                     values[eid] = (float(mean), int(n))
         experiments = self.experiments(campaign.id)
+        formulas: dict[int, str | None] = {}
+        sample_uids: dict[int, list[str]] = {}
+        with self._tx("export_rows materials") as s:
+            material_ids = {e.material_id for e in experiments if e.material_id is not None}
+            if material_ids:
+                formulas = dict(
+                    s.execute(sa.select(Material.id, Material.formula).where(Material.id.in_(material_ids))).all()
+                )
+            for eid, uid in s.execute(
+                sa.select(Sample.experiment_id, Sample.sample_uid)
+                .join(Experiment, Experiment.id == Sample.experiment_id)
+                .where(Experiment.campaign_id == campaign.id)
+                .order_by(Sample.id)
+            ):
+                sample_uids.setdefault(eid, []).append(uid)
         param_names: list[str] = []
         for e in experiments:
             for k in e.params:
@@ -1318,6 +2057,9 @@ class Store:
                 "campaign": campaign.name,
                 "state": e.state,
                 "candidate_key": e.candidate_key,
+                "material_id": e.material_id,
+                "formula": formulas.get(e.material_id) if e.material_id is not None else None,
+                "sample_uid": ",".join(sample_uids[e.id]) if e.id in sample_uids else None,
             }
             for k in param_names:
                 v = e.params.get(k)
@@ -1344,3 +2086,137 @@ class Store:
             )
             rows.append(row)
         return rows
+
+
+# --------------------------------------------------------------------------- holding a lease
+
+
+class CampaignLease:
+    """A campaign's lease held for a ``with`` block: taken on entry, renewed, given back on exit.
+
+    A daemon thread renews it every ``heartbeat_s``; a failed heartbeat (database away) is logged
+    and retried, a lost lease (taken over by another runner) ends the thread, is kept in
+    :attr:`lost` and handed to ``on_lost``: the runner must then call :meth:`check` between
+    experiments, which raises it. Exit releases the lease, also when the block raised.
+
+    Args:
+        store: The repository.
+        campaign_id: The campaign to run.
+        holder: What runs it, in words (``sdl run``).
+        heartbeat_s: Seconds between renewals (well below ``stale_after_s``).
+        stale_after_s: Others may take the lease over after this long without a heartbeat.
+        host: This runner's host (default ``socket.gethostname()``).
+        pid: This runner's process id (default ``os.getpid()``).
+        on_lost: Called (from the heartbeat thread) with the error when the lease is lost.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        campaign_id: int,
+        *,
+        holder: str,
+        heartbeat_s: float = 5.0,
+        stale_after_s: float = 30.0,
+        host: str | None = None,
+        pid: int | None = None,
+        on_lost: Callable[[CampaignLocked], None] | None = None,
+    ) -> None:
+        if not 0 < heartbeat_s < stale_after_s:
+            raise ValueError(f"need 0 < heartbeat_s < stale_after_s, got {heartbeat_s=}, {stale_after_s=}")
+        self.store = store
+        self.campaign_id = campaign_id
+        self.holder = holder
+        self.heartbeat_s = heartbeat_s
+        self.stale_after_s = stale_after_s
+        self.host = host or socket.gethostname()
+        self.pid = os.getpid() if pid is None else pid
+        self.on_lost = on_lost
+        self.token: str | None = None
+        self.lost: CampaignLocked | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"CampaignLease(campaign_id={self.campaign_id}, holder={self.holder!r}, host={self.host!r}, "
+            f"pid={self.pid}, heartbeat_s={self.heartbeat_s:g}, stale_after_s={self.stale_after_s:g})"
+        )
+
+    def __enter__(self) -> CampaignLease:
+        self.token = self.store.acquire_lease(
+            self.campaign_id, holder=self.holder, host=self.host, pid=self.pid, stale_after_s=self.stale_after_s
+        )
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name=f"sdl-lease-{self.campaign_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.stale_after_s)
+            self._thread = None
+        if self.token is not None:
+            try:
+                self.store.release_lease(self.campaign_id, self.token)
+            except RepositoryError as err:  # never hide the block's own error; the lease goes stale anyway
+                logger.warning(
+                    "campaign %d: lease not released (%s); it expires in %g s",
+                    self.campaign_id,
+                    err,
+                    self.stale_after_s,
+                )
+            self.token = None
+
+    def check(self) -> None:
+        """Raise :class:`CampaignLocked` if another runner took the lease over."""
+        if self.lost is not None:
+            raise self.lost
+
+    def _beat(self) -> None:
+        token = self.token
+        assert token is not None
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.store.renew_lease(self.campaign_id, token)
+            except CampaignLocked as err:
+                self.lost = err
+                logger.error("%s", err)
+                if self.on_lost is not None:
+                    self.on_lost(err)
+                return
+            except RepositoryError as err:
+                logger.warning(
+                    "campaign %d: heartbeat failed, retrying in %g s: %s", self.campaign_id, self.heartbeat_s, err
+                )
+
+
+def hold_lease(
+    store: Store,
+    campaign_id: int,
+    *,
+    holder: str,
+    heartbeat_s: float = 5.0,
+    stale_after_s: float = 30.0,
+    host: str | None = None,
+    pid: int | None = None,
+    on_lost: Callable[[CampaignLocked], None] | None = None,
+) -> CampaignLease:
+    """``with hold_lease(store, cid, holder="sdl run") as lease:`` runs the block as the campaign's one runner.
+
+    See :class:`CampaignLease` (its arguments are this function's); raises :class:`CampaignLocked`
+    on entry when another live runner has the campaign.
+    """
+    return CampaignLease(
+        store,
+        campaign_id,
+        holder=holder,
+        heartbeat_s=heartbeat_s,
+        stale_after_s=stale_after_s,
+        host=host,
+        pid=pid,
+        on_lost=on_lost,
+    )
