@@ -49,7 +49,7 @@ __all__ = [
     "CandidateSet",
     "CategoricalParameter",
     "ContinuousParameter",
-    "FaultRates",
+    "SimulatedFaults",
     "GNNEnsembleModel",
     "GNNEnsembleOptions",
     "GPModel",
@@ -57,7 +57,7 @@ __all__ = [
     "InitialDesign",
     "Instrument",
     "IntegerParameter",
-    "Objective",
+    "ObjectiveSpec",
     "RandomModel",
     "RandomOptions",
     "Repository",
@@ -242,7 +242,7 @@ class SearchSpace(_Frozen):
 # --------------------------------------------------------------------------- objective, model
 
 
-class Objective(_Frozen):
+class ObjectiveSpec(_Frozen):
     """The measured property the campaign optimises, and in which direction."""
 
     property: str = Field(min_length=1, description="Name of the measured property, e.g. 'e_form'.")
@@ -433,7 +433,7 @@ class RetrainPolicy(_Frozen):
 # --------------------------------------------------------------------------- instruments, repository
 
 
-class FaultRates(_Frozen):
+class SimulatedFaults(_Frozen):
     """Per-command probabilities of the simulated faults, each in [0, 1]."""
 
     timeout: float = Field(default=0.0, ge=0.0, le=1.0, description="Probability of never answering.")
@@ -455,7 +455,7 @@ class SimulatorOptions(_Frozen):
     off_table: Literal["nearest", "refuse"] = Field(
         default="nearest", description="For a recipe not in the world's table: use the nearest row, or refuse it."
     )
-    faults: FaultRates = Field(default_factory=FaultRates, description="Fault probabilities per command.")
+    faults: SimulatedFaults = Field(default_factory=SimulatedFaults, description="Fault probabilities per command.")
     outage_after_s: float | None = Field(
         default=None, ge=0.0, description="Fault injection: stop answering this many seconds after start."
     )
@@ -556,7 +556,7 @@ class CampaignConfig(_Frozen):
     description: str = Field(default="", description="Free text for humans.")
     seed: int = Field(default=0, description="Seed of every random choice, for reproducible campaigns.")
     search_space: SearchSpace = Field(description="Process parameters or a candidate pool.")
-    objective: Objective = Field(description="The property to optimise.")
+    objective: ObjectiveSpec = Field(description="The property to optimise.")
     model: ModelConfig = Field(description="Surrogate model: random, gp or gnn-ensemble, with its options.")
     acquisition: Acquisition = Field(default_factory=Acquisition, description="Acquisition function and batch size.")
     initial_design: InitialDesign = Field(

@@ -483,7 +483,7 @@ class Engine:
     """Propose experiments and learn from measurements.
 
     Args:
-        objective: ``sdl.config.Objective`` / :class:`sdl.objectives.Objective` (goal, target_range).
+        objective: ``sdl.config.ObjectiveSpec`` / :class:`sdl.objectives.Objective` (goal, target_range).
         model: Config with ``name`` (``random``, ``gp``, ``gnn-ensemble``) and ``options``, mapped
             by :func:`build_surrogate`; or a :class:`~sdl.models.surrogate.Surrogate`.
         acquisition: Config with ``function`` (qlogei, qlognei, qucb, max-variance, thompson),

@@ -20,7 +20,7 @@ LineFault = Literal["timeout", "garbled", "drop", "busy"]
 
 @dataclass(frozen=True)
 class FaultRates:
-    """Probabilities in [0, 1]; names match ``sdl.config.FaultRates``.
+    """Probabilities in [0, 1]; names match ``sdl.config.SimulatedFaults``.
 
     Attributes:
         timeout: A command is executed but never answered.

@@ -25,7 +25,7 @@ from devices.protocol import PROTOCOL_VERSION, Command, FrameError, format_busy,
 from simulators.faults import FaultInjector
 from simulators.worlds import World, WorldError
 
-__all__ = ["Job", "Journal", "Lab", "SYNTH_SECONDS", "MEASURE_SECONDS"]
+__all__ = ["Job", "Journal", "SimulatedInstruments", "SYNTH_SECONDS", "MEASURE_SECONDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Journal:
                 os.fsync(handle.fileno())
 
 
-class Lab:
+class SimulatedInstruments:
     """The simulated instrument(s) behind one server: a robot, a station, or both.
 
     Args:

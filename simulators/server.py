@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from devices.protocol import MAX_LINE, FrameError, format_busy, format_err, parse_command
 from simulators.faults import FaultInjector, FaultRates
-from simulators.instruments import MEASURE_SECONDS, SYNTH_SECONDS, Journal, Lab
+from simulators.instruments import MEASURE_SECONDS, SYNTH_SECONDS, Journal, SimulatedInstruments
 from simulators.worlds import CrystalWorld, WorldError, load_world
 
 __all__ = [
@@ -123,11 +123,11 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
     )
 
 
-def build_lab(options: ServerOptions) -> Lab:
+def build_lab(options: ServerOptions) -> SimulatedInstruments:
     """Load the world and the journal and build the instrument state machines."""
     world = load_world(options.world, properties=options.properties, off_table=options.off_table)  # type: ignore[arg-type]
     instruments = frozenset({"robot", "station"} if options.instrument == "both" else {options.instrument})
-    return Lab(
+    return SimulatedInstruments(
         world,
         instruments=instruments,
         time_scale=options.time_scale,
@@ -145,7 +145,7 @@ def build_lab(options: ServerOptions) -> Lab:
 class _Session:
     """Turns received lines into reply bytes, applying line faults. One per connection."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: SimulatedInstruments) -> None:
         self.lab = lab
 
     def respond(self, raw: bytes, too_long: bool = False) -> tuple[list[bytes], str | None]:
@@ -220,7 +220,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], lab: Lab) -> None:
+    def __init__(self, address: tuple[str, int], lab: SimulatedInstruments) -> None:
         self.lab = lab
         super().__init__(address, _Handler)
 
@@ -232,7 +232,7 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def _ticker(lab: Lab, stop: threading.Event) -> None:
+def _ticker(lab: SimulatedInstruments, stop: threading.Event) -> None:
     while not stop.wait(0.02):
         try:
             lab.tick()
@@ -240,7 +240,7 @@ def _ticker(lab: Lab, stop: threading.Event) -> None:
             logger.exception("tick failed")
 
 
-def serve_tcp(lab: Lab, listen: str, out: TextIO = sys.stdout, stop: threading.Event | None = None) -> None:
+def serve_tcp(lab: SimulatedInstruments, listen: str, out: TextIO = sys.stdout, stop: threading.Event | None = None) -> None:
     """Serve until ``stop`` is set (or forever); print the URL as the first line of ``out``."""
     stop = stop or threading.Event()
     server = _TCPServer(_split_listen(listen), lab)
@@ -258,7 +258,7 @@ def serve_tcp(lab: Lab, listen: str, out: TextIO = sys.stdout, stop: threading.E
         server.server_close()
 
 
-def serve_pty(lab: Lab, out: TextIO = sys.stdout, stop: threading.Event | None = None) -> None:
+def serve_pty(lab: SimulatedInstruments, out: TextIO = sys.stdout, stop: threading.Event | None = None) -> None:
     """Serve on a pseudo-terminal; print its path as the first line of ``out``.
 
     A dropped-connection fault cannot close a pty, so it behaves like a missing reply.

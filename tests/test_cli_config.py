@@ -54,7 +54,7 @@ def test_validate_accepts_every_shipped_campaign() -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == len(files)
-    for file, line in zip(files, lines):
+    for file, line in zip(files, lines, strict=True):
         assert line.startswith(f"OK {file}: campaign "), line
 
 
@@ -66,14 +66,15 @@ def test_validate_rejects_each_malformed_file_with_one_line() -> None:
     assert result.stdout.startswith("OK campaigns/demo.yaml")
     errors = result.stderr.splitlines()
     assert len(errors) == len(files), result.stderr
-    for path, file, line in zip(MALFORMED, files, errors):
+    for path, file, line in zip(MALFORMED, files, errors, strict=True):
         assert line.startswith("ERROR " + expected_prefix(path, file)), line
 
 
 def test_validate_missing_file() -> None:
     result = sdl("validate", "campaigns/no-such-campaign.yaml")
     assert result.returncode == 1
-    assert result.stderr.strip() == "ERROR campaigns/no-such-campaign.yaml: cannot read the file: No such file or directory"
+    expected = "ERROR campaigns/no-such-campaign.yaml: cannot read the file: No such file or directory"
+    assert result.stderr.strip() == expected
 
 
 def test_schema_prints_json_schema_with_descriptions(tmp_path: Path) -> None:
@@ -82,7 +83,7 @@ def test_schema_prints_json_schema_with_descriptions(tmp_path: Path) -> None:
     schema = json.loads(result.stdout)
     assert schema == campaign_json_schema()
     assert schema["properties"]["objective"]["description"]
-    assert schema["$defs"]["Objective"]["properties"]["goal"]["enum"] == ["maximize", "minimize", "target"]
+    assert schema["$defs"]["ObjectiveSpec"]["properties"]["goal"]["enum"] == ["maximize", "minimize", "target"]
 
 
 def test_schema_output_file(tmp_path: Path) -> None:

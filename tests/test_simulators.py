@@ -37,7 +37,7 @@ def test_table_world_draws_real_replicates_and_answers_off_table_from_nearest() 
     rng = random.Random(0)
     seen = set()
     for _ in range(30):
-        m = world.measure({"params": dict(zip(world.parameters, key))}, rng)
+        m = world.measure({"params": dict(zip(world.parameters, key, strict=True))}, rng)
         assert m.values["toughness"] in replicates and m.note is None
         seen.add(m.values["toughness"])
     assert len(seen) > 1  # several real replicates are drawn, not one made-up mean
@@ -77,7 +77,8 @@ def test_crystal_world_xrd_pattern_is_pymatgens() -> None:
     world = load_world(CRYSTAL_WORLD)
     cid = "perov_33"
     _, rows = world.raw(world.resolve({"candidate": cid}))
-    import gzip, csv  # noqa: E401
+    import csv
+    import gzip
 
     with gzip.open(CRYSTAL_WORLD, "rt", newline="") as handle:
         cif = next(r["cif"] for r in csv.DictReader(handle) if r["id"] == cid)
@@ -141,21 +142,25 @@ def test_duplicate_job_id_never_synthesizes_twice(crystal_sim) -> None:  # noqa:
 
 def test_journal_survives_a_simulator_restart(tmp_path: Path) -> None:
     journal = tmp_path / "robot.jsonl"
-    with simulator(CRYSTAL_WORLD, tmp_path, journal=journal, instrument="robot", time_scale=0.01) as sim:
-        with LineTransport(sim.url, instrument="robot") as line:
-            line.command("SYNTH START", "keep-1", {"candidate": "perov_60"})
-            line.command("SYNTH START", "keep-2", {"candidate": "perov_33"})  # BUSY until keep-1 ends
+    with (
+        simulator(CRYSTAL_WORLD, tmp_path, journal=journal, instrument="robot", time_scale=0.01) as sim,
+        LineTransport(sim.url, instrument="robot") as line,
+    ):
+        line.command("SYNTH START", "keep-1", {"candidate": "perov_60"})
+        line.command("SYNTH START", "keep-2", {"candidate": "perov_33"})  # BUSY until keep-1 ends
     # killed while keep-2 may still be running: on restart both jobs are known, none is started again
-    with simulator(CRYSTAL_WORLD, tmp_path, journal=journal, instrument="robot", time_scale=0.01) as sim:
-        with LineTransport(sim.url, instrument="robot") as line:
-            deadline = time.monotonic() + 10
-            while line.command("JOB?", "keep-2").data["state"] == "running" and time.monotonic() < deadline:
-                time.sleep(0.05)
-            job = line.command("JOB?", "keep-1").data
-            assert job["state"] == "done" and job["recipe"] == {"candidate": "perov_60"}
-            assert job["result"]["sample"]["key"] == "perov_60"
-            again = line.command("SYNTH START", "keep-1", {"candidate": "perov_60"}).data
-            assert again["duplicate"] is True
+    with (
+        simulator(CRYSTAL_WORLD, tmp_path, journal=journal, instrument="robot", time_scale=0.01) as sim,
+        LineTransport(sim.url, instrument="robot") as line,
+    ):
+        deadline = time.monotonic() + 10
+        while line.command("JOB?", "keep-2").data["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        job = line.command("JOB?", "keep-1").data
+        assert job["state"] == "done" and job["recipe"] == {"candidate": "perov_60"}
+        assert job["result"]["sample"]["key"] == "perov_60"
+        again = line.command("SYNTH START", "keep-1", {"candidate": "perov_60"}).data
+        assert again["duplicate"] is True
     records = journal_records(journal)
     assert [r["job_id"] for r in records if r["event"] == "started"] == ["keep-1", "keep-2"]
     assert {r["job_id"] for r in records if r["event"] == "finished"} == {"keep-1", "keep-2"}
@@ -174,7 +179,7 @@ def test_pty_mode_speaks_the_same_protocol(tmp_path: Path) -> None:
             assert values == crystal_truth()["perov_33"]
             with pytest.raises(InstrumentRejected, match="UNKNOWN"):
                 line.command("FROB?")  # parse happens on the instrument: unknown command
-    
+
 
 def test_simulator_exits_with_its_parent(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
@@ -202,15 +207,15 @@ def test_simulator_exits_with_its_parent(tmp_path: Path) -> None:
 
 
 def test_a_torn_journal_line_from_a_crash_is_skipped(tmp_path: Path) -> None:
-    from simulators.instruments import Journal, Lab
+    from simulators.instruments import Journal, SimulatedInstruments
 
     journal = tmp_path / "j.jsonl"
-    lab = Lab(load_world(CRYSTAL_WORLD), time_scale=0.0, journal=Journal(journal))
+    lab = SimulatedInstruments(load_world(CRYSTAL_WORLD), time_scale=0.0, journal=Journal(journal))
     from devices.protocol import parse_command
 
     lab.handle(parse_command('SYNTH START t1 {"candidate":"perov_33"}'))
     lab.tick()
     with journal.open("a") as handle:
         handle.write('{"event":"started","job_id":"t2","ki')  # the crash hit mid-write
-    reloaded = Lab(load_world(CRYSTAL_WORLD), time_scale=0.0, journal=Journal(journal))
+    reloaded = SimulatedInstruments(load_world(CRYSTAL_WORLD), time_scale=0.0, journal=Journal(journal))
     assert set(reloaded.jobs) == {"t1"} and reloaded.jobs["t1"].state == "done"

@@ -1,6 +1,6 @@
 """``sdl simulate``: serve simulated SDL/1 instruments backed by a real-data world.
 
-The options mirror ``simulators.server`` (and ``sdl.config.SimulatorOptions`` / ``FaultRates``)
+The options mirror ``simulators.server`` (and ``sdl.config.SimulatorOptions`` / ``SimulatedFaults``)
 one to one; this command only builds the argument list and runs the server in this process.
 """
 
@@ -16,14 +16,20 @@ def register(app: typer.Typer) -> None:
 
     @app.command("simulate")
     def simulate(
-        world: Path = typer.Option(..., "--world", help="World CSV(.gz): table (params + properties) or crystal (id, cif, properties)."),
-        listen: str = typer.Option("127.0.0.1:0", "--listen", help="HOST:PORT; port 0 picks a free port (printed on the first line)."),
+        world: Path = typer.Option(
+            ..., "--world", help="World CSV(.gz): table (params + properties) or crystal (id, cif, properties)."
+        ),
+        listen: str = typer.Option(
+            "127.0.0.1:0", "--listen", help="HOST:PORT; port 0 picks a free port (printed on the first line)."
+        ),
         pty: bool = typer.Option(False, "--pty", help="Serve on a pseudo-terminal and print its path."),
         instrument: str = typer.Option("both", "--instrument", help="robot, station or both."),
         time_scale: float = typer.Option(1.0, "--time-scale", help="Multiplies every duration (0.001 for CI)."),
         seed: int = typer.Option(0, "--seed", help="Seed of measurement draws and faults."),
         noise_std: float = typer.Option(0.0, "--noise-std", help="Gaussian noise on recorded values (property units)."),
-        off_table: str = typer.Option("nearest", "--off-table", help="Table world, recipe off the table: nearest or refuse."),
+        off_table: str = typer.Option(
+            "nearest", "--off-table", help="Table world, recipe off the table: nearest or refuse."
+        ),
         properties: str | None = typer.Option(None, "--properties", help="Comma-separated property columns."),
         journal: Path | None = typer.Option(None, "--journal", help="JSONL job journal (fsync'd, reloaded at start)."),
         serial: str = typer.Option("SIM-0001", "--serial", help="Serial number in the *IDN? reply."),
@@ -34,7 +40,9 @@ def register(app: typer.Typer) -> None:
         fault_garbled: float = typer.Option(0.0, "--fault-garbled", help="Probability of a corrupted reply line."),
         fault_drop: float = typer.Option(0.0, "--fault-drop", help="Probability of dropping the connection."),
         fault_busy: float = typer.Option(0.0, "--fault-busy", help="Probability of a BUSY reply."),
-        fault_failed_synthesis: float = typer.Option(0.0, "--fault-failed-synthesis", help="Probability that a synthesis loses its sample."),
+        fault_failed_synthesis: float = typer.Option(
+            0.0, "--fault-failed-synthesis", help="Probability that a synthesis loses its sample."
+        ),
         fault_drift: float = typer.Option(0.0, "--fault-drift", help="Probability of a drifted measurement."),
         log_level: str = typer.Option("WARNING", "--log-level", help="Logging level on stderr."),
     ) -> None:

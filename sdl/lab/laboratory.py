@@ -336,6 +336,12 @@ class Lab:
 
         return on_fault
 
+    def lease_lost(self, error: BaseException) -> None:
+        """Another runner took this campaign over: stop at once, fail loudly."""
+        self.ledger.fail(f"lost the campaign lease: {error}")
+        self.pool.close_leases(str(error))
+        self.notify()
+
     # ------------------------------------------------------------------ the ledger's answers
     @property
     def n_ended(self) -> int:
@@ -928,10 +934,10 @@ def open_lab(
                   amend=amend)
         existing = store.get_campaign(cfg.name)
         if existing is not None:  # the lease first: a second runner must not touch a running campaign
-            stack.enter_context(hold_lease(store, existing.id, holder=holder))
+            stack.enter_context(hold_lease(store, existing.id, holder=holder, on_lost=lab.lease_lost))
         lab.start()  # refuses a changed YAML before anything is started
         if existing is None:
-            stack.enter_context(hold_lease(store, lab.campaign_id, holder=holder))
+            stack.enter_context(hold_lease(store, lab.campaign_id, holder=holder, on_lost=lab.lease_lost))
         fleet = stack.enter_context(SimulatorFleet(state_dir, cfg.name, time_scale=time_scale))
         urls = fleet.start(cfg.instruments, seed=cfg.seed)
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
