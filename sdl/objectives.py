@@ -14,10 +14,12 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Objective"]
 
@@ -69,16 +71,24 @@ class Objective:
         )
 
     def utility(self, y: Any) -> Any:
-        """Utility of raw values (tensor in -> tensor out, with gradients; else numpy array)."""
-        t = y if isinstance(y, torch.Tensor) else torch.tensor(np.asarray(y, dtype=np.float64))
-        if self.goal == "maximize":
-            u = t
-        elif self.goal == "minimize":
-            u = -t
+        """Utility of raw values (tensor in -> tensor out, with gradients; else numpy array).
+
+        Torch is only touched for tensors, so the repository and the lab can rank values without it.
+        """
+        if type(y).__module__.startswith("torch"):
+            import torch
+
+            t: Any = y
+            clamp: Any = lambda x: torch.clamp(x, min=0.0)  # noqa: E731
         else:
-            lo, hi = self._range()
-            u = -(torch.clamp(lo - t, min=0.0) + torch.clamp(t - hi, min=0.0))
-        return u if isinstance(y, torch.Tensor) else u.numpy()
+            t = np.array(y, dtype=np.float64)  # a copy, as the tensor path returns a new array
+            clamp = lambda x: np.maximum(x, 0.0)  # noqa: E731
+        if self.goal == "maximize":
+            return t
+        if self.goal == "minimize":
+            return -t
+        lo, hi = self._range()
+        return -(clamp(lo - t) + clamp(t - hi))
 
     def optimistic(self, mean: torch.Tensor, std: torch.Tensor, beta: float) -> torch.Tensor:
         """Upper bound of the utility over ``mean ± sqrt(beta) * std`` (a cheap pre-filter score).

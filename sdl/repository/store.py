@@ -1920,19 +1920,6 @@ class Store:
                 for i, k, p, v, n in s.execute(query)
             ]
 
-    @staticmethod
-    def _utility(value: float, goal: str, target_range: Sequence[float] | None) -> float:
-        if goal == "maximize":
-            return value
-        if goal == "minimize":
-            return -value
-        if goal == "target":
-            if target_range is None or len(target_range) != 2:
-                raise RepositoryError(f"goal 'target' needs target_range=(low, high), got {target_range!r}")
-            low, high = float(target_range[0]), float(target_range[1])
-            return -max(low - value, 0.0, value - high)
-        raise RepositoryError(f"goal {goal!r} is not one of maximize, minimize, target")
-
     def best_so_far(
         self,
         campaign_id: int,
@@ -1941,9 +1928,15 @@ class Store:
         target_range: Sequence[float] | None = None,
     ) -> BestRecord | None:
         """The completed experiment whose mean ok value is best for ``goal`` (ties: the earliest)."""
+        from sdl.objectives import Objective
+
+        try:
+            objective = Objective(goal=goal, target_range=target_range)  # type: ignore[arg-type]
+        except (ValueError, TypeError) as exc:
+            raise RepositoryError(f"objective goal {goal!r}, target_range {target_range!r}: {exc}") from exc
         best: BestRecord | None = None
         for obs in self.observations(campaign_id, property):
-            utility = self._utility(obs.value, goal, target_range)
+            utility = objective.scalar_utility(obs.value)
             if best is None or utility > best.utility:
                 best = BestRecord(obs.experiment_id, obs.candidate_key, obs.params, obs.value, utility)
         return best
