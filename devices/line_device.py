@@ -26,7 +26,7 @@ __all__ = ["LineDevice"]
 logger = logging.getLogger(__name__)
 
 
-class LineDevice(Device):
+class LineDevice(Device):  # type: ignore[misc] # ophyd ships no type information
     """Base of the Ophyd devices that drive an SDL/1 instrument.
 
     Args:
@@ -73,7 +73,9 @@ class LineDevice(Device):
         self._active: str | None = None
         self._active_lock = threading.Lock()
 
-    def _submit(self, job_id: str, body: dict[str, Any], run: Callable[[str, dict[str, Any], DeviceStatus], None]) -> DeviceStatus:
+    def _submit(
+        self, job_id: str, body: dict[str, Any], run: Callable[[str, dict[str, Any], DeviceStatus], None]
+    ) -> DeviceStatus:
         """Mark ``job_id`` active and run ``run(job_id, body, status)`` on the line's worker."""
         status = DeviceStatus(self, timeout=self.timeout)
         with self._active_lock:
@@ -87,7 +89,8 @@ class LineDevice(Device):
         """Start the job, poll it while it runs, and return its result (``None`` if the Status ended first)."""
         data = self.transport.command(f"{self.verb} START", job_id, body).data or {}
         if data.get("duplicate"):
-            logger.info("%s: job %s was already known to the instrument (state %s)", self.name, job_id, data.get("state"))
+            logger.info("%s: job %s was already known to the instrument (state %s)", self.name, job_id,
+                        data.get("state"))
         state = data.get("state")
         while state == "running" and not status.done:
             if on_running is not None:

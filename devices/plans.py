@@ -44,13 +44,13 @@ def synthesize(robot: SynthesisRobot, recipe: dict[str, Any], *, md: dict[str, A
     }
     _md.update(_sdl_md(md, recipe, robot.name, measurements={}, quality_key=None))
 
-    @bpp.run_decorator(md=_md)
+    @bpp.run_decorator(md=_md)  # type: ignore[untyped-decorator] # bluesky's decorators are untyped
     def inner() -> MsgGenerator[None]:
         yield from bps.abs_set(robot, recipe, wait=True)
         yield from bps.trigger_and_read([robot])
 
     uid = yield from inner()
-    return uid
+    return str(uid)
 
 
 def characterize(
@@ -66,13 +66,13 @@ def characterize(
     _md.update(_sdl_md(md, recipe, station.name, measurements=station.measurement_map(),
                        quality_key=station.quality_key))
 
-    @bpp.run_decorator(md=_md)
+    @bpp.run_decorator(md=_md)  # type: ignore[untyped-decorator] # bluesky's decorators are untyped
     def inner() -> MsgGenerator[None]:
         yield from bps.abs_set(station.recipe, json.dumps(recipe, sort_keys=True), wait=True)
         yield from bps.trigger_and_read([station])
 
     uid = yield from inner()
-    return uid
+    return str(uid)
 
 
 def synthesize_and_characterize(

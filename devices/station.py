@@ -213,7 +213,7 @@ class CharacterizationStation(LineDevice):
                 n = len(self._reading.get(f"{self.name}_xrd_two_theta", {}).get("value", []))
             out[f"{self.name}_xrd_two_theta"] = {"source": source, "dtype": "array", "shape": [n], "units": "deg"}
             out[f"{self.name}_xrd_intensity"] = {"source": source, "dtype": "array", "shape": [n], "units": "%"}
-        return out
+        return out  # type: ignore[no-any-return] # ophyd's describe() is untyped
 
     @property
     def hints(self) -> dict[str, list[str]]:

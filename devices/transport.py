@@ -11,6 +11,7 @@ retried with back-off until ``busy_timeout``; ``ERR`` is never retried.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -103,7 +104,7 @@ class LineTransport:
         if self.on_fault is not None:
             try:
                 self.on_fault(kind, message)
-            except Exception:  # noqa: BLE001 - a logging callback must not break the line
+            except Exception:
                 logger.exception("on_fault callback failed")
 
     def open(self) -> None:
@@ -131,18 +132,14 @@ class LineTransport:
         if sock is not None:
             # pyserial's socket:// close() sleeps 0.3 s "for quick reconnects"; a retrying driver
             # reconnects on purpose, so close the socket directly and skip the sleep.
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
-            port._socket = None
+            port._socket = None  # type: ignore[attr-defined] # socket:// ports keep it private
             port.is_open = False
             return
-        try:
+        with contextlib.suppress(serial.SerialException, OSError):
             port.close()
-        except (serial.SerialException, OSError):
-            pass
 
     def _reconnect(self) -> None:
         self.close()
@@ -201,7 +198,7 @@ class LineTransport:
         assert self._port is not None
         try:
             self._buffer.clear()
-            self._port.reset_input_buffer()
+            self._port.reset_input_buffer()  # type: ignore[attr-defined] # every concrete port has it
             self._port.write(line)
             self._port.flush()
         except (serial.SerialException, OSError) as exc:
@@ -247,7 +244,7 @@ class LineTransport:
             return reply, rows
 
     def _read_stream(self, count: int) -> list[list[float]]:
-        rows = []
+        rows: list[list[float]] = []
         for _ in range(count):
             row = self._data_line()
             if row is None:

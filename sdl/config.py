@@ -38,6 +38,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from sdl.exceptions import CampaignConfigError
 
@@ -157,7 +158,7 @@ class CategoricalParameter(_Frozen):
 
 
 Parameter = Annotated[
-    Union[ContinuousParameter, IntegerParameter, CategoricalParameter], Field(discriminator="type")
+    ContinuousParameter | IntegerParameter | CategoricalParameter, Field(discriminator="type")
 ]
 
 
@@ -168,7 +169,7 @@ def _csv_header(path: Path) -> list[str] | None:
         return None
     opener = gzip.open if name.endswith(".gz") else open
     try:
-        with opener(path, "rt", newline="", encoding="utf-8") as handle:  # type: ignore[operator]
+        with opener(path, "rt", newline="", encoding="utf-8") as handle:
             return next(csv.reader(handle), [])
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ValueError(f"cannot read the header of {str(path)!r}: {exc}") from exc
@@ -359,7 +360,7 @@ class GNNEnsembleModel(_Frozen):
     options: GNNEnsembleOptions = Field(default_factory=GNNEnsembleOptions, description="Ensemble options.")
 
 
-ModelConfig = Annotated[Union[RandomModel, GPModel, GNNEnsembleModel], Field(discriminator="name")]
+ModelConfig = Annotated[RandomModel | GPModel | GNNEnsembleModel, Field(discriminator="name")]
 
 
 class Acquisition(_Frozen):
@@ -632,7 +633,7 @@ class CampaignConfig(_Frozen):
         candidates = data["search_space"].get("candidates")
         if candidates is not None:
             candidates["file"] = self._relative(self.search_space.candidates.file)  # type: ignore[union-attr]
-        for dumped, instrument in zip(data["instruments"], self.instruments):
+        for dumped, instrument in zip(data["instruments"], self.instruments, strict=False):
             if instrument.world is not None:
                 dumped["world"] = self._relative(instrument.world)
         if data["repository"]["url"]:
@@ -844,7 +845,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return []
 
 
-def _error_message(error: dict[str, Any], data: Any, path: _Path) -> str:
+def _error_message(error: ErrorDetails, data: Any, path: _Path) -> str:
     kind = error["type"]
     if kind == "missing":
         return "required field is missing"
@@ -854,7 +855,7 @@ def _error_message(error: dict[str, Any], data: Any, path: _Path) -> str:
         close = difflib.get_close_matches(str(path[-1]), allowed, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown key {path[-1]!r}{hint}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
-    message = error["msg"]
+    message = str(error["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
     if kind in ("union_tag_invalid", "union_tag_not_found"):
@@ -905,7 +906,8 @@ def validate_campaign_dict(
     lines = _lines or {}
     if not isinstance(data, dict):
         got = "an empty document" if data is None else f"a {type(data).__name__}"
-        raise CampaignConfigError(f"a campaign must be a mapping of keys, got {got}", file=name, line=_line_of((), lines))
+        raise CampaignConfigError(f"a campaign must be a mapping of keys, got {got}", file=name,
+                                  line=_line_of((), lines))
     data = _expand_env(data, (), lines, name)
     if base_dir is None:
         base_dir = Path(file).resolve().parent if file is not None else Path.cwd()

@@ -139,7 +139,7 @@ class RepositoryWriter:
             return self._resources.get(doc.get("stream_resource", ""))
         return None
 
-    def _fail(self, name: str, doc: Mapping[str, Any], message: str, *, stored: bool) -> None:
+    def _fail(self, name: str, doc: object, message: str, *, stored: bool) -> None:
         run_uid = self._run_of(name, doc) if isinstance(doc, Mapping) else None
         doc_uid = doc.get("uid") if isinstance(doc, Mapping) and isinstance(doc.get("uid"), str) else None
         self.errors.append(WriterError(name=name, run_uid=run_uid, doc_uid=doc_uid, message=message, stored=stored))
@@ -201,10 +201,13 @@ class RepositoryWriter:
         if not isinstance(uid, str):
             self.store.record_document(None, "start", doc)
             return
-        md = doc.get("sdl") if isinstance(doc.get("sdl"), Mapping) else {}
+        raw_md = doc.get("sdl")
+        md: Mapping[str, Any] = raw_md if isinstance(raw_md, Mapping) else {}
         experiment_id = md.get("experiment_id")
-        experiment_id = experiment_id if isinstance(experiment_id, int) and not isinstance(experiment_id, bool) else None
-        measurements = md.get("measurements") if isinstance(md.get("measurements"), Mapping) else {}
+        if not isinstance(experiment_id, int) or isinstance(experiment_id, bool):
+            experiment_id = None
+        raw_measurements = md.get("measurements")
+        measurements: Mapping[str, Any] = raw_measurements if isinstance(raw_measurements, Mapping) else {}
         quality_key = md.get("quality_key") if isinstance(md.get("quality_key"), str) else None
         instrument = md.get("instrument") if isinstance(md.get("instrument"), str) else None
         campaign_id = None
@@ -230,7 +233,8 @@ class RepositoryWriter:
             quality_key=quality_key,
         )
         plan_name = doc.get("plan_name") if isinstance(doc.get("plan_name"), str) else None
-        self.store.record_run_start(uid, experiment_id=experiment_id, plan_name=plan_name, start_time=_epoch(doc.get("time")))
+        self.store.record_run_start(uid, experiment_id=experiment_id, plan_name=plan_name,
+                                    start_time=_epoch(doc.get("time")))
         self._runs[uid] = run
         self.store.record_document(uid, "start", doc)
 
@@ -256,8 +260,9 @@ class RepositoryWriter:
         run = self._runs.get(run_uid or "")
         if run is None or not run.measurements:
             return []
-        data = event.get("data") if isinstance(event.get("data"), Mapping) else {}
-        stamps = event.get("timestamps") if isinstance(event.get("timestamps"), Mapping) else {}
+        raw_data, raw_stamps = event.get("data"), event.get("timestamps")
+        data: Mapping[str, Any] = raw_data if isinstance(raw_data, Mapping) else {}
+        stamps: Mapping[str, Any] = raw_stamps if isinstance(raw_stamps, Mapping) else {}
         present = [k for k in run.measurements if k in data]
         if not present:
             return []
@@ -318,7 +323,7 @@ class RepositoryWriter:
 
         run_uid = self._run_of("event_page", doc)
         rows: list[tuple[int, dict[str, Any]]] = []
-        for event in unpack_event_page(doc):
+        for event in unpack_event_page(doc):  # type: ignore[arg-type] # a validated event_page document
             rows.extend(self._measurements_of(run_uid, event))
         self.store.record_document(run_uid, "event_page", doc, measurements=rows)
 
@@ -333,7 +338,8 @@ class RepositoryWriter:
         reason = doc.get("reason") if isinstance(doc.get("reason"), str) else None
         self.store.record_run_stop(run_uid, exit_status=exit_status, reason=reason, stop_time=_epoch(doc.get("time")))
         if exit_status != "success":
-            self.store.invalidate_run_measurements(run_uid, reason=f"run exit status {exit_status}: {reason or ''}".strip())
+            why = f"run exit status {exit_status}: {reason or ''}".strip()
+            self.store.invalidate_run_measurements(run_uid, reason=why)
         self._runs.pop(run_uid, None)
         self._descriptors = {d: r for d, r in self._descriptors.items() if r != run_uid}
         self._resources = {d: r for d, r in self._resources.items() if r != run_uid}

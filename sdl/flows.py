@@ -157,10 +157,10 @@ class _Monitor:
             "best_candidate": None if best is None else best.candidate_key,
             "last": {"key": outcome.ticket.key, "state": outcome.state, "value": outcome.value},
         }
-        for listener in list(_LISTENERS):
+        for listener in _LISTENERS:
             try:
                 listener(info)
-            except Exception:  # noqa: BLE001 - a display must not stop the campaign
+            except Exception:
                 logger.exception("progress listener failed")
         if self.lab.round_due():
             self.round(self.lab.round_report(self.true_best[1] if self.true_best else None))
@@ -287,7 +287,7 @@ def _tag_flow_run(name: str) -> None:
     try:
         with get_client(sync_client=True) as client:
             client.update_flow_run(flow_run.id, tags=[*current, name])
-    except Exception:  # noqa: BLE001 - a tag is cosmetic
+    except Exception:
         logger.warning("could not tag flow run with %s", name, exc_info=True)
 
 

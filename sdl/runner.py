@@ -113,7 +113,7 @@ def run_plan(plan: Iterable[Any], *, subscribers: Iterable[Subscriber] = (), key
             if engine.state != "idle":
                 try:
                     engine.abort(reason=f"plan failed: {exc}")
-                except Exception:  # noqa: BLE001
+                except Exception:
                     logger.exception("could not abort the RunEngine after a failure")
             error = _unwrap(exc)
             status = "abort" if "abort" in stops else "fail"

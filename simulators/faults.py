@@ -106,7 +106,8 @@ class FaultInjector:
 
     def synthesis_fails(self, job_id: str) -> bool:
         """Whether this synthesis job loses its sample (decided once per job id)."""
-        return self.rates.failed_synthesis > 0 and self._job_stream("fail", job_id).random() < self.rates.failed_synthesis
+        rate = self.rates.failed_synthesis
+        return rate > 0 and self._job_stream("fail", job_id).random() < rate
 
     def drifts(self, job_id: str) -> bool:
         """Whether this measurement job suffers calibration drift."""

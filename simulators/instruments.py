@@ -109,11 +109,10 @@ class Journal:
         if self.path is None:
             return
         line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
-        with self._lock:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
+        with self._lock, self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 class SimulatedInstruments:
@@ -177,8 +176,8 @@ class SimulatedInstruments:
     # -- journal --------------------------------------------------------------------------
     def _replay(self, records: list[dict[str, Any]]) -> None:
         for number, rec in enumerate(records, 1):
-            jid = rec.get("job_id") if isinstance(rec, dict) else None
-            event = rec.get("event") if isinstance(rec, dict) else None
+            jid = rec.get("job_id")
+            event = rec.get("event")
             if not isinstance(jid, str):
                 continue
             if event == "started":
@@ -186,7 +185,8 @@ class SimulatedInstruments:
                     self.jobs[jid] = Job(jid, str(rec["kind"]), dict(rec["recipe"]), float(rec["started_at"]),
                                          float(rec["finishes_at"]))
                 except (KeyError, TypeError, ValueError):
-                    logger.warning("journal %s record %d: incomplete 'started' record skipped", self.journal.path, number)
+                    logger.warning("journal %s record %d: incomplete 'started' record skipped", self.journal.path,
+                                   number)
             elif jid in self.jobs and event in ("finished", "failed", "aborted"):
                 job = self.jobs[jid]
                 job.state = {"finished": "done", "failed": "failed", "aborted": "aborted"}[event]
@@ -240,7 +240,7 @@ class SimulatedInstruments:
             if self.faults.drifts(job.job_id):
                 values = {p: v + 3.0 * self.world.scale(p) for p, v in values.items()}
                 quality = "drift"
-            result = {
+            measured: dict[str, Any] = {
                 "key": m.key,
                 "values": values,
                 "std": m.std,
@@ -248,8 +248,8 @@ class SimulatedInstruments:
                 "quality": quality,
                 "note": m.note,
             }
-            self._log("finished", job, result=result)
-            job.state, job.result = "done", result
+            self._log("finished", job, result=measured)
+            job.state, job.result = "done", measured
         job.ended_at = now
 
     # -- commands -------------------------------------------------------------------------
@@ -279,7 +279,8 @@ class SimulatedInstruments:
             if cmd.name == "JOBS?":
                 jobs = list(self.jobs.values())
                 return [format_ok({"count": len(jobs),
-                                   "jobs": [{"job_id": j.job_id, "kind": j.kind, "state": j.state} for j in jobs[-30:]]})]
+                                   "jobs": [{"job_id": j.job_id, "kind": j.kind, "state": j.state}
+                                            for j in jobs[-30:]]})]
             if cmd.name == "JOB?":
                 job = self._job(cmd.job_id, None)
                 return [format_ok({**job.summary(now), "recipe": job.recipe, "result": job.result})]

@@ -8,6 +8,7 @@ read it. Logs go to stderr. :func:`start_simulator` starts such a process and re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -67,27 +68,33 @@ class ServerOptions:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the simulator (``sdl simulate`` passes its arguments through)."""
-    p = argparse.ArgumentParser(prog="sdl simulate", description="Serve simulated SDL/1 instruments backed by a real-data world.")
-    p.add_argument("--world", required=True, type=Path, help="world CSV(.gz): table (params + properties) or crystal (id, cif, properties)")
-    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to listen on; port 0 picks a free port (default 127.0.0.1:0)")
-    p.add_argument("--pty", action="store_true", help="serve on a pseudo-terminal instead of TCP and print its path")
-    p.add_argument("--instrument", choices=["robot", "station", "both"], default="both", help="which instrument(s) to serve")
-    p.add_argument("--time-scale", type=float, default=1.0, help="multiplies every duration (e.g. 0.001 for CI)")
-    p.add_argument("--seed", type=int, default=0, help="seed of measurement draws and faults")
-    p.add_argument("--noise-std", type=float, default=0.0, help="gaussian noise added to recorded values (property units)")
-    p.add_argument("--off-table", choices=["nearest", "refuse"], default="nearest", help="table world: off-table recipes")
-    p.add_argument("--properties", default=None, help="comma-separated property columns (default: table: last column; crystal: numeric columns)")
-    p.add_argument("--journal", type=Path, default=None, help="JSONL job journal (fsync'd, reloaded at start)")
-    p.add_argument("--serial", default="SIM-0001", help="serial number in the *IDN? reply")
-    p.add_argument("--synth-seconds", type=float, default=SYNTH_SECONDS, help="unscaled synthesis duration")
-    p.add_argument("--measure-seconds", type=float, default=MEASURE_SECONDS, help="unscaled measurement duration")
+    p = argparse.ArgumentParser(prog="sdl simulate",
+                                description="Serve simulated SDL/1 instruments backed by a real-data world.")
+    add = p.add_argument
+    add("--world", required=True, type=Path,
+        help="world CSV(.gz): table (params + properties) or crystal (id, cif, properties)")
+    add("--listen", default="127.0.0.1:0",
+        help="HOST:PORT to listen on; port 0 picks a free port (default 127.0.0.1:0)")
+    add("--pty", action="store_true", help="serve on a pseudo-terminal instead of TCP and print its path")
+    add("--instrument", choices=["robot", "station", "both"], default="both", help="which instrument(s) to serve")
+    add("--time-scale", type=float, default=1.0, help="multiplies every duration (e.g. 0.001 for CI)")
+    add("--seed", type=int, default=0, help="seed of measurement draws and faults")
+    add("--noise-std", type=float, default=0.0, help="gaussian noise added to recorded values (property units)")
+    add("--off-table", choices=["nearest", "refuse"], default="nearest", help="table world: off-table recipes")
+    add("--properties", default=None,
+        help="comma-separated property columns (default: table: last column; crystal: numeric columns)")
+    add("--journal", type=Path, default=None, help="JSONL job journal (fsync'd, reloaded at start)")
+    add("--serial", default="SIM-0001", help="serial number in the *IDN? reply")
+    add("--synth-seconds", type=float, default=SYNTH_SECONDS, help="unscaled synthesis duration")
+    add("--measure-seconds", type=float, default=MEASURE_SECONDS, help="unscaled measurement duration")
     p.add_argument("--outage-after-s", type=float, default=None, metavar="S",
                    help="fault injection: stop answering S seconds after start")
     p.add_argument("--outage-s", type=float, default=None, metavar="S",
                    help="fault injection: answer again after S seconds of outage (default: never)")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
     for name in ("timeout", "garbled", "drop", "busy", "failed-synthesis", "drift"):
-        p.add_argument(f"--fault-{name}", type=float, default=0.0, metavar="RATE", help=f"probability of a {name} fault")
+        p.add_argument(f"--fault-{name}", type=float, default=0.0, metavar="RATE",
+                       help=f"probability of a {name} fault")
     p.add_argument("--log-level", default="WARNING", help="logging level on stderr")
     return p
 
@@ -166,7 +173,7 @@ class _Session:
                 replies = [format_err(exc.code, exc.message)]
             except WorldError as exc:
                 replies = [format_err(exc.code, exc.message)]
-            except Exception as exc:  # noqa: BLE001 - the server must keep answering
+            except Exception as exc:
                 logger.exception("internal error on %r", raw[:200])
                 replies = [format_err("INTERNAL", f"{type(exc).__name__}: {exc}")]
         if fault == "timeout":
@@ -204,10 +211,8 @@ class _Handler(socketserver.StreamRequestHandler):
             if fault:
                 logger.info("fault %s injected on %r", fault, raw[:80])
             if fault == "drop":
-                try:
+                with contextlib.suppress(OSError):
                     self.request.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 return
             try:
                 self.wfile.write(b"".join(replies))
@@ -236,11 +241,13 @@ def _ticker(lab: SimulatedInstruments, stop: threading.Event) -> None:
     while not stop.wait(0.02):
         try:
             lab.tick()
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.exception("tick failed")
 
 
-def serve_tcp(lab: SimulatedInstruments, listen: str, out: TextIO = sys.stdout, stop: threading.Event | None = None) -> None:
+def serve_tcp(
+    lab: SimulatedInstruments, listen: str, out: TextIO = sys.stdout, stop: threading.Event | None = None
+) -> None:
     """Serve until ``stop`` is set (or forever); print the URL as the first line of ``out``."""
     stop = stop or threading.Event()
     server = _TCPServer(_split_listen(listen), lab)
@@ -310,7 +317,7 @@ def _watch_parent(parent: int) -> None:
 
 def _warm_pymatgen() -> None:
     try:
-        import pymatgen.analysis.diffraction.xrd  # noqa: F401
+        import pymatgen.analysis.diffraction.xrd
         import pymatgen.core  # noqa: F401
     except ImportError:
         logger.warning("pymatgen is not installed: MEASURE RAW will fail")
@@ -319,7 +326,8 @@ def _warm_pymatgen() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m simulators.server`` and ``sdl simulate``."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         options = options_from_args(args)
         lab = build_lab(options)
@@ -410,7 +418,8 @@ class SimulatorProcess:
             left = deadline - time.monotonic()
             if left <= 0 or self.process.poll() is not None:
                 self.stop()
-                raise RuntimeError(f"simulator {' '.join(self.argv[2:])} did not start (exit {self.process.returncode})")
+                what = " ".join(self.argv[2:])
+                raise RuntimeError(f"simulator {what} did not start (exit {self.process.returncode})")
             ready, _, _ = select.select([self.process.stdout], [], [], min(left, 0.2))
             if ready:
                 byte = os.read(self.process.stdout.fileno(), 1)  # unbuffered: select stays truthful

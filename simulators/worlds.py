@@ -138,7 +138,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     csv.field_size_limit(sys.maxsize)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", newline="", encoding="utf-8") as handle:  # type: ignore[operator]
+        with opener(path, "rt", newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             rows = list(reader)
             columns = list(reader.fieldnames or [])
@@ -196,12 +196,12 @@ class TableWorld(World):
         lows = [min(k[j] for k in self._keys) for j in range(len(self.parameters))]
         highs = [max(k[j] for k in self._keys) for j in range(len(self.parameters))]
         self._low = lows
-        self._span = [(h - lo) or 1.0 for lo, h in zip(lows, highs)]
+        self._span = [(h - lo) or 1.0 for lo, h in zip(lows, highs, strict=False)]
         self._scale = {p: _std([v for b in self._points.values() for v in b[p]]) or 1.0 for p in self.properties}
 
     def key_of(self, params: tuple[float, ...]) -> str:
         """Canonical JSON of recorded parameters (the point's key)."""
-        return json.dumps(dict(zip(self.parameters, params)), sort_keys=True, separators=(",", ":"))
+        return json.dumps(dict(zip(self.parameters, params, strict=False)), sort_keys=True, separators=(",", ":"))
 
     def _params(self, recipe: dict[str, Any]) -> tuple[float, ...]:
         params = recipe.get("params")
@@ -227,7 +227,7 @@ class TableWorld(World):
             raise WorldError("OFF_TABLE", f"params {self.key_of(wanted)} are not on the table of {self.name}")
 
         def distance(key: tuple[float, ...]) -> float:
-            return sum(((a - b) / s) ** 2 for a, b, s in zip(key, wanted, self._span))
+            return sum(((a - b) / s) ** 2 for a, b, s in zip(key, wanted, self._span, strict=False))
 
         nearest = min(self._keys, key=distance)
         key = self.key_of(nearest)
@@ -313,7 +313,7 @@ class CrystalWorld(World):
 
                 structure = Structure.from_str(self._cif[point.key], fmt="cif")
                 pattern = XRDCalculator(wavelength="CuKa").get_pattern(structure, two_theta_range=(10, 90))
-                self._xrd[point.key] = [(float(x), float(y)) for x, y in zip(pattern.x, pattern.y)]
+                self._xrd[point.key] = [(float(x), float(y)) for x, y in zip(pattern.x, pattern.y, strict=False)]
             return "xrd two_theta_deg intensity_percent", list(self._xrd[point.key])
 
 
@@ -341,7 +341,7 @@ def load_world(
         raise WorldError("INTERNAL", f"{path}: world file not found")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", newline="", encoding="utf-8") as handle:  # type: ignore[operator]
+        with opener(path, "rt", newline="", encoding="utf-8") as handle:
             header = next(csv.reader(io.StringIO(handle.readline())), [])
     except (OSError, UnicodeDecodeError) as exc:
         raise WorldError("INTERNAL", f"{path}: cannot read world CSV: {exc}") from exc

@@ -80,7 +80,7 @@ def test_table_world_measurement_is_one_real_replicate(table_sim) -> None:  # no
     replicates = table_replicates()
     key = (8.0, 80.0, 2.2, 1.75) if (8.0, 80.0, 2.2, 1.75) in replicates else next(iter(replicates))
     station = CharacterizationStation(name="mech", url=table_sim.url, properties=["toughness"])
-    params = dict(zip(("n", "theta", "r", "t"), key))
+    params = dict(zip(("n", "theta", "r", "t"), key, strict=False))
     docs: list[tuple[str, dict]] = []
     outcome = run_plan(characterize(station, {"job_id": "dev-table", "params": params}),
                        subscribers=[lambda n, d: docs.append((n, d))])

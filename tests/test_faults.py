@@ -38,8 +38,9 @@ def test_line_faults_are_retried_and_values_stay_true(fault: str, tmp_path: Path
         started = time.monotonic()
         for i, cid in enumerate(CANDIDATES):
             docs: list[tuple[str, dict]] = []
-            outcome = run_plan(synthesize_and_characterize(robot, station, {"job_id": f"{fault}-{i}", "candidate": cid}),
-                               subscribers=[lambda n, d: docs.append((n, d))])
+            recipe = {"job_id": f"{fault}-{i}", "candidate": cid}
+            outcome = run_plan(synthesize_and_characterize(robot, station, recipe),
+                               subscribers=[lambda n, d, docs=docs: docs.append((n, d))])
             assert outcome.ok, outcome.exception
             (synth_event, char_event) = _events(docs)
             assert synth_event["data"]["robot_sample_key"] == cid
@@ -86,7 +87,8 @@ def test_drift_is_flagged_and_offset_from_the_truth(tmp_path: Path) -> None:
     with simulator(TABLE_WORLD, tmp_path, faults={"drift": 1.0}) as sim:
         station = CharacterizationStation(name="mech", url=sim.url, properties=["toughness"])
         docs: list[tuple[str, dict]] = []
-        outcome = run_plan(characterize(station, {"job_id": "drift-1", "params": dict(zip("n theta r t".split(), key))}),
+        params = dict(zip(["n", "theta", "r", "t"], key, strict=False))
+        outcome = run_plan(characterize(station, {"job_id": "drift-1", "params": params}),
                            subscribers=[lambda n, d: docs.append((n, d))])
         assert outcome.ok
         (event,) = _events(docs)

@@ -6,8 +6,9 @@ SQLite and PostgreSQL repositories.
 
 from __future__ import annotations
 
-import gzip
 import csv
+import gzip
+import itertools
 import json
 import threading
 import time
@@ -29,12 +30,12 @@ def write_campaign(tmp_path: Path, *, name: str = "lab-test", budget: int = 5, r
                    outage_window_s: float = 60.0) -> Path:
     """A small crystal campaign on the demo world with fast simulators."""
     sim = "{time_scale: 0.002" + (f", faults: {{{faults}}}" if faults else "") + "}"
-    rsim = "{time_scale: 0.002" + (f", faults: {{{faults}}}" if faults else "") + (f", {robot_sim}" if robot_sim else "") + "}"
+    rsim = sim[:-1] + (f", {robot_sim}" if robot_sim else "") + "}"
     lines = [
         f"name: {name}",
         "seed: 3",
         "search_space:",
-        "  candidates: {file: %s, id_column: id, structure_column: cif, formula_column: formula}" % WORLD,
+        f"  candidates: {{file: {WORLD}, id_column: id, structure_column: cif, formula_column: formula}}",
         "objective: {property: e_form, unit: eV, goal: minimize}",
         f"model: {{name: {model}}}",
         f"acquisition: {{function: qucb, batch_size: {batch_size}, mode: {mode}}}",
@@ -48,9 +49,8 @@ def write_campaign(tmp_path: Path, *, name: str = "lab-test", budget: int = 5, r
         where = f"url: '{robot_url}'" if robot_url else f"simulated: true, world: {WORLD}, simulator: {rsim}"
         lines.append(f"  - {{name: robot{i}, role: synthesis, {where}, timeout_s: {timeout_s}, "
                      f"outage_window_s: {outage_window_s}}}")
-    for i in range(stations):
-        lines.append(f"  - {{name: station{i}, role: characterization, simulated: true, world: {WORLD}, "
-                     f"measures: [e_form], timeout_s: {timeout_s}, simulator: {sim}}}")
+    lines.extend(f"  - {{name: station{i}, role: characterization, simulated: true, world: {WORLD}, "
+                 f"measures: [e_form], timeout_s: {timeout_s}, simulator: {sim}}}" for i in range(stations))
     path = tmp_path / f"{name}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -91,9 +91,8 @@ def test_pool_lends_each_instrument_to_one_experiment_at_a_time() -> None:
     assert pool.free("synthesis") == 2 and pool.free("characterization") == 1
     with pool.lease("synthesis", "r2") as (name, _):
         assert name == "r2" and pool.free("synthesis") == 1
-    with pytest.raises(Exception, match="role 'nothing'"):
-        with pool.lease("nothing"):
-            pass
+    with pytest.raises(Exception, match="role 'nothing'"), pool.lease("nothing"):
+        pass
 
 
 def test_job_ids_are_wire_safe_and_deterministic() -> None:
@@ -149,7 +148,8 @@ def test_each_model_version_is_stored_with_held_out_uncertainty_metrics(tmp_path
     assert scored, "once 4+ measurements exist, every model version carries held-out metrics"
     for v in scored:
         m = v.metrics
-        assert m["held_out"] == held_out and m["n"] <= m["n_train"] == v.n_train and 0.0 <= m["coverage_68"] <= m["coverage_95"] <= 1.0
+        assert m["held_out"] == held_out and m["n"] <= m["n_train"] == v.n_train
+        assert 0.0 <= m["coverage_68"] <= m["coverage_95"] <= 1.0
         assert m["mae"] >= 0 and -1.0 <= m["spearman_abs_error_std"] <= 1.0 and "prospective" in m
 
 
@@ -220,7 +220,7 @@ def test_batches_are_proposed_as_written_and_the_design_runs_exactly_its_size(tm
         batches.setdefault(e.batch_id, []).append(e)
     assert [len(b) for b in batches.values()] == [3, 1, 3, 3]
     groups = list(batches.values())
-    for earlier, later in zip(groups, groups[1:]):  # a batch is proposed once the previous one ended
+    for earlier, later in itertools.pairwise(groups):  # a batch is proposed once the previous one ended
         assert max(e.finished_at for e in earlier) <= min(e.proposed_at for e in later)
         assert len({e.model_version for e in later}) == 1
 
@@ -261,9 +261,9 @@ def test_a_robot_dead_at_start_fails_the_campaign_before_any_experiment(tmp_path
     cfg = load_campaign(write_campaign(tmp_path, name="dead", robot_url="socket://127.0.0.1:1", timeout_s=0.3,
                                        outage_window_s=1.0))
     started = time.monotonic()
-    with pytest.raises(InstrumentOutage, match=r"instrument robot0 at socket://127.0.0.1:1 did not answer for 1 s"):
-        with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state"):
-            pass
+    refused = r"instrument robot0 at socket://127.0.0.1:1 did not answer for 1 s"
+    with pytest.raises(InstrumentOutage, match=refused), open_lab(cfg, sqlite_url, state_dir=tmp_path / "state"):
+        pass
     assert time.monotonic() - started < 30
     from sdl.repository import Store
 
@@ -347,15 +347,15 @@ def test_a_second_runner_is_refused_and_a_changed_yaml_needs_amend(tmp_path: Pat
     path = write_campaign(tmp_path, name="lease", budget=2)
     cfg = load_campaign(path)
     with open_lab(cfg, database_url, state_dir=tmp_path / "state") as lab:
-        with pytest.raises(CampaignLocked, match=r"campaign 'lease' .*pid \d+"):
-            with open_lab(cfg, database_url, state_dir=tmp_path / "state2"):
-                pass
+        with pytest.raises(CampaignLocked, match=r"campaign 'lease' .*pid \d+"), \
+                open_lab(cfg, database_url, state_dir=tmp_path / "state2"):
+            pass
         run_plain(lab)
     path.write_text(path.read_text().replace("experiments: 2", "experiments: 3"))
     changed = load_campaign(path)
-    with pytest.raises(CampaignConfigChanged, match=r"budget.experiments 2 → 3"):
-        with open_lab(changed, database_url, state_dir=tmp_path / "state"):
-            pass
+    with pytest.raises(CampaignConfigChanged, match=r"budget.experiments 2 → 3"), \
+            open_lab(changed, database_url, state_dir=tmp_path / "state"):
+        pass
     with open_lab(changed, database_url, state_dir=tmp_path / "state", amend=True) as lab:
         assert run_plain(lab) == "completed"
         assert lab.counts()["completed"] == 3

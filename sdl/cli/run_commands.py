@@ -30,9 +30,11 @@ def _fail(message: str, code: int = 2) -> None:
 def run(
     file: Path = typer.Argument(..., help="Campaign YAML file."),
     db: str | None = typer.Option(None, "--db", help="Repository URL (default: SDL_DATABASE_URL, the YAML, sqlite:///sdl.db)."),
-    budget: int | None = typer.Option(None, "--budget", min=1, help="Experiments to reach an end state (overrides the YAML)."),
+    budget: int | None = typer.Option(None, "--budget", min=1,
+                                      help="Experiments to reach an end state (overrides the YAML)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed (overrides the YAML)."),
-    time_scale: float | None = typer.Option(None, "--time-scale", min=0.0, help="Simulators' time scale (overrides the YAML)."),
+    time_scale: float | None = typer.Option(None, "--time-scale", min=0.0,
+                                            help="Simulators' time scale (overrides the YAML)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print Prefect's task logs in the terminal."),
     amend: bool = typer.Option(False, "--amend", help="Accept a YAML that differs from the stored campaign "
                                "of the same name (recorded as an event with the old and new config)."),
@@ -83,7 +85,7 @@ def run(
 
         def on_progress(info: dict[str, Any]) -> None:
             best = info.get("best_value")
-            text = f"best {cfg.objective.property} = {best:.4g} ({info.get('best_candidate')})" if best is not None else ""
+            text = "" if best is None else f"best {cfg.objective.property} = {best:.4g} ({info.get('best_candidate')})"
             progress.update(bar, completed=info["done"], total=info["budget"], best=text)
 
         with handle_interrupts() as interrupts:
@@ -168,7 +170,8 @@ def _featurize_candidates(cfg: Any, url: str, console: Any) -> None:
     from sdl.engine import Engine
     from sdl.models.embedding_store import EmbeddingStore, default_store_path
 
-    if cfg.model.name != "gnn-ensemble" or cfg.model.options.backbone == "scratch" or cfg.search_space.candidates is None:
+    pretrained = cfg.model.name == "gnn-ensemble" and cfg.model.options.backbone != "scratch"
+    if not pretrained or cfg.search_space.candidates is None:
         return
     engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(url)))
     with Progress(TextColumn(f"featurising with {cfg.model.options.backbone}"), BarColumn(), MofNCompleteColumn(),

@@ -204,7 +204,7 @@ class OutageGuard:
         if self.on_change is not None:
             try:
                 self.on_change(name, what, message)
-            except Exception:  # noqa: BLE001 - monitoring must not break the wait
+            except Exception:
                 logger.exception("outage callback failed")
 
 

@@ -314,7 +314,7 @@ class Lab:
         try:
             self.store.log_event(kind, message, campaign_id=self.campaign_id or None,
                                  experiment_id=experiment_id, level=level, payload=payload)
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.exception("could not log event %s", kind)
 
     def _outage_event(self, instrument: str, what: str, message: str) -> None:
@@ -441,7 +441,7 @@ class Lab:
                 structure = pool.structures([pool.index_of(candidate_key)])[0]
                 return self.store.material_for_structure(structure, source_id=candidate_key)
             return self.store.material_for_params(params or {"candidate": candidate_key})
-        except Exception:  # noqa: BLE001 - a missing material link must not stop the lab
+        except Exception:
             logger.exception("could not link candidate %s to a material", candidate_key)
             return None
 
@@ -522,7 +522,7 @@ class Lab:
                 self.campaign_id, model=self.engine.strategy, n_train=n_train,
                 metrics=metrics, info={"version": version, "seed": self.seed},
             )
-        except Exception:  # noqa: BLE001 - a monitoring record must not stop the lab
+        except Exception:
             self._model_version_id = None
             logger.exception("could not record model version %s", version)
 
@@ -639,7 +639,7 @@ class Lab:
         uid = uid or ticket.job_id
         try:
             self.store.add_sample(ticket.experiment_id, instrument=robot.name, sample_uid=uid)
-        except Exception:  # noqa: BLE001 - the sample row is bookkeeping; the measurement is what counts
+        except Exception:
             logger.exception("could not record sample %s of experiment %d", uid, ticket.experiment_id)
         ticket.recipe = {**ticket.recipe, "sample": uid}
 
@@ -820,7 +820,7 @@ class Lab:
             if len(y) >= 2:
                 paths["parity"] = plots.plot_parity(y, mu, sd, plot_dir / "parity.png")
                 paths["calibration"] = plots.plot_calibration(y, mu, sd, plot_dir / "calibration.png")
-        except Exception:  # noqa: BLE001 - a figure must not stop the lab
+        except Exception:
             logger.exception("could not draw the plots")
         experiments = self.store.experiments(self.campaign_id)
         measured = dict(pairs)
