@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sdl.config import load_campaign
+from sdl.exceptions import SDLError
 from sdl.lab import InstrumentPool, job_id_for, open_lab, run_plain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -377,3 +378,20 @@ def test_every_experiment_links_a_material_and_its_sample(tmp_path: Path, databa
             assert ok and all(m.sample_id == samples[0].id for m in ok)
             history = store.material_measurements(e.material_id, "e_form")
             assert [h.campaign for h in history] == ["materials"]
+
+
+def test_a_driver_named_in_yaml_is_used_without_touching_the_lab(tmp_path: Path, sqlite_url: str) -> None:
+    import driver_plugins
+
+    path = write_campaign(tmp_path, name="driver", budget=3)
+    text = path.read_text().replace("role: synthesis,", "role: synthesis, driver: 'driver_plugins:CountingRobot',")
+    path.write_text(text)
+    with open_lab(load_campaign(path), sqlite_url, state_dir=tmp_path / "state") as lab:
+        assert type(lab.pool.devices["robot0"]).__name__ == "CountingRobot"
+        run_plain(lab)
+    assert driver_plugins.CALLS["set"] == 3 and driver_plugins.CALLS["ping"] >= 1
+    path.write_text(text.replace("driver_plugins:CountingRobot", "driver_plugins:NoSuchRobot")
+                    .replace("name: driver", "name: bad-driver"))
+    with pytest.raises(SDLError, match="instrument driver 'driver_plugins:NoSuchRobot' cannot be imported"), \
+            open_lab(load_campaign(path), sqlite_url, state_dir=tmp_path / "state"):
+        pass

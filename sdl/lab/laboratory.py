@@ -924,6 +924,7 @@ def open_lab(
         cfg = cfg.model_copy(update={"seed": int(seed)})
     if not cfg.instruments:
         raise SDLError(f"campaign {cfg.name!r} lists no instruments: it can be validated and benchmarked, not run")
+    drivers = {inst.name: load_driver(inst.driver, inst.role) for inst in cfg.instruments}  # bad names fail first
     state_dir = Path(state_dir) if state_dir else state_dir_for(database_url) / cfg.name
     state_dir.mkdir(parents=True, exist_ok=True)
     store = Store.from_url(database_url, create=True)
@@ -954,7 +955,7 @@ def open_lab(
                                           on_fault=lab.fault_callback(inst.name), **inst.options)
             if inst.role == STATION:
                 common["properties"] = list(inst.measures)
-            devices[inst.name] = (inst.role, load_driver(inst.driver, inst.role)(**common))
+            devices[inst.name] = (inst.role, drivers[inst.name](**common))
         lab.pool = InstrumentPool(devices, on_release=lab.notify, guard=lab.guard)
         try:
             lab.check_instruments()
