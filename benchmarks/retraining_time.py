@@ -19,9 +19,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pandas as pd
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLDS = ROOT / "simulators" / "worlds"
@@ -48,7 +48,7 @@ def ensemble_times(sizes: list[int], members: int, epochs: int, seed: int) -> li
     keys = df["id"].astype(str).tolist()
     rows = []
     for n in sizes:
-        n_warm = int(round(n * 1.05)) + 1
+        n_warm = round(n * 1.05) + 1
         ens = GNNEnsemble({"members": members, "epochs": epochs}, seed=seed)
         # graphs are cached by key: build them once so the figures are training time
         ens.graphs(structures[:n_warm], keys[:n_warm])
@@ -98,7 +98,10 @@ def gp_times(sizes: list[int], seed: int) -> list[dict[str, float]]:
         predict_gp(model, X_all)
         pred_s = time.perf_counter() - t1
         rows.append({"n": n, "fit_s": fit_s, "predict_s": pred_s})
-        print(f"GP (SingleTaskGP, Matern-5/2) n={n:5d}: fit {fit_s:6.3f} s, predict {len(g)} designs {pred_s:.4f} s", flush=True)
+        print(
+            f"GP (SingleTaskGP, Matern-5/2) n={n:5d}: fit {fit_s:6.3f} s, predict {len(g)} designs {pred_s:.4f} s",
+            flush=True,
+        )
     return rows
 
 

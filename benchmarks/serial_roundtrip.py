@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devices.plans import synthesize_and_characterize  # noqa: E402
-from devices.robot import SynthesisRobot  # noqa: E402
-from devices.station import CharacterizationStation  # noqa: E402
-from devices.transport import LineTransport  # noqa: E402
-from sdl.runner import run_plan  # noqa: E402
-from simulators.server import start_simulator  # noqa: E402
+from devices.plans import synthesize_and_characterize
+from devices.robot import SynthesisRobot
+from devices.station import CharacterizationStation
+from devices.transport import LineTransport
+from sdl.lab.runner import run_plan
+from simulators.server import start_simulator
 
 WORLD = Path(__file__).resolve().parent.parent / "simulators" / "worlds" / "perovskites_demo.csv.gz"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from botorch.acquisition import (
@@ -56,7 +56,9 @@ class qMaxVariance(MCAcquisitionFunction):
         super().__init__(model=model, sampler=sampler, X_pending=X_pending)
 
     @concatenate_pending_points
-    @t_batch_mode_transform()
+    # botorch annotates the decorator for methods of the AcquisitionFunction base class, so a
+    # subclass's own method (self: qMaxVariance) does not match it; the decorator works on any.
+    @t_batch_mode_transform()  # type: ignore[arg-type]
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         """``batch x q x d`` -> ``batch`` values."""
         _, obj = self._get_samples_and_objectives(X)  # sample x batch x q
@@ -67,7 +69,9 @@ class qMaxVariance(MCAcquisitionFunction):
 def default_sampler(model: Any, seed: int, num_samples: int = 128) -> MCSampler:
     """Every member once for ensembles; a seeded scrambled-Sobol normal sampler otherwise."""
     if isinstance(model, EnsembleModel):
-        return MemberSampler(getattr(model, "ensemble_size", None) or model.predictions.shape[0])
+        # PoolEnsembleModel says its size; other ensembles keep member predictions (M x ...) as a buffer.
+        size = getattr(model, "ensemble_size", None) or cast(torch.Tensor, model.predictions).shape[0]
+        return MemberSampler(int(size))
     return SobolQMCNormalSampler(sample_shape=torch.Size([num_samples]), seed=int(seed))
 
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -229,8 +229,8 @@ def load_table_dataset(
     _require_columns(df, p, parameter_columns, "parameter")
     if target in parameter_columns:
         raise BenchmarkError(f"{p}: target {target!r} is also listed as a parameter")
-    sub = df[list(parameter_columns) + [target]].copy()
-    for col in list(parameter_columns) + [target]:
+    sub = df[[*parameter_columns, target]].copy()
+    for col in [*parameter_columns, target]:
         if not pd.api.types.is_numeric_dtype(sub[col]):
             raise BenchmarkError(f"{p}: column {col!r} is not numeric (table benchmarks need numeric parameters)")
     sub = sub.dropna(subset=[target])
@@ -248,7 +248,9 @@ def load_table_dataset(
     wd = _work_dir(work_dir)
     pool_csv = wd / "pool.csv"
     pool.to_csv(pool_csv, index=False)
-    params = [{c: _py(v) for c, v in zip(parameter_columns, row)} for row in designs.itertuples(index=False)]
+    params = [
+        {c: _py(v) for c, v in zip(parameter_columns, row, strict=True)} for row in designs.itertuples(index=False)
+    ]
     logger.info("%s: %d rows -> %d designs", p, len(sub), len(ids))
     return BenchmarkDataset(
         name=_stem(p),
@@ -363,7 +365,9 @@ def parse_strategies(spec: str | Sequence[str], default_acquisition: str | None 
     for item in items:
         model, _, acq = item.partition(":")
         if model not in _MODELS:
-            raise BenchmarkError(f"unknown strategy {item!r}; models are {', '.join(_MODELS)} (optionally model:acquisition)")
+            raise BenchmarkError(
+                f"unknown strategy {item!r}; models are {', '.join(_MODELS)} (optionally model:acquisition)"
+            )
         if acq and acq not in _ACQUISITIONS:
             raise BenchmarkError(f"unknown acquisition in strategy {item!r}; choose from {', '.join(_ACQUISITIONS)}")
         acquisition = acq or default_acquisition or MODEL_DEFAULT_ACQUISITION[model]
@@ -382,13 +386,13 @@ def default_engine_factory(
     from sdl.engine import Engine
 
     pool = dataset.candidate_pool()
-    goal = "maximize" if dataset.goal == "max" else "minimize"
-    objective = cfgmod.Objective(property=dataset.target, unit="", goal=goal, extensive=dataset.extensive)
+    goal: Literal["maximize", "minimize"] = "maximize" if dataset.goal == "max" else "minimize"
+    objective = cfgmod.ObjectiveSpec(property=dataset.target, unit="", goal=goal, extensive=dataset.extensive)
     if strategy.model_config is not None:
         model: Any = strategy.model_config
     elif strategy.model in _GNN_VARIANTS:
         model = cfgmod.GNNEnsembleModel(
-            name="gnn-ensemble", options=cfgmod.GNNEnsembleOptions(**_GNN_VARIANTS[strategy.model])
+            name="gnn-ensemble", options=cfgmod.GNNEnsembleOptions.model_validate(_GNN_VARIANTS[strategy.model])
         )
     else:
         model = {"random": cfgmod.RandomModel, "gp": cfgmod.GPModel}[strategy.model](name=strategy.model)
@@ -397,8 +401,9 @@ def default_engine_factory(
             update={"function": strategy.acquisition, "batch_size": batch_size}
         )
     else:
-        acquisition = cfgmod.Acquisition(function=strategy.acquisition, batch_size=batch_size)
-    initial_design = cfgmod.InitialDesign(strategy=strategy.initial_strategy, size=initial)
+        # The names are plain strings (checked by parse_strategies); the config models check them again.
+        acquisition = cfgmod.Acquisition.model_validate({"function": strategy.acquisition, "batch_size": batch_size})
+    initial_design = cfgmod.InitialDesign.model_validate({"strategy": strategy.initial_strategy, "size": initial})
     return Engine(
         objective=objective,
         model=model,
@@ -535,8 +540,10 @@ def run_benchmark(
         "batch_size": batch_size,
         "best_in_pool": best_in_pool,
         "metric_definitions": {
-            "recall": "top designs found / M after each experiment; top set = best ceil(top_fraction*N) by per-design mean",
-            "experiments_to_half": "first experiment with >= ceil(0.5*M) top designs found (initial design included); null if not reached",
+            "recall": "top designs found / M after each experiment; "
+            "top set = best ceil(top_fraction*N) by per-design mean",
+            "experiments_to_half": "first experiment with >= ceil(0.5*M) top designs found "
+            "(initial design included); null if not reached",
             "experiments_to_all": "first experiment with all M top designs found; null if not reached",
             "ef": "EF(i) = median recall(i) / (i/N) (analytic random)",
             "af": "AF = k(N+1)/(M+1) / median experiments to find k = ceil(level*M) (analytic random)",
@@ -549,7 +556,8 @@ def run_benchmark(
         runs: list[ReplayRun] = []
         for seed in seeds:
             run = replay(
-                dataset, strat, int(seed), budget_eff, initial=initial, batch_size=batch_size, engine_factory=engine_factory
+                dataset, strat, int(seed), budget_eff,
+                initial=initial, batch_size=batch_size, engine_factory=engine_factory,
             )
             runs.append(run)
             if progress is not None:
@@ -633,7 +641,11 @@ def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
         f"{len(results['seeds'])} seeds"
     )
     curves = {
-        name: {"median": s["summary"]["recall_median"], "q25": s["summary"]["recall_q25"], "q75": s["summary"]["recall_q75"]}
+        name: {
+            "median": s["summary"]["recall_median"],
+            "q25": s["summary"]["recall_q25"],
+            "q75": s["summary"]["recall_q75"],
+        }
         for name, s in results["strategies"].items()
     }
     paths["recall"] = plots.plot_recall_curves(
@@ -652,7 +664,8 @@ def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
             c2[name] = {"median": o["recall_median"], "q25": o["recall_q25"], "q75": o["recall_q75"]}
         tag = f"{float(f) * 100:g}".replace(".", "p")
         paths[f"recall_top{tag}"] = plots.plot_recall_curves(
-            c2, out / f"recall_top{tag}.png", pool_size=results["pool_size"], n_top=m, title=f"{title}, top {float(f) * 100:g} %"
+            c2, out / f"recall_top{tag}.png",
+            pool_size=results["pool_size"], n_top=m, title=f"{title}, top {float(f) * 100:g} %",
         )
     best = {
         name: {
@@ -663,7 +676,8 @@ def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
         for name, s in results["strategies"].items()
     }
     paths["best_so_far"] = plots.plot_best_so_far_curves(
-        best, out / "best_so_far.png", goal_value=results["best_in_pool"], ylabel=f"best {results['target']} so far", title=title
+        best, out / "best_so_far.png",
+        goal_value=results["best_in_pool"], ylabel=f"best {results['target']} so far", title=title,
     )
     return paths
 

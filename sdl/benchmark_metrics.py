@@ -84,7 +84,7 @@ def recall_curve(order: Sequence[int], top: Sequence[int] | np.ndarray) -> np.nd
         order: Pool indices in the order they were measured (no repeats).
         top: Pool indices of the top set.
     """
-    top_idx = set(int(t) for t in np.asarray(top).ravel())
+    top_idx = {int(t) for t in np.asarray(top).ravel()}
     if not top_idx:
         raise ValueError("top set is empty")
     order_list = [int(o) for o in order]
@@ -131,7 +131,7 @@ def enhancement_factor(recall: Sequence[float] | np.ndarray, pool_size: int) -> 
 
 def acceleration_factor(n_strategy: float | None, level: float, pool_size: int, n_top: int) -> float | None:
     """``AF = n_random / n_strategy`` at recall ``level`` (analytic random), None if not reached."""
-    if n_strategy is None or (isinstance(n_strategy, float) and math.isnan(n_strategy)):
+    if n_strategy is None or math.isnan(n_strategy):
         return None
     k = max(1, math.ceil(level * n_top - 1e-9))
     return random_expected_experiments(k, pool_size, n_top) / float(n_strategy)
@@ -146,7 +146,8 @@ def median_iqr(values: Sequence[float | None]) -> dict[str, float | None]:
     arr = np.array([math.inf if v is None else float(v) for v in values], dtype=float)
     if arr.size == 0:
         return {"median": None, "q25": None, "q75": None, "reached": 0, "n": 0}
-    q25, med, q75 = np.percentile(arr, [25, 50, 75], method="linear") if np.isfinite(arr).all() else _inf_percentiles(arr)
+    finite = np.isfinite(arr).all()
+    q25, med, q75 = np.percentile(arr, [25, 50, 75], method="linear") if finite else _inf_percentiles(arr)
 
     def clean(x: float) -> float | None:
         return None if not math.isfinite(x) else float(x)
@@ -161,8 +162,8 @@ def median_iqr(values: Sequence[float | None]) -> dict[str, float | None]:
 
 
 def summarize_strategy(
-    recalls: Sequence[Sequence[float]],
-    best: Sequence[Sequence[float]],
+    recalls: Sequence[Sequence[float] | np.ndarray],
+    best: Sequence[Sequence[float] | np.ndarray],
     pool_size: int,
     n_top: int,
     levels: Sequence[float] = (0.5, 1.0),

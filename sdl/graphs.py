@@ -121,6 +121,8 @@ class GaussianBasis(torch.nn.Module):
         num_rbf: Number of Gaussians.
     """
 
+    centers: torch.Tensor  # a buffer (moves with the module)
+
     def __init__(self, cutoff: float, num_rbf: int) -> None:
         super().__init__()
         if num_rbf < 1:
@@ -155,7 +157,9 @@ class PackedGraphs:
         self.edge_ptr[1:] = torch.cumsum(n_edges, 0)
         self.n_nodes = n_nodes
         self.n_edges = n_edges
-        self.atomic_numbers = torch.cat([g.atomic_numbers for g in graphs]) if graphs else torch.zeros(0, dtype=torch.long)
+        self.atomic_numbers = (
+            torch.cat([g.atomic_numbers for g in graphs]) if graphs else torch.zeros(0, dtype=torch.long)
+        )
         # Edge indices local to their own graph (0..num_atoms-1).
         self.local_edges = (
             torch.cat([g.edge_index for g in graphs], dim=1) if graphs else torch.zeros(2, 0, dtype=torch.long)
@@ -168,10 +172,7 @@ class PackedGraphs:
 
     def batch(self, indices: torch.Tensor | Sequence[int] | None = None) -> GraphBatch:
         """Return the graphs at ``indices`` (all when None) as one :class:`GraphBatch`."""
-        if indices is None:
-            idx = torch.arange(len(self))
-        else:
-            idx = torch.as_tensor(indices, dtype=torch.long)
+        idx = torch.arange(len(self)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         nn_ = self.n_nodes[idx]
         ne = self.n_edges[idx]
         b = idx.shape[0]

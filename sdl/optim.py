@@ -34,7 +34,7 @@ def top_k(score: torch.Tensor, k: int) -> torch.Tensor:
 
 def _score(acqf: Any, X: torch.Tensor, chunk: int) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([acqf(part) for part in X.unsqueeze(-2).split(chunk)]).reshape(-1)
+        return torch.cat([acqf(part) for part in torch.split(X.unsqueeze(-2), chunk)]).reshape(-1)
 
 
 def greedy_select(acqf: Any, choices: torch.Tensor, q: int, chunk: int = 4096) -> tuple[list[int], list[float]]:
@@ -110,4 +110,6 @@ def optimize_box(
             acqf, bounds=bounds, q=q, num_restarts=num_restarts, raw_samples=raw_samples, sequential=True,
             options={"batch_limit": 8, "maxiter": 75, "seed": int(seed)},
         )
+    if vals is None:  # only with return_best_only=False, which is not asked for here
+        raise RuntimeError("optimize_acqf returned no acquisition values")
     return X.detach(), vals.detach().reshape(-1)

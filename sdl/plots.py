@@ -167,9 +167,7 @@ def plot_calibration(
     expected = np.linspace(0.0, 1.0, 51)
     z = np.abs(t - m) / s
     observed = np.array([np.mean(z <= norm.ppf(0.5 + p / 2.0)) if t.size else 0.0 for p in expected])
-    area = float(np.trapezoid(np.abs(observed - expected), expected)) if hasattr(np, "trapezoid") else float(
-        np.trapz(np.abs(observed - expected), expected)
-    )
+    area = float(np.trapezoid(np.abs(observed - expected), expected))
     fig, ax = plt.subplots(figsize=(4.8, 4.8))
     ax.plot(expected, observed, lw=1.8, label="model")
     ax.fill_between(expected, expected, observed, alpha=0.2)

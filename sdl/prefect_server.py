@@ -21,7 +21,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PrefectServer", "free_port", "server_environment", "prefect_quiet_environment", "prepare_client_environment"]
+__all__ = [
+    "PrefectServer",
+    "free_port",
+    "server_environment",
+    "prefect_quiet_environment",
+    "prepare_client_environment",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +158,8 @@ class PrefectServer:
         """True when the API answers ``/api/health``."""
         try:
             with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                return response.status == 200
+                status: int = response.status
+                return status == 200
         except (urllib.error.URLError, OSError, ValueError):
             return False
 

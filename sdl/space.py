@@ -16,7 +16,6 @@ when the table has no id column.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -43,7 +42,7 @@ ParamType = Literal["continuous", "integer", "categorical"]
 def format_value(value: Any, ptype: ParamType) -> str:
     """Canonical text of one parameter value (what keys are made of)."""
     if ptype == "integer":
-        return str(int(round(float(value))))
+        return str(round(float(value)))
     if ptype == "continuous":
         v = float(value)
         text = format(v, ".6g")
@@ -85,11 +84,14 @@ class Parameter:
         """Build from a config object (``sdl.config`` parameter), a dict or a Parameter."""
         if isinstance(obj, Parameter):
             return obj
-        get = obj.get if isinstance(obj, Mapping) else (lambda k, d=None: getattr(obj, k, d))
+
+        def get(key: str, default: Any = None) -> Any:
+            return obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
+
         choices = get("choices", None)
         return cls(
             name=str(get("name")),
-            type=str(get("type")),  # type: ignore[arg-type]
+            type=cast(ParamType, str(get("type"))),  # checked in __post_init__
             low=None if get("low", None) is None else float(get("low")),
             high=None if get("high", None) is None else float(get("high")),
             choices=None if choices is None else tuple(choices),
@@ -99,7 +101,21 @@ class Parameter:
     @property
     def width(self) -> int:
         """Columns taken in the encoding (one-hot for categoricals)."""
-        return len(self.choices) if self.type == "categorical" else 1  # type: ignore[arg-type]
+        return len(self.options) if self.type == "categorical" else 1
+
+    @property
+    def options(self) -> tuple[Any, ...]:
+        """The choices of a categorical parameter (ValueError for the other types)."""
+        if self.choices is None:
+            raise ValueError(f"parameter {self.name!r}: a {self.type} parameter has no choices")
+        return self.choices
+
+    @property
+    def span(self) -> tuple[float, float]:
+        """``(low, high)`` of a continuous or integer parameter (ValueError for categoricals)."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"parameter {self.name!r}: a {self.type} parameter has no bounds")
+        return self.low, self.high
 
 
 class ParameterSpace:
@@ -156,7 +172,11 @@ class ParameterSpace:
         for p in self.parameters:
             if p.type == "continuous":
                 return None
-            n *= len(p.choices) if p.type == "categorical" else int(p.high) - int(math.ceil(p.low)) + 1  # type: ignore[arg-type]
+            if p.type == "categorical":
+                n *= len(p.options)
+            else:
+                low, high = p.span
+                n *= int(high) - math.ceil(low) + 1
         return n
 
     def canonical(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,16 +191,17 @@ class ParameterSpace:
                 raise ValueError(f"parameter {p.name!r} missing from {dict(params)}")
             v = params[p.name]
             if p.type == "categorical":
-                matches = [c for c in p.choices if c == v or str(c) == str(v)]  # type: ignore[union-attr]
+                matches = [c for c in p.options if c == v or str(c) == str(v)]
                 if not matches:
-                    raise ValueError(f"parameter {p.name!r}: {v!r} is not one of {list(p.choices)}")  # type: ignore[arg-type]
+                    raise ValueError(f"parameter {p.name!r}: {v!r} is not one of {list(p.options)}")
                 out[p.name] = matches[0]
                 continue
             fv = float(v)
-            tol = 1e-9 * max(1.0, abs(p.high - p.low))  # type: ignore[operator]
-            if not (p.low - tol <= fv <= p.high + tol):  # type: ignore[operator]
+            low, high = p.span
+            tol = 1e-9 * max(1.0, abs(high - low))
+            if not (low - tol <= fv <= high + tol):
                 raise ValueError(f"parameter {p.name!r}: {fv} outside [{p.low}, {p.high}]")
-            out[p.name] = int(round(fv)) if p.type == "integer" else float(format_value(fv, "continuous"))
+            out[p.name] = round(fv) if p.type == "integer" else float(format_value(fv, "continuous"))
         return out
 
     def key_of(self, params: Mapping[str, Any]) -> str:
@@ -193,11 +214,12 @@ class ParameterSpace:
         X = torch.zeros(len(rows), self.dim, dtype=torch.float64)
         for i, row in enumerate(rows):
             c = self.canonical(row)
-            for p, sl in zip(self.parameters, self.slices):
+            for p, sl in zip(self.parameters, self.slices, strict=True):
                 if p.type == "categorical":
-                    X[i, sl.start + [str(x) for x in p.choices].index(str(c[p.name]))] = 1.0  # type: ignore[union-attr]
+                    X[i, sl.start + [str(x) for x in p.options].index(str(c[p.name]))] = 1.0
                 else:
-                    X[i, sl.start] = (float(c[p.name]) - p.low) / (p.high - p.low)  # type: ignore[operator]
+                    low, high = p.span
+                    X[i, sl.start] = (float(c[p.name]) - low) / (high - low)
         return X
 
     def decode(self, X: torch.Tensor) -> list[dict[str, Any]]:
@@ -206,13 +228,14 @@ class ParameterSpace:
         out = []
         for row in X:
             params: dict[str, Any] = {}
-            for p, sl in zip(self.parameters, self.slices):
+            for p, sl in zip(self.parameters, self.slices, strict=True):
                 block = row[sl]
                 if p.type == "categorical":
-                    params[p.name] = p.choices[int(block.argmax())]  # type: ignore[index]
+                    params[p.name] = p.options[int(block.argmax())]
                 else:
-                    v = p.low + float(block[0]) * (p.high - p.low)  # type: ignore[operator]
-                    params[p.name] = int(round(v)) if p.type == "integer" else float(format_value(v, "continuous"))
+                    low, high = p.span
+                    v = low + float(block[0]) * (high - low)
+                    params[p.name] = round(v) if p.type == "integer" else float(format_value(v, "continuous"))
             out.append(params)
         return out
 
@@ -230,14 +253,16 @@ class ParameterSpace:
         out = []
         for u in U:
             params: dict[str, Any] = {}
-            for p, ui in zip(self.parameters, u.tolist()):
+            for p, ui in zip(self.parameters, u.tolist(), strict=True):
                 if p.type == "categorical":
-                    params[p.name] = p.choices[min(int(ui * len(p.choices)), len(p.choices) - 1)]  # type: ignore[arg-type, index]
+                    params[p.name] = p.options[min(int(ui * len(p.options)), len(p.options) - 1)]
                 elif p.type == "integer":
-                    lo, hi = int(math.ceil(p.low)), int(math.floor(p.high))  # type: ignore[arg-type]
+                    low, high = p.span
+                    lo, hi = math.ceil(low), math.floor(high)
                     params[p.name] = min(lo + int(ui * (hi - lo + 1)), hi)
                 else:
-                    params[p.name] = float(format_value(p.low + ui * (p.high - p.low), "continuous"))  # type: ignore[operator]
+                    low, high = p.span
+                    params[p.name] = float(format_value(low + ui * (high - low), "continuous"))
             out.append(params)
         return out
 
@@ -258,6 +283,12 @@ class ParameterSpace:
         return cls(params)
 
 
+def _records(frame: pd.DataFrame, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of ``frame[columns]`` as dicts keyed by column name."""
+    # `to_dict` types its keys as Hashable; these are the str column names just selected.
+    return cast("list[dict[str, Any]]", frame[list(columns)].to_dict("records"))
+
+
 def parse_structure(text: str, fmt: str = "cif") -> Structure:
     """A pymatgen ``Structure`` from CIF or pymatgen-JSON text.
 
@@ -274,7 +305,7 @@ def parse_structure(text: str, fmt: str = "cif") -> Structure:
             if fmt == "cif":
                 return Structure.from_str(str(text), fmt="cif")
             return Structure.from_dict(json.loads(str(text)))
-    except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
+    except Exception as exc:  # any parse failure is bad input
         raise ValueError(f"cannot parse structure as {fmt}: {exc}") from exc
 
 
@@ -354,7 +385,7 @@ class CandidatePool:
                 raise ValueError(f"{source}: empty values in parameter columns {list(parameter_columns)}")
             space = space or ParameterSpace.infer(frame, parameter_columns)
             groups: dict[str, list[int]] = {}
-            for i, row in enumerate(frame[list(parameter_columns)].to_dict("records")):
+            for i, row in enumerate(_records(frame, parameter_columns)):
                 groups.setdefault(space.key_of(row), []).append(i)
             firsts = [rows[0] for rows in groups.values()]
             keys = [str(frame.at[i, id_column]) for i in firsts] if has_id else list(groups)
@@ -412,7 +443,10 @@ class CandidatePool:
     @classmethod
     def from_config(cls, candidate_set: Any, space: ParameterSpace | None = None) -> CandidatePool:
         """Pool from ``cfg.search_space.candidates`` (``sdl.config.CandidateSet`` or same fields)."""
-        get = lambda k, d=None: getattr(candidate_set, k, d)  # noqa: E731
+
+        def get(key: str, default: Any = None) -> Any:
+            return getattr(candidate_set, key, default)
+
         return cls.from_csv(
             get("file"),
             id_column=get("id_column", "id"),
@@ -447,7 +481,7 @@ class CandidatePool:
             return None
         if self._param_keys is None:
             self._param_keys = {
-                self.space.key_of(r): i for i, r in enumerate(self.frame[self.parameter_columns].to_dict("records"))
+                self.space.key_of(r): i for i, r in enumerate(_records(self.frame, self.parameter_columns))
             }
         try:
             i = self._param_keys.get(self.space.key_of(params))
@@ -460,7 +494,7 @@ class CandidatePool:
         out: dict[str, Any] = {}
         if self.parameter_columns:
             for c in self.parameter_columns:
-                v = self.frame.at[i, c]
+                v: Any = self.frame.at[i, c]  # a numpy scalar (unwrapped below) or a python value
                 out[c] = v.item() if hasattr(v, "item") else v
         if self.formula_column:
             out["formula"] = str(self.frame.at[i, self.formula_column])
@@ -479,7 +513,7 @@ class CandidatePool:
         """``N x d`` encoding of the parameter columns (``self.space``)."""
         if not self.parameter_columns or self.space is None:
             raise ValueError(f"{self.source}: pool has no parameter_columns")
-        return self.space.encode(self.frame[self.parameter_columns].to_dict("records"))
+        return self.space.encode(_records(self.frame, self.parameter_columns))
 
     def structures(self, indices: Sequence[int] | None = None) -> list[Structure]:
         """Parsed structures of candidates (all when ``indices`` is None); parsed once per text."""
@@ -498,7 +532,8 @@ class CandidatePool:
         try:
             s = parse_structure(text, self.structure_format)
         except ValueError as exc:
-            raise ValueError(f"{self.source}: candidate {self.keys[i]!r}: column {self.structure_column!r}: {exc}") from exc
+            where = f"{self.source}: candidate {self.keys[i]!r}: column {self.structure_column!r}"
+            raise ValueError(f"{where}: {exc}") from exc
         self._parsed[digest] = s
         return s
 
@@ -551,7 +586,8 @@ class CandidatePool:
             keys.extend(self.keys if c == 0 else [f"{k}~{c}" for k in self.keys])
             reps.extend([[j + c * n_src for j in r] for r in self.replicates])
         pool = CandidatePool(
-            pd.concat(frames, ignore_index=True), keys, reps, pd.concat([self.source_frame] * copies, ignore_index=True),
+            pd.concat(frames, ignore_index=True), keys, reps,
+            pd.concat([self.source_frame] * copies, ignore_index=True),
             parameter_columns=None, structure_column=self.structure_column, structure_format=self.structure_format,
             formula_column=self.formula_column, space=None, source=f"{self.source} x{copies}",
         )

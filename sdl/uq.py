@@ -29,7 +29,7 @@ def _as_1d(x: Any, name: str) -> np.ndarray:
 
 def _z_scores(err: np.ndarray, std: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.abs(err) / std
+        z: np.ndarray = np.abs(err) / std
     z[(std <= 0) & (err == 0)] = 0.0
     z[(std <= 0) & (err != 0)] = np.inf
     return z
@@ -125,8 +125,9 @@ def kfold_uncertainty(
     def take(idx: np.ndarray) -> Any:
         if isinstance(X, np.ndarray):
             return X[idx]
-        if hasattr(X, "__getitem__") and hasattr(X, "shape"):
-            return X[idx]
+        if hasattr(X, "__getitem__") and hasattr(X, "shape"):  # a tensor or another array type
+            array_like: Any = X
+            return array_like[idx]
         return [X[i] for i in idx]
 
     oof_mean = np.empty(n)

@@ -134,7 +134,7 @@ def test_greedy_and_thompson_batches_are_distinct(data) -> None:
     acqf = build_acquisition("qucb", PoolEnsembleModel(preds), Objective("maximize"),
                              X_baseline=torch.zeros(1, 1), y_baseline=torch.tensor([0.0]), seed=0)
     choices = torch.arange(2000, dtype=torch.float64).unsqueeze(-1)
-    picks, vals = greedy_select(acqf, choices, q=6, chunk=300)
+    picks, _vals = greedy_select(acqf, choices, q=6, chunk=300)
     assert len(set(picks)) == 6 and acqf.X_pending is None
     assert picks[0] == int(torch.argmax(acqf(choices.unsqueeze(-2))))
     tp, _ = thompson_select(preds[:, :10], Objective("maximize"), q=10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +116,10 @@ def _tiny_table(tmp_path: Path) -> Path:
     for a in range(6):
         for b in range(5):
             y = -((a - 3.2) ** 2) - (b - 1.1) ** 2
-            for _ in range(1 + (a + b) % 2):
-                rows.append({"Temp (C)": 20 + 10 * a, "ratio": 0.5 * b, "Yield %": y + rng.normal(scale=0.05)})
+            rows.extend(
+                {"Temp (C)": 20 + 10 * a, "ratio": 0.5 * b, "Yield %": y + rng.normal(scale=0.05)}
+                for _ in range(1 + (a + b) % 2)
+            )
     path = tmp_path / "my_lab.csv"
     pd.DataFrame(rows).to_csv(path, index=False, encoding="utf-8-sig")
     return path
@@ -191,7 +192,9 @@ def _barrel_slice(tmp_path: Path) -> Path:
     """A slice of the real crossed-barrel table under new column names (a dataset 'never seen')."""
     df = pd.read_csv(WORLDS / "crossed_barrel.csv")
     df = df[df["n"].isin([6, 12]) & df["theta"].isin([0, 100, 200]) & df["r"].isin([1.5, 2.0, 2.5])]
-    df = df.rename(columns={"n": "struts", "theta": "twist_deg", "r": "radius_mm", "t": "wall_mm", "toughness": "Toughness (J)"})
+    df = df.rename(
+        columns={"n": "struts", "theta": "twist_deg", "r": "radius_mm", "t": "wall_mm", "toughness": "Toughness (J)"}
+    )
     path = tmp_path / "barrel_slice.csv"
     df.to_csv(path, index=False)
     return path
@@ -215,15 +218,15 @@ def test_replay_pool_membership_same_initial_designs_and_schema(tmp_path: Path) 
     strategies = bmk.parse_strategies("random,gp:qucb")
     res = bmk.run_benchmark(ds, strategies, seeds=[0, 1], budget=7, top_fraction=0.1, initial=2)
     pool_keys = set(ds.ids)
-    for name, s in res["strategies"].items():
+    for s in res["strategies"].values():
         assert len(s["recall"]) == 2 and all(len(r) == 7 for r in s["recall"])
         for keys in s["keys"]:
             assert set(keys) <= pool_keys and len(set(keys)) == 7
         assert len(s["experiments_to_half"]) == len(s["experiments_to_all"]) == 2
-        for curve, keys, measured in zip(s["best_so_far"], s["keys"], s["measured"]):
+        for curve, keys, measured in zip(s["best_so_far"], s["keys"], s["measured"], strict=True):
             truth = [float(ds.truth[ds.ids.index(k)]) for k in keys]
             assert curve == pytest.approx(np.maximum.accumulate(truth).tolist())
-            for k, v in zip(keys, measured):  # each measurement is a real replicate of that design
+            for k, v in zip(keys, measured, strict=True):  # each measurement is a real replicate of that design
                 assert v in ds.replicates[ds.ids.index(k)].tolist()
     # same initial designs per seed for every strategy, and different seeds start differently
     for seed_idx in range(2):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from sdl.config import (
     CampaignConfig,
@@ -207,7 +208,7 @@ def test_env_expansion_and_password_masking(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_models_are_frozen_and_strict() -> None:
     cfg = load_campaign(ROOT / "campaigns" / "demo.yaml")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.seed = 3  # type: ignore[misc]
     with pytest.raises(Exception, match="choices must be distinct"):
         CategoricalParameter(name="s", type="categorical", choices=["a", "a"])
@@ -216,18 +217,33 @@ def test_models_are_frozen_and_strict() -> None:
 @pytest.mark.parametrize(
     ("change", "prefix"),
     [
-        (lambda d: d["objective"].update(goal="target", target_range=[3.0, 1.0]), "objective.target_range: target_range low"),
+        (
+            lambda d: d["objective"].update(goal="target", target_range=[3.0, 1.0]),
+            "objective.target_range: target_range low",
+        ),
         (lambda d: d["objective"].update(target_range=[1.0, 3.0]), "objective.target_range: target_range is only used"),
-        (lambda d: d["initial_design"].update(size=40), "budget: experiments (32) must be >= initial_design.size (40)"),
-        (lambda d: d["instruments"][1].update(measures=["gap"]), "instruments: no characterization instrument measures"),
+        (
+            lambda d: d["initial_design"].update(size=40),
+            "budget: experiments (32) must be >= initial_design.size (40)",
+        ),
+        (
+            lambda d: d["instruments"][1].update(measures=["gap"]),
+            "instruments: no characterization instrument measures",
+        ),
         (lambda d: d["instruments"][0].update(url="sockt://h:1"), "instruments[0].url: url scheme 'sockt'"),
-        (lambda d: d["model"]["options"].update(members=0), "model.options.members: Input should be greater than or equal to 1"),
-        (lambda d: d["search_space"]["candidates"].update(formula_column="formule"), "search_space.candidates: column(s) ['formule']"),
+        (
+            lambda d: d["model"]["options"].update(members=0),
+            "model.options.members: Input should be greater than or equal to 1",
+        ),
+        (
+            lambda d: d["search_space"]["candidates"].update(formula_column="formule"),
+            "search_space.candidates: column(s) ['formule']",
+        ),
         (lambda d: d["acquisition"].update(function="ei"), "acquisition.function: Input should be"),
         (lambda d: d.update(objective=5), "objective: Input should be a valid dictionary"),
     ],
 )
-def test_cross_field_rules(change, prefix: str) -> None:  # noqa: ANN001
+def test_cross_field_rules(change, prefix: str) -> None:
     data = demo_data()
     change(data)
     with pytest.raises(CampaignConfigError) as info:

@@ -14,12 +14,12 @@ from bluesky import RunEngine
 from bluesky.preprocessors import run_decorator
 from ophyd.sim import SynSignal
 
-from sdl.documents import RepositoryWriter
+from sdl.lab.documents import RepositoryWriter
 from sdl.repository import Store
 
 
 @pytest.fixture(scope="module")
-def RE() -> Iterator[RunEngine]:  # noqa: N802 - bluesky's own name for it
+def RE() -> Iterator[RunEngine]:
     engine = RunEngine(context_managers=[])  # one per module: each RunEngine leaks a thread
     yield engine
     engine.halt() if engine.state != "idle" else None

@@ -43,7 +43,7 @@ def site_environments(s: Structure, conv: CrystalGraphConverter) -> list[tuple]:
         mask = g.edge_index[0] == i
         items = []
         for j, d, w in zip(g.edge_index[1][mask], g.distances[mask], g.edge_weight[mask], strict=True):
-            items += [(round(float(d), 3), int(g.atomic_numbers[j]))] * int(round(float(w)))
+            items += [(round(float(d), 3), int(g.atomic_numbers[j]))] * round(float(w))
         envs.append((int(g.atomic_numbers[i]), tuple(sorted(items))))
     return sorted(envs)
 
@@ -117,7 +117,7 @@ def test_batching_equals_one_by_one(structures: list[Structure]) -> None:
     torch.manual_seed(1)
     net = CrystalGNN(hidden=16, layers=2).eval()
     conv = CrystalGraphConverter()
-    graphs = conv.convert_many(structures + [structures[0].make_supercell([1, 1, 2], in_place=False)])
+    graphs = conv.convert_many([*structures, structures[0].make_supercell([1, 1, 2], in_place=False)])
     with torch.no_grad():
         together = net(collate(graphs))
         alone = torch.cat([net(collate([g])) for g in graphs])

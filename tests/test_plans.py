@@ -11,7 +11,7 @@ from instruments_helpers import crystal_sim, crystal_truth  # noqa: F401 - fixtu
 from devices.plans import synthesize_and_characterize
 from devices.robot import SynthesisRobot
 from devices.station import CharacterizationStation
-from sdl.runner import run_plan
+from sdl.lab.runner import run_plan
 
 
 def _devices(url: str) -> tuple[SynthesisRobot, CharacterizationStation]:
@@ -77,7 +77,7 @@ def test_one_engine_per_key_lets_instruments_work_at_once(tmp_path) -> None:
     from instruments_helpers import CRYSTAL_WORLD, simulator
 
     from devices.plans import characterize, synthesize
-    from sdl.runner import get_run_engine
+    from sdl.lab.runner import get_run_engine
 
     with simulator(CRYSTAL_WORLD, tmp_path, time_scale=0.02) as sim:  # synthesis 1.2 s, measurement 0.4 s
         robot, station = _devices(sim.url)
@@ -88,7 +88,8 @@ def test_one_engine_per_key_lets_instruments_work_at_once(tmp_path) -> None:
             assert outcome.ok, outcome.exception
             finished.append(key)
 
-        slow = threading.Thread(target=run, args=("robot", synthesize(robot, {"job_id": "keyed-1", "candidate": "perov_33"})))
+        slow_plan = synthesize(robot, {"job_id": "keyed-1", "candidate": "perov_33"})
+        slow = threading.Thread(target=run, args=("robot", slow_plan))
         slow.start()
         deadline = time.monotonic() + 20
         while robot.state.get() != "running" and time.monotonic() < deadline:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from sdl.repository import Store
 
 N_EXPERIMENTS = 40

@@ -64,7 +64,7 @@ def test_space_rejects_bad_recipes_by_name() -> None:
         space.key_of({"n": 6, "theta": 1})
     with pytest.raises(ValueError, match="'n': 7 is not one of"):
         space.key_of({"n": 7, "theta": 1, "r": 2.0})
-    with pytest.raises(ValueError, match="'theta': 300.0 outside"):
+    with pytest.raises(ValueError, match=r"'theta': 300.0 outside"):
         space.key_of({"n": 6, "theta": 300, "r": 2.0})
     with pytest.raises(ValueError, match="low < high"):
         Parameter("x", "continuous", low=1, high=1)
@@ -79,7 +79,7 @@ def test_space_samples_are_reproducible() -> None:
 
 
 def test_pool_errors_name_file_and_column(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
+    with pytest.raises(FileNotFoundError, match=r"nope.csv"):
         CandidatePool.from_csv(tmp_path / "nope.csv")
     with pytest.raises(ValueError, match=r"crossed_barrel.csv: column 'cif' not found"):
         CandidatePool.from_csv(BARREL, id_column=None, structure_column="cif")
@@ -87,7 +87,7 @@ def test_pool_errors_name_file_and_column(tmp_path: Path) -> None:
         CandidatePool.from_csv(BARREL, id_column=None)
     dup = tmp_path / "dup.csv"
     pd.DataFrame({"id": ["a", "a"], "formula": ["NaCl", "KCl"]}).to_csv(dup, index=False)
-    with pytest.raises(ValueError, match="dup.csv: duplicate ids"):
+    with pytest.raises(ValueError, match=r"dup.csv: duplicate ids"):
         CandidatePool.from_csv(dup, formula_column="formula")
 
 

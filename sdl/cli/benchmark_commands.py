@@ -100,39 +100,50 @@ def register(app: typer.Typer) -> None:
 
     @app.command("benchmark")
     def benchmark(
-        campaign: Path | None = typer.Argument(None, help="Campaign YAML (data, target, goal, space, model); or use --data."),
+        campaign: Path | None = typer.Argument(
+            None, help="Campaign YAML (data, target, goal, space, model); or use --data."
+        ),
         data: Path | None = typer.Option(None, "--data", help="Table CSV or crystal CSV(.gz) to replay."),
         target: str | None = typer.Option(None, "--target", help="Target column."),
         goal: str | None = typer.Option(None, "--goal", help="max or min."),
         params: str | None = typer.Option(None, "--params", help="Parameter columns a,b,c (table CSV)."),
         structure_column: str | None = typer.Option(None, "--structure-column", help="CIF column (crystal CSV)."),
-        id_column: str = typer.Option("id", "--id-column", help="Id column of a crystal CSV (rows are numbered if absent)."),
+        id_column: str = typer.Option(
+            "id", "--id-column", help="Id column of a crystal CSV (rows are numbered if absent)."
+        ),
         columns: str | None = typer.Option(
             None, "--columns", help="Column names a,b,c for a CSV without a header row (e.g. Olympus data.csv)."
         ),
         strategies: str | None = typer.Option(
             None, "--strategies", help="Comma list of random, gp, gnn-ensemble, or model:acquisition (gp:qucb)."
         ),
-        acquisition: str | None = typer.Option(None, "--acquisition", help="Acquisition for every model strategy (default: qlognei for gp, qucb for gnn-ensemble)."),
+        acquisition: str | None = typer.Option(
+            None, "--acquisition",
+            help="Acquisition for every model strategy (default: qlognei for gp, qucb for gnn-ensemble)."
+        ),
         seeds: int = typer.Option(10, "--seeds", min=1, help="Seeds 0..n-1."),
         first_seed: int = typer.Option(0, "--first-seed", help="First seed."),
         budget: int | None = typer.Option(
-            None, "--budget", min=1, help="Experiments per run, capped at the pool size (default 200, or the YAML's)."
+            None, "--budget", min=1,
+            help="Experiments per run, capped at the pool size (default 200, or the YAML's).",
         ),
         top_fraction: float = typer.Option(0.05, "--top-fraction", help="Fraction of the pool that is the top set."),
         initial: int | None = typer.Option(
-            None, "--initial", min=1, help="Initial designs, same per seed for all strategies (default 2, or the YAML's)."
+            None, "--initial", min=1,
+            help="Initial designs, same per seed for all strategies (default 2, or the YAML's).",
         ),
         batch_size: int | None = typer.Option(
             None, "--batch-size", min=1, help="Proposals per round (default 1, or the YAML's)."
         ),
         extensive: bool = typer.Option(
-            False, "--extensive", help="Crystal CSV: the target scales with the cell (learnt per atom, predicted per cell)."
+            False, "--extensive",
+            help="Crystal CSV: the target scales with the cell (learnt per atom, predicted per cell).",
         ),
         out: Path = typer.Option(..., "--out", help="Output folder for results.json and plots."),
     ) -> None:
         """Replay strategies over a recorded dataset in pool mode; write results.json and plots."""
         import os
+        import tempfile
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         from rich.console import Console
@@ -140,8 +151,6 @@ def register(app: typer.Typer) -> None:
 
         from sdl import benchmark as bmk
         from sdl.exceptions import SDLError
-
-        import tempfile
 
         console = Console()
         out.mkdir(parents=True, exist_ok=True)
@@ -166,12 +175,15 @@ def register(app: typer.Typer) -> None:
                     raise bmk.BenchmarkError("--goal max|min is required with --data")
                 plist = _split(params)
                 if (plist is None) == (structure_column is None):
-                    raise bmk.BenchmarkError("give exactly one of --params a,b,c (table) or --structure-column COL (crystals)")
+                    raise bmk.BenchmarkError(
+                        "give exactly one of --params a,b,c (table) or --structure-column COL (crystals)"
+                    )
                 if plist is not None:
                     ds = bmk.load_table_dataset(data, target, goal, plist, columns=_split(columns), work_dir=work)
                 else:
                     ds = bmk.load_crystal_dataset(
-                        data, target, goal, structure_column=structure_column or "cif", id_column=id_column, work_dir=work
+                        data, target, goal,
+                        structure_column=structure_column or "cif", id_column=id_column, work_dir=work,
                     )
                     ds.extensive = extensive
                 strats = bmk.parse_strategies(strategies or "random,gp", acquisition)
@@ -185,7 +197,9 @@ def register(app: typer.Typer) -> None:
             )
 
             def progress(label: str, seed: int, run: Any) -> None:
-                console.print(f"  {label} seed {seed}: {len(run.keys)} experiments, {run.wall_time_s:.1f} s", highlight=False)
+                console.print(
+                    f"  {label} seed {seed}: {len(run.keys)} experiments, {run.wall_time_s:.1f} s", highlight=False
+                )
 
             results = bmk.run_benchmark(
                 ds,
@@ -210,7 +224,10 @@ def register(app: typer.Typer) -> None:
             title=f"{ds.name}: top {results['top_fraction'] * 100:g} % = {results['n_top']} of {results['pool_size']} "
             f"(median [IQR] over {len(seed_list)} seeds)"
         )
-        for col in ("strategy", "exp. to 50 %", "AF 50 %", "exp. to 100 %", "AF 100 %", "recall@budget", "EF@budget", "s/seed"):
+        headers = (
+            "strategy", "exp. to 50 %", "AF 50 %", "exp. to 100 %", "AF 100 %", "recall@budget", "EF@budget", "s/seed"
+        )
+        for col in headers:
             table.add_column(col, justify="left" if col == "strategy" else "right")
         for row in bmk.summary_rows(results):
             table.add_row(

@@ -30,14 +30,22 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="Crystal CSV(.gz) with a structure column and a target column."),
     target: str = typer.Option(..., "--target", help="Column to predict (e.g. e_form)."),
     structure_column: str = typer.Option("cif", "--structure-column", help="CIF text or pymatgen JSON column."),
-    id_column: str = typer.Option("id", "--id-column", help="Candidate id column (made up from row numbers if absent)."),
+    id_column: str = typer.Option(
+        "id", "--id-column", help="Candidate id column (made up from row numbers if absent)."
+    ),
     model: str = typer.Option("gnn-ensemble", "--model", help="gnn-ensemble (crystal model) or gp (composition GP)."),
-    backbone: str = typer.Option("chgnet", "--backbone", help="gnn-ensemble: chgnet, package.module:Class, or scratch."),
+    backbone: str = typer.Option(
+        "chgnet", "--backbone", help="gnn-ensemble: chgnet, package.module:Class, or scratch."
+    ),
     head: str = typer.Option("auto", "--head", help="Pretrained backbone: auto, gp or mlp."),
     use_prior: bool = typer.Option(True, "--prior/--no-prior", help="Give the heads the backbone's zero-shot prior."),
     extensive: bool = typer.Option(False, "--extensive", help="The target scales with the cell (learn it per atom)."),
-    train_size: int | None = typer.Option(None, "--train-size", help="Training rows (absolute); the rest is the test set."),
-    train_fraction: float = typer.Option(0.8, "--train-fraction", help="Random train share when --train-size is not given."),
+    train_size: int | None = typer.Option(
+        None, "--train-size", help="Training rows (absolute); the rest is the test set."
+    ),
+    train_fraction: float = typer.Option(
+        0.8, "--train-fraction", help="Random train share when --train-size is not given."
+    ),
     members: int = typer.Option(5, "--members", help="Ensemble members."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, sampling and the models."),
     max_rows: int | None = typer.Option(None, "--max-rows", help="Use a random subset of this many rows."),
@@ -52,7 +60,9 @@ def evaluate(
     time_budget: float | None = typer.Option(None, "--time-budget", help="Scratch: fit wall-clock budget, s."),
     threads: int = typer.Option(1, "--threads", help="torch threads (the machine is shared)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the result object here."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Scratch: save the trained ensemble (torch.save)."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Scratch: save the trained ensemble (torch.save)."
+    ),
 ) -> None:
     """Train a crystal model on a random split of a crystal table; report accuracy and uncertainty quality.
 
@@ -79,7 +89,7 @@ def evaluate(
     except ValueError as exc:
         _fail(str(exc))
     n = len(frame)
-    n_train = int(round(train_fraction * n)) if train_size is None else int(train_size)
+    n_train = round(train_fraction * n) if train_size is None else int(train_size)
     if n < 4 or not 2 <= n_train <= n - 2:
         _fail(f"{data}: {n} rows with a {target!r} value; --train-size must leave >= 2 to train and >= 2 to test "
               f"(got {n_train})")
@@ -138,8 +148,9 @@ def load_crystal_frame(path: Path, target: str, structure_column: str, id_column
     return df.reset_index(drop=True)
 
 
-def _evaluate_engine(pool: Any, y: Any, train_idx: Any, test_idx: Any, console: Any, *, model: str, backbone: str, head: str, use_prior: bool,
-                     members: int, seed: int, cache: Path | None, workers: int, extensive: bool) -> dict[str, Any]:
+def _evaluate_engine(pool: Any, y: Any, train_idx: Any, test_idx: Any, console: Any, *, model: str, backbone: str,
+                     head: str, use_prior: bool, members: int, seed: int, cache: Path | None, workers: int,
+                     extensive: bool) -> dict[str, Any]:
     """Fit through :class:`sdl.engine.Engine` (exactly what a campaign runs) and score the test rows."""
     from types import SimpleNamespace
 
@@ -190,9 +201,9 @@ def _evaluate_engine(pool: Any, y: Any, train_idx: Any, test_idx: Any, console: 
     return out
 
 
-def _evaluate_scratch(pool: Any, y: Any, train_idx: Any, test_idx: Any, console: Any, *, members: int, epochs: int | None, hidden: int, layers: int, batch_size: int,
-                      patience: int, time_budget: float | None, checkpoint: Path | None,
-                      extensive: bool, seed: int) -> dict[str, Any]:
+def _evaluate_scratch(pool: Any, y: Any, train_idx: Any, test_idx: Any, console: Any, *, members: int,
+                      epochs: int | None, hidden: int, layers: int, batch_size: int, patience: int,
+                      time_budget: float | None, checkpoint: Path | None, extensive: bool, seed: int) -> dict[str, Any]:
     """The CGCNN-style ensemble trained from the labels alone (``--backbone scratch``)."""
     import numpy as np
     import torch
