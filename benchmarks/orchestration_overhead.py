@@ -82,9 +82,9 @@ def main() -> None:
 
     from devices.plans import characterize, synthesize
     from sdl.config import load_campaign
-    from sdl.documents import RepositoryWriter
     from sdl.lab import open_lab, run_plain
-    from sdl.runner import run_plan
+    from sdl.lab.documents import RepositoryWriter
+    from sdl.lab.runner import run_plan
 
     rows: list[tuple[str, str]] = []
     n = args.n

@@ -39,7 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from sdl.exceptions import CampaignFailed, InstrumentError
 from sdl.lab import Lab, Outcome, RoundReport, Ticket, drive, open_lab, run_experiment
-from sdl.simulation import world_best, world_rank
+from sdl.lab.simulation import world_best, world_rank
 
 __all__ = [
     "INSTRUMENT_RETRIES",

@@ -23,7 +23,7 @@ from devices.robot import SynthesisRobot
 from devices.station import CharacterizationStation
 from devices.transport import LineTransport
 from sdl.exceptions import InstrumentConnectionError, InstrumentError, InstrumentRejected, MaterialFailure
-from sdl.runner import run_plan
+from sdl.lab.runner import run_plan
 
 
 def test_devices_satisfy_the_bluesky_protocols(crystal_sim) -> None:  # noqa: F811

@@ -13,7 +13,7 @@ from devices.plans import characterize, synthesize_and_characterize
 from devices.robot import SynthesisRobot
 from devices.station import CharacterizationStation
 from sdl.exceptions import InstrumentBusy, InstrumentError, InstrumentTimeout
-from sdl.runner import run_plan
+from sdl.lab.runner import run_plan
 
 CANDIDATES = ["perov_60"]
 

@@ -15,10 +15,10 @@ from instruments_helpers import CRYSTAL_WORLD, crystal_sim, crystal_truth, simul
 from devices.plans import characterize, synthesize_and_characterize
 from devices.robot import SynthesisRobot
 from devices.station import CharacterizationStation
-from sdl.documents import RepositoryWriter
 from sdl.exceptions import InstrumentTimeout, MaterialFailure
+from sdl.lab.documents import RepositoryWriter
+from sdl.lab.runner import run_plan
 from sdl.repository.store import Store
-from sdl.runner import run_plan
 
 
 @pytest.fixture

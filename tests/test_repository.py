@@ -299,7 +299,7 @@ def test_sqlite_connection_pragmas(sqlite_url: str) -> None:
 def test_repository_does_not_import_torch_or_prefect() -> None:
     import subprocess
 
-    code = ("import sys, sdl.repository, sdl.documents, sdl.materials, sdl.cli.db_commands; "
+    code = ("import sys, sdl.repository, sdl.lab.documents, sdl.materials, sdl.cli.db_commands; "
             "print(sorted(m for m in ('torch', 'prefect', 'pymatgen') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -54,8 +54,8 @@ from sdl.lab.instruments import (
     load_driver,
 )
 from sdl.lab.ledger import ExperimentLedger, StoppingPolicy
+from sdl.lab.runner import RunOutcome, run_plan
 from sdl.objectives import Objective
-from sdl.runner import RunOutcome, run_plan
 
 if TYPE_CHECKING:
     from sdl.config import CampaignConfig
@@ -212,7 +212,7 @@ class Lab:
         max_measure_attempts: int = 3,
         amend: bool = False,
     ) -> None:
-        from sdl.documents import RepositoryWriter
+        from sdl.lab.documents import RepositoryWriter
 
         self.cfg = cfg
         self.store = store
@@ -916,9 +916,9 @@ def open_lab(
         holder: Who holds the lease (shown to a second runner).
     """
     from sdl.engine import Engine
+    from sdl.lab.simulation import SimulatorFleet
     from sdl.models.embedding_store import EmbeddingStore, default_store_path
     from sdl.repository import Store, hold_lease
-    from sdl.simulation import SimulatorFleet
 
     if seed is not None and seed != cfg.seed:
         cfg = cfg.model_copy(update={"seed": int(seed)})
