@@ -1,6 +1,7 @@
 """Collect every ``benchmarks/results/*/results.json`` into markdown tables (printed to stdout).
 
-    python benchmarks/results/make_summary.py [--liang ../shared/data/liang2021_bo_benchmark/TopCount_collection_GP_Matern52_LCB2.json]
+    python benchmarks/results/make_summary.py \
+        [--liang ../shared/data/liang2021_bo_benchmark/TopCount_collection_GP_Matern52_LCB2.json]
 
 The tables in ``SUMMARY.md`` were pasted from this output; every number comes from a results.json.
 """
@@ -61,7 +62,8 @@ def table(res: dict) -> str:
         )
     if first is not None:
         lines.append(
-            f"| random (analytic) | {first['0.5']['random_expected']:.1f} | 1 | {first['1']['random_expected']:.1f} | 1 "
+            f"| random (analytic) | {first['0.5']['random_expected']:.1f} | 1 "
+            f"| {first['1']['random_expected']:.1f} | 1 "
             f"| {min(b / n, 1.0):.2f} | 1 | — |"
         )
     for frac, m2 in res.get("top_fractions", {}).items():
@@ -74,7 +76,8 @@ def table(res: dict) -> str:
             lv = o["summary"]["levels"]
             rec = [r[b - 1] for r in o["recall"]]
             lines.append(
-                f"| {name} | {_stats(lv['0.5']['experiments_stats'])} | {_stats(lv['1']['experiments_stats'])} | {_pct(rec)} |"
+                f"| {name} | {_stats(lv['0.5']['experiments_stats'])} "
+                f"| {_stats(lv['1']['experiments_stats'])} | {_pct(rec)} |"
             )
     return "\n".join(lines)
 
@@ -87,7 +90,8 @@ def liang(path: Path, n_top: int = 30) -> str:
         vals = [v for v in first if v is not None]
         q25, med, q75 = np.percentile(vals, [25, 50, 75])
         out.append(
-            f"| Liang et al. GP-Matern52 + LCB (their file, {len(runs)} runs) | {k} of {n_top} | mean {np.mean(vals):.1f}, "
+            f"| Liang et al. GP-Matern52 + LCB (their file, {len(runs)} runs) | {k} of {n_top} "
+            f"| mean {np.mean(vals):.1f}, "
             f"median {med:g} [{q25:g}–{q75:g}], min–max {min(vals)}–{max(vals)} |"
         )
     return "\n".join(out)
@@ -105,7 +109,8 @@ def liang_figure(liang_path: Path, ours: Path, out: Path) -> Path:
     curves = {}
     for name, s in res["strategies"].items():
         curves[f"sdl {name} ({len(res['seeds'])} seeds)"] = {
-            "median": s["summary"]["recall_median"], "q25": s["summary"]["recall_q25"], "q75": s["summary"]["recall_q75"]
+            "median": s["summary"]["recall_median"], "q25": s["summary"]["recall_q25"],
+            "q75": s["summary"]["recall_q75"],
         }
     q25, med, q75 = np.percentile(runs[:, :b], [25, 50, 75], axis=0)
     curves[f"Liang et al. GP-M52+LCB ({runs.shape[0]} runs)"] = {"median": med, "q25": q25, "q75": q75}
@@ -117,7 +122,8 @@ def liang_figure(liang_path: Path, ours: Path, out: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--liang", type=Path, default=Path("../shared/data/liang2021_bo_benchmark/TopCount_collection_GP_Matern52_LCB2.json"))
+    liang = Path("../shared/data/liang2021_bo_benchmark/TopCount_collection_GP_Matern52_LCB2.json")
+    ap.add_argument("--liang", type=Path, default=liang)
     args = ap.parse_args()
     for p in sorted(HERE.glob("*/results.json")):
         print(f"### {p.parent.name}\n")
