@@ -35,9 +35,9 @@ import pandas as pd
 import torch
 
 from sdl.engine import Engine, Observation
-from sdl.models.backbones import load_backbone
-from sdl.models.embedding_store import EmbeddingStore, default_store_path, featurize_texts
-from sdl.space import CandidatePool
+from sdl.engine.models.backbones import load_backbone
+from sdl.engine.models.embedding_store import EmbeddingStore, default_store_path, featurize_texts
+from sdl.engine.space import CandidatePool
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from sdl.engine import Engine, Observation
-from sdl.space import CandidatePool
+from sdl.engine.space import CandidatePool
 
 ROOT = Path(__file__).resolve().parent.parent
 CMR = ROOT.parent / "shared" / "data" / "perovskites_cmr_mp_oqmd" / "cmr_castelli_perovskites.csv.gz"

@@ -35,7 +35,7 @@ def ensemble_times(sizes: list[int], members: int, epochs: int, seed: int) -> li
     """Cold fit on n crystals, then a warm refit after adding 5 % more (the loop's typical step)."""
     from pymatgen.core import Structure
 
-    from sdl.models.ensemble import GNNEnsemble
+    from sdl.engine.models.ensemble import GNNEnsemble
 
     df = pd.read_csv(WORLDS / "perovskites_2k.csv.gz")
     need = int(max(sizes) * 1.05) + 2
@@ -78,8 +78,8 @@ def ensemble_times(sizes: list[int], members: int, epochs: int, seed: int) -> li
 
 
 def gp_times(sizes: list[int], seed: int) -> list[dict[str, float]]:
-    """Fit the project's GP baseline (``sdl.models.gp.fit_gp``, Matern-5/2 ARD) on n crossed-barrel designs."""
-    from sdl.models.gp import fit_gp, predict_gp
+    """Fit the project's GP baseline (``sdl.engine.models.gp.fit_gp``, Matern-5/2 ARD) on n crossed-barrel designs."""
+    from sdl.engine.models.gp import fit_gp, predict_gp
 
     df = pd.read_csv(WORLDS / "crossed_barrel.csv")
     g = df.groupby(["n", "theta", "r", "t"], as_index=False)["toughness"].mean()

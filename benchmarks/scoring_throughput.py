@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from pymatgen.core import Structure
 
-from sdl.models.ensemble import GNNEnsemble
+from sdl.engine.models.ensemble import GNNEnsemble
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -69,7 +69,7 @@ class BenchmarkDataset:
         ids: Candidate key per pool row, ``[N]``.
         truth: Ground-truth value per pool row (per-design mean for tables), ``[N]``.
         replicates: Real recorded values per pool row (one or more).
-        pool_csv: CSV the engine's :class:`sdl.space.CandidatePool` is read from (no target column).
+        pool_csv: CSV the engine's :class:`sdl.engine.space.CandidatePool` is read from (no target column).
         id_column: Id column of ``pool_csv``.
         parameter_columns: Table mode: the design parameters.
         structure_column: Crystal mode: the CIF column.
@@ -96,12 +96,12 @@ class BenchmarkDataset:
     _pool: Any = field(default=None, repr=False)
 
     def candidate_pool(self) -> Any:
-        """The engine's :class:`sdl.space.CandidatePool`, read once and shared by every replay.
+        """The engine's :class:`sdl.engine.space.CandidatePool`, read once and shared by every replay.
 
         Sharing matters for crystals: parsed structures (and graphs cached on them) are reused.
         """
         if self._pool is None:
-            from sdl.space import CandidatePool
+            from sdl.engine.space import CandidatePool
 
             if self.mode == "table":
                 self._pool = CandidatePool.from_csv(

@@ -319,7 +319,7 @@ class GNNEnsembleOptions(_Frozen):
         default="chgnet",
         pattern=r"^(chgnet|scratch|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
         description="Pretrained crystal model whose frozen embeddings the heads learn from: 'chgnet' (weights "
-        "ship in its wheel), 'package.module:Class' for your own (see sdl.models.backbones.Backbone), or "
+        "ship in its wheel), 'package.module:Class' for your own (see sdl.engine.models.backbones.Backbone), or "
         "'scratch' for a CGCNN-style ensemble trained from the labels alone.",
     )
     head: Literal["auto", "gp", "mlp"] = Field(

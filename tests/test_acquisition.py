@@ -16,12 +16,12 @@ import torch
 from botorch.acquisition import qUpperConfidenceBound
 from botorch.sampling.index_sampler import IndexSampler
 
-from sdl.acquisition import build_acquisition, qMaxVariance
-from sdl.models.composition import composition_features
-from sdl.models.gp import fit_gp
-from sdl.models.pool_ensemble import MemberSampler, PoolEnsembleModel
-from sdl.objectives import Objective
-from sdl.optim import greedy_select, thompson_select, top_k
+from sdl.engine.acquisition import build_acquisition, qMaxVariance
+from sdl.engine.models.composition import composition_features
+from sdl.engine.models.gp import fit_gp
+from sdl.engine.models.pool_ensemble import MemberSampler, PoolEnsembleModel
+from sdl.engine.objectives import Objective
+from sdl.engine.optim import greedy_select, thompson_select, top_k
 
 PEROV = Path(__file__).resolve().parent.parent / "simulators" / "worlds" / "perovskites_2k.csv.gz"
 M = 5

@@ -2,7 +2,7 @@
 
 ``BootstrapRidgeEnsemble`` is a small real model (bootstrap ridge regressions on composition
 descriptors) with the GNN ensemble's interface, so the pool-ensemble path is tested in seconds;
-one test runs the real ``sdl.models.ensemble.GNNEnsemble`` with tiny settings.
+one test runs the real ``sdl.engine.models.ensemble.GNNEnsemble`` with tiny settings.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from sdl.engine import Engine, Observation, Proposal
+from sdl.engine.models.composition import composition_features
+from sdl.engine.space import CandidatePool, ParameterSpace
 from sdl.exceptions import EngineError
-from sdl.models.composition import composition_features
-from sdl.space import CandidatePool, ParameterSpace
 
 WORLDS = Path(__file__).resolve().parent.parent / "simulators" / "worlds"
 BARREL_COLUMNS = ["n", "theta", "r", "t"]
@@ -227,18 +227,18 @@ def _designed(barrel: CandidatePool, acq: str) -> Engine:
 def test_pending_points_change_the_acquisition_and_excluded_ones_do_not(
     barrel: CandidatePool, acq: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sdl.acquisition
+    import sdl.engine.acquisition
 
     built: list[Any] = []
     passed: list[torch.Tensor | None] = []  # the X_pending the engine hands BoTorch
-    real = sdl.acquisition.build_acquisition
+    real = sdl.engine.acquisition.build_acquisition
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         passed.append(kwargs.get("X_pending"))
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(sdl.acquisition, "build_acquisition", spy)
+    monkeypatch.setattr(sdl.engine.acquisition, "build_acquisition", spy)
     eng = _designed(barrel, acq)
     free = eng.propose(3)
     others = [p.key for p in free]  # the three best candidates: strongly correlated with their neighbours
@@ -349,7 +349,7 @@ def test_design_goes_on_until_the_model_has_enough_measurements(barrel: Candidat
 
 def test_surrogate_and_selection_objects_compose_like_their_config(barrel: CandidatePool) -> None:
     from sdl.engine import AcquisitionSelection, RandomSelection, ThompsonSelection, build_selection
-    from sdl.models.surrogate import GPSurrogate, RandomSurrogate
+    from sdl.engine.models.surrogate import GPSurrogate, RandomSurrogate
 
     truth = dict(zip(barrel.keys, barrel.values("toughness"), strict=True))
     by_config = engine(barrel, "gp", "qucb")

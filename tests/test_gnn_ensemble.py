@@ -11,8 +11,8 @@ import pytest
 import torch
 from pymatgen.core import Structure
 
-from sdl.models.ensemble import EnsembleOptions, GNNEnsemble
-from sdl.uq import kfold_uncertainty
+from sdl.engine.models.ensemble import EnsembleOptions, GNNEnsemble
+from sdl.engine.uq import kfold_uncertainty
 
 WORLD = Path(__file__).resolve().parents[1] / "simulators" / "worlds" / "perovskites_demo.csv.gz"
 SMALL = {"members": 3, "hidden": 16, "layers": 2, "epochs": 6, "patience": 3, "batch_size": 32, "rbf": 16}

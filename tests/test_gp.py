@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sdl.models.composition import FEATURE_NAMES, composition_features
-from sdl.models.gp import fit_gp, predict_gp
-from sdl.space import CandidatePool
+from sdl.engine.models.composition import FEATURE_NAMES, composition_features
+from sdl.engine.models.gp import fit_gp, predict_gp
+from sdl.engine.space import CandidatePool
 
 WORLDS = Path(__file__).resolve().parent.parent / "simulators" / "worlds"
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from pymatgen.core import Structure
 
-from sdl.graphs import CrystalGraph, CrystalGraphConverter, PackedGraphs, collate
-from sdl.models.gnn import CrystalGNN
+from sdl.engine.graphs import CrystalGraph, CrystalGraphConverter, PackedGraphs, collate
+from sdl.engine.models.gnn import CrystalGNN
 
 WORLD = Path(__file__).resolve().parents[1] / "simulators" / "worlds" / "perovskites_2k.csv.gz"
 

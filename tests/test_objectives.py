@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdl.objectives import Objective
+from sdl.engine.objectives import Objective
 
 
 def test_utilities_of_the_three_goals() -> None:

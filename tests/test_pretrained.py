@@ -17,13 +17,13 @@ import torch
 from pymatgen.core import Lattice, Structure
 
 from sdl.engine import Engine, Observation
+from sdl.engine.models.backbones import BackboneError, Featurization, load_backbone
+from sdl.engine.models.backbones.chgnet import CHGNetBackbone
+from sdl.engine.models.embedding_store import EmbeddingStore, featurize_texts
+from sdl.engine.models.pretrained import HeadEnsemble, HeadOptions, oob_calibration, standardized_inputs
+from sdl.engine.space import CandidatePool
+from sdl.engine.uq import uncertainty_metrics
 from sdl.exceptions import EngineError
-from sdl.models.backbones import BackboneError, Featurization, load_backbone
-from sdl.models.backbones.chgnet import CHGNetBackbone
-from sdl.models.embedding_store import EmbeddingStore, featurize_texts
-from sdl.models.pretrained import HeadEnsemble, HeadOptions, oob_calibration, standardized_inputs
-from sdl.space import CandidatePool
-from sdl.uq import uncertainty_metrics
 
 WORLD = Path(__file__).resolve().parent.parent / "simulators" / "worlds" / "perovskites_2k.csv.gz"
 
@@ -223,7 +223,7 @@ def test_missing_or_corrupt_weights_fail_at_start_with_the_path(tmp_path: Path, 
         load_backbone("nope")
     pool = CandidatePool.from_frame(frame.iloc[:10], structure_column="cif", source="p")
     eng = Engine(objective=NS(goal="minimize"),
-                 model=NS(name="gnn-ensemble", options={"backbone": "sdl.models.backbones.nowhere:Missing"}),
+                 model=NS(name="gnn-ensemble", options={"backbone": "sdl.engine.models.backbones.nowhere:Missing"}),
                  acquisition=NS(function="qucb", batch_size=2), pool=pool, embedding_store=store)
     missing_backbone = r"model\.options\.backbone: backbone 'sdl\.models\.backbones\.nowhere:Missing'"
     with pytest.raises(EngineError, match=missing_backbone):
@@ -241,7 +241,7 @@ class CompositionBackbone:
     prior_name = "none (zero)"
 
     def __init__(self) -> None:
-        from sdl.models.composition import composition_features
+        from sdl.engine.models.composition import composition_features
 
         self._features = composition_features
         self.dim = int(composition_features(["NaCl"]).shape[1])

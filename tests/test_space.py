@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sdl.space import CandidatePool, Parameter, ParameterSpace
+from sdl.engine.space import CandidatePool, Parameter, ParameterSpace
 
 WORLDS = Path(__file__).resolve().parent.parent / "simulators" / "worlds"
 BARREL = WORLDS / "crossed_barrel.csv"

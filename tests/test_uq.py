@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdl.uq import kfold_uncertainty, miscalibration_area, uncertainty_metrics
+from sdl.engine.uq import kfold_uncertainty, miscalibration_area, uncertainty_metrics
 
 
 def gaussian_case(n: int = 20_000, scale: float = 1.0, seed: int = 0):

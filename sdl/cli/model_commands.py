@@ -95,7 +95,7 @@ def evaluate(
               f"(got {n_train})")
     perm = np.random.default_rng(seed).permutation(n)
     train_idx, test_idx = perm[:n_train], perm[n_train:]
-    from sdl.space import CandidatePool
+    from sdl.engine.space import CandidatePool
 
     fmt = "pymatgen-json" if str(frame[structure_column].iloc[0]).lstrip().startswith("{") else "cif"
     try:
@@ -157,9 +157,9 @@ def _evaluate_engine(pool: Any, y: Any, train_idx: Any, test_idx: Any, console: 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from sdl.engine import Engine, Observation
+    from sdl.engine.models.embedding_store import EmbeddingStore, default_store_path
+    from sdl.engine.uq import uncertainty_metrics
     from sdl.exceptions import EngineError
-    from sdl.models.embedding_store import EmbeddingStore, default_store_path
-    from sdl.uq import uncertainty_metrics
 
     store = EmbeddingStore(cache if cache is not None else default_store_path())
     options = {"backbone": backbone, "head": head, "use_prior": use_prior, "members": members}
@@ -208,8 +208,8 @@ def _evaluate_scratch(pool: Any, y: Any, train_idx: Any, test_idx: Any, console:
     import numpy as np
     import torch
 
-    from sdl.models.ensemble import EnsembleOptions, GNNEnsemble
-    from sdl.uq import uncertainty_metrics
+    from sdl.engine.models.ensemble import EnsembleOptions, GNNEnsemble
+    from sdl.engine.uq import uncertainty_metrics
 
     ids = list(pool.keys)
     try:

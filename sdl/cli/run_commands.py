@@ -168,7 +168,7 @@ def _featurize_candidates(cfg: Any, url: str, console: Any) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from sdl.engine import Engine
-    from sdl.models.embedding_store import EmbeddingStore, default_store_path
+    from sdl.engine.models.embedding_store import EmbeddingStore, default_store_path
 
     pretrained = cfg.model.name == "gnn-ensemble" and cfg.model.options.backbone != "scratch"
     if not pretrained or cfg.search_space.candidates is None:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdl.engine.objectives import Objective
 from sdl.exceptions import InstrumentError, MaterialFailure, SDLError
 from sdl.lab.instruments import (
     ROBOT,
@@ -55,7 +56,6 @@ from sdl.lab.instruments import (
 )
 from sdl.lab.ledger import ExperimentLedger, StoppingPolicy
 from sdl.lab.runner import RunOutcome, run_plan
-from sdl.objectives import Objective
 
 if TYPE_CHECKING:
     from sdl.config import CampaignConfig
@@ -775,7 +775,7 @@ class Lab:
 
         Honest by construction: the prediction was made before the measurement existed.
         """
-        from sdl.uq import uncertainty_metrics
+        from sdl.engine.uq import uncertainty_metrics
 
         y, mu, sd = self._predictions()
         if len(y) < 2:
@@ -916,8 +916,8 @@ def open_lab(
         holder: Who holds the lease (shown to a second runner).
     """
     from sdl.engine import Engine
+    from sdl.engine.models.embedding_store import EmbeddingStore, default_store_path
     from sdl.lab.simulation import SimulatorFleet
-    from sdl.models.embedding_store import EmbeddingStore, default_store_path
     from sdl.repository import Store, hold_lease
 
     if seed is not None and seed != cfg.seed:

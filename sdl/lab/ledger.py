@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sdl.objectives import Objective
+from sdl.engine.objectives import Objective
 
 __all__ = ["END_STATES", "STATES", "BatchMode", "ExperimentLedger", "LedgerEntry", "StoppingPolicy"]
 

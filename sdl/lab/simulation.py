@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdl.engine.objectives import Objective
 from sdl.exceptions import InstrumentConnectionError
-from sdl.objectives import Objective
 
 __all__ = ["SimulatorFleet", "journal_path", "world_best", "world_rank"]
 

@@ -1928,7 +1928,7 @@ class Store:
         target_range: Sequence[float] | None = None,
     ) -> BestRecord | None:
         """The completed experiment whose mean ok value is best for ``goal`` (ties: the earliest)."""
-        from sdl.objectives import Objective
+        from sdl.engine.objectives import Objective
 
         try:
             objective = Objective(goal=goal, target_range=target_range)  # type: ignore[arg-type]

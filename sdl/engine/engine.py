@@ -8,26 +8,26 @@ replay benchmark all drive the same object. One round is::
 
 Two objects are chosen once, when the engine is built, and do the work of every round:
 
-* a surrogate (:class:`sdl.models.surrogate.Surrogate`), from ``model.name`` by
+* a surrogate (:class:`sdl.engine.models.surrogate.Surrogate`), from ``model.name`` by
   :func:`build_surrogate` -- the one place a model name is read:
 
   * ``random`` -- no model; uniform over what is left (the benchmark baseline).
-  * ``gp`` -- :func:`sdl.models.gp.fit_gp` on unit-cube recipes (space or parameter pool) or on
+  * ``gp`` -- :func:`sdl.engine.models.gp.fit_gp` on unit-cube recipes (space or parameter pool) or on
     composition descriptors (crystal pool); continuous mode optimises the acquisition in the box
     and rounds integers / categoricals; pool mode scores only table rows.
   * ``gnn-ensemble`` -- crystal pools. With ``options.backbone`` a pretrained model (``chgnet``,
-    the default) embeds every candidate once (:mod:`sdl.models.embedding_store`); a head on the
+    the default) embeds every candidate once (:mod:`sdl.engine.models.embedding_store`); a head on the
     frozen embedding and the backbone's zero-shot prior learns the property: an ensemble of small
     networks with a recalibrated spread (``head: mlp``) or a GP (``head: gp``); ``head: auto``
     (default) takes the GP up to 1,000 labels, where it measured better, and the ensemble beyond.
-    ``backbone: scratch`` trains ``sdl.models.ensemble.GNNEnsemble`` (CGCNN-style) from scratch.
+    ``backbone: scratch`` trains ``sdl.engine.models.ensemble.GNNEnsemble`` (CGCNN-style) from scratch.
 
 * a selection rule (:class:`Selection`), from ``acquisition.function``: a BoTorch MC acquisition
   (qUCB, qLogEI, qLogNEI, max-variance) maximised greedily over the pool or in the box, Thompson
   sampling, or uniform picks for the random baseline.
 
 Extensive targets (``objective.extensive``) are learned per atom and scaled back per candidate
-(:mod:`sdl.models.extensive`); uncertainty metrics come from out-of-bag or leave-one-out
+(:mod:`sdl.engine.models.extensive`); uncertainty metrics come from out-of-bag or leave-one-out
 predictions of the fitted model, never from refits.
 
 Rules every strategy obeys: exactly ``initial_design.size`` experiments come from a design that
@@ -51,8 +51,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from sdl.exceptions import EngineError
-from sdl.models.surrogate import (
+from sdl.engine.models.surrogate import (
     GP_HEAD_MAX_LABELS,
     GPSurrogate,
     PoolEnsemble,
@@ -63,13 +62,14 @@ from sdl.models.surrogate import (
     TrainingData,
     digest,
 )
-from sdl.objectives import Objective
-from sdl.space import CandidatePool, ParameterSpace
+from sdl.engine.objectives import Objective
+from sdl.engine.space import CandidatePool, ParameterSpace
+from sdl.exceptions import EngineError
 
 if TYPE_CHECKING:
-    from sdl.models.backbones import Backbone
-    from sdl.models.embedding_store import EmbeddingStore
-    from sdl.models.pretrained import HeadEnsemble
+    from sdl.engine.models.backbones import Backbone
+    from sdl.engine.models.embedding_store import EmbeddingStore
+    from sdl.engine.models.pretrained import HeadEnsemble
 
 __all__ = [
     "STRATEGIES", "Engine", "Observation", "Proposal", "Selection", "AcquisitionSelection", "MaxVarianceSelection",
@@ -272,9 +272,9 @@ def _fresh(space: ParameterSpace, recipes: Iterable[dict[str, Any]], taken: set[
 
 
 class AcquisitionSelection(Selection):
-    """A BoTorch MC acquisition (:func:`sdl.acquisition.build_acquisition`), maximised greedily.
+    """A BoTorch MC acquisition (:func:`sdl.engine.acquisition.build_acquisition`), maximised greedily.
 
-    Pool: sequential greedy over the shortlisted rows (:func:`sdl.optim.greedy_select`); space:
+    Pool: sequential greedy over the shortlisted rows (:func:`sdl.engine.optim.greedy_select`); space:
     ``optimize_acqf`` in the encoded box, then rounding onto valid recipes.
 
     Args:
@@ -296,8 +296,8 @@ class AcquisitionSelection(Selection):
 
     def pick_rows(self, r: PoolRound) -> tuple[list[int], list[float] | None]:
         """Greedy q-batch over the shortlist, pending rows joined as ``X_pending``."""
-        from sdl.acquisition import build_acquisition
-        from sdl.optim import greedy_select
+        from sdl.engine.acquisition import build_acquisition
+        from sdl.engine.optim import greedy_select
 
         assert r.y is not None
         short = self.shortlist(r)
@@ -313,8 +313,8 @@ class AcquisitionSelection(Selection):
 
     def pick_recipes(self, r: SpaceRound) -> tuple[list[dict[str, Any]], list[float | None] | None]:
         """``optimize_acqf`` in the box, rounded; collisions replaced by seeded random recipes."""
-        from sdl.acquisition import build_acquisition
-        from sdl.optim import optimize_box
+        from sdl.engine.acquisition import build_acquisition
+        from sdl.engine.optim import optimize_box
 
         assert r.X_baseline is not None and r.y is not None
         acqf = build_acquisition(self.function, r.surrogate.model, r.objective, X_baseline=r.X_baseline,
@@ -326,7 +326,7 @@ class AcquisitionSelection(Selection):
 
 
 class MaxVarianceSelection(AcquisitionSelection):
-    """Pure exploration (:class:`sdl.acquisition.qMaxVariance`); the pool pre-filter keeps the widest stds.
+    """Pure exploration (:class:`sdl.engine.acquisition.qMaxVariance`); the pool pre-filter keeps the widest stds.
 
     Args:
         beta: Unused by the acquisition; kept for a uniform signature.
@@ -341,7 +341,9 @@ class MaxVarianceSelection(AcquisitionSelection):
 
 
 class ThompsonSelection(Selection):
-    """Thompson sampling: slot ``i`` takes the best utility of posterior draw ``i`` (:func:`sdl.optim.thompson_select`).
+    """Thompson sampling: slot ``i`` takes the best utility of posterior draw ``i``.
+
+    See :func:`sdl.engine.optim.thompson_select`.
 
     Args:
         beta: Width of the pool pre-filter.
@@ -356,7 +358,7 @@ class ThompsonSelection(Selection):
 
     def pick_rows(self, r: PoolRound) -> tuple[list[int], list[float] | None]:
         """Draws over the shortlist (every ensemble member once, in a seeded order; GP joint samples)."""
-        from sdl.optim import thompson_select
+        from sdl.engine.optim import thompson_select
 
         short = self.shortlist(r)
         draw = r.surrogate.sample(r.surrogate.inputs()[torch.as_tensor(short)], r.q, r.seed)
@@ -365,7 +367,7 @@ class ThompsonSelection(Selection):
 
     def pick_recipes(self, r: SpaceRound) -> tuple[list[dict[str, Any]], list[float | None] | None]:
         """Draws over a seeded Sobol set of recipes, taken ones left out."""
-        from sdl.optim import thompson_select
+        from sdl.engine.optim import thompson_select
 
         cand = r.space.sample(self.candidates, r.seed, "sobol")
         draw = r.surrogate.sample(r.space.encode(cand), r.q, r.seed)
@@ -392,8 +394,8 @@ class RandomSelection(Selection):
         return f"{type(self).__name__}(seed={self.seed})"
 
     def pick_rows(self, r: PoolRound) -> tuple[list[int], list[float] | None]:
-        """:func:`sdl.models.random.random_choice` over the available rows."""
-        from sdl.models.random import random_choice
+        """:func:`sdl.engine.models.random.random_choice` over the available rows."""
+        from sdl.engine.models.random import random_choice
 
         return random_choice(r.avail, r.q, self.seed, r.seed), None
 
@@ -439,7 +441,7 @@ def build_surrogate(
 
     Args:
         model: ``sdl.config`` model config (or any object / dict with ``name`` and ``options``, or
-            a bare name); a :class:`~sdl.models.surrogate.Surrogate` is returned as it is.
+            a bare name); a :class:`~sdl.engine.models.surrogate.Surrogate` is returned as it is.
         seed: Seed of the model.
         pool: Candidate pool (pool mode).
         space: Parameter space (space mode, used when ``pool`` is None).
@@ -483,9 +485,9 @@ class Engine:
     """Propose experiments and learn from measurements.
 
     Args:
-        objective: ``sdl.config.ObjectiveSpec`` / :class:`sdl.objectives.Objective` (goal, target_range).
+        objective: ``sdl.config.ObjectiveSpec`` / :class:`sdl.engine.objectives.Objective` (goal, target_range).
         model: Config with ``name`` (``random``, ``gp``, ``gnn-ensemble``) and ``options``, mapped
-            by :func:`build_surrogate`; or a :class:`~sdl.models.surrogate.Surrogate`.
+            by :func:`build_surrogate`; or a :class:`~sdl.engine.models.surrogate.Surrogate`.
         acquisition: Config with ``function`` (qlogei, qlognei, qucb, max-variance, thompson),
             ``batch_size`` and ``beta``, mapped by :func:`build_selection`; or a :class:`Selection`
             (then ``propose`` takes ``q`` or proposes one at a time).
@@ -496,12 +498,12 @@ class Engine:
         retrain_every: Refit the model after this many new measurements.
         ensemble_factory: ``(options, seed) -> ensemble`` with ``fit(structures, y, keys)`` and
             ``predict_members(structures, keys, batch_size) -> Tensor[M, N]``, for ``gnn-ensemble``
-            with ``backbone: scratch``; defaults to ``sdl.models.ensemble.GNNEnsemble``.
+            with ``backbone: scratch``; defaults to ``sdl.engine.models.ensemble.GNNEnsemble``.
         prefilter_k: Candidates kept by the cheap optimistic score before the acquisition.
         chunk_size: Rows per acquisition call (bounds memory).
         backbone: Pretrained backbone for ``gnn-ensemble`` (loaded from ``options.backbone`` when
             None and the option is not ``scratch``).
-        embedding_store: Where embeddings are cached (``sdl.models.embedding_store.default_store_path``
+        embedding_store: Where embeddings are cached (``sdl.engine.models.embedding_store.default_store_path``
             when None).
         featurize_workers: Processes for featurising candidates the store lacks.
     """
@@ -925,7 +927,7 @@ class Engine:
 
     # -- uncertainty quality -----------------------------------------------------------------
     def uncertainty_metrics(self) -> dict[str, Any]:
-        """``sdl.uq`` metrics of the fitted model on held-out predictions of its own labels.
+        """``sdl.engine.uq`` metrics of the fitted model on held-out predictions of its own labels.
 
         No model is refitted: a GP gives exact leave-one-out predictions, an ensemble the
         out-of-bag predictions of its bootstrap members (each label predicted by the members that
@@ -939,7 +941,7 @@ class Engine:
 
 def top_k_indices(score: torch.Tensor, k: int) -> np.ndarray:
     """Positions of the ``k`` best scores (stable order), as a numpy array."""
-    from sdl.optim import top_k
+    from sdl.engine.optim import top_k
 
     rows: np.ndarray = top_k(score, k).numpy()
     return rows

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from sdl.models.backbones import BackboneError, Featurization, nan_featurization
+from sdl.engine.models.backbones import BackboneError, Featurization, nan_featurization
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure

@@ -209,7 +209,7 @@ class CrystalGraphConverter:
         tie_tolerance: Neighbours within this many Å of the k-th distance are all kept.
         cache_size: Most graphs kept in the in-memory LRU cache (keyed by candidate id).
         merge_images: Merge edges to periodic images of the same neighbour at the same distance
-            into one weighted edge (exact for the sum aggregation of :mod:`sdl.models.gnn`).
+            into one weighted edge (exact for the sum aggregation of :mod:`sdl.engine.models.gnn`).
     """
 
     def __init__(

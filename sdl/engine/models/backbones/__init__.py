@@ -94,7 +94,7 @@ class Backbone(Protocol):
 
 
 def _chgnet() -> Backbone:
-    from sdl.models.backbones.chgnet import CHGNetBackbone
+    from sdl.engine.models.backbones.chgnet import CHGNetBackbone
 
     return CHGNetBackbone()
 

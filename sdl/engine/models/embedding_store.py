@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sdl.models.backbones import Backbone, Featurization, load_backbone, nan_featurization
+from sdl.engine.models.backbones import Backbone, Featurization, load_backbone, nan_featurization
 
 __all__ = ["EmbeddingStore", "default_store_path", "featurize_texts", "structure_key"]
 
@@ -161,7 +161,7 @@ def _featurize_chunk(args: tuple[Sequence[str], str]) -> Featurization:
 def _featurize_with(
     backbone: Backbone, texts: Sequence[str], fmt: str, progress: Callable[[int], None] | None
 ) -> Featurization:
-    from sdl.space import parse_structure
+    from sdl.engine.space import parse_structure
 
     structures, rows, errors = [], [], {}
     for i, text in enumerate(texts):

@@ -2,7 +2,7 @@
 
 Why heads and not a network from scratch: with tens to hundreds of labels, learning message
 passing is hopeless (the scratch CGCNN ensemble needs ~2,400 labels for 0.12 eV/cell on CMR),
-while the pooled features of a universal potential (:mod:`sdl.models.backbones`) already order
+while the pooled features of a universal potential (:mod:`sdl.engine.models.backbones`) already order
 crystals sensibly; a small model on top only has to learn the map to the new property.
 
 Inputs are the backbone embedding with the backbone's zero-shot prior appended as one more
@@ -15,7 +15,7 @@ per round). Two heads share that input:
   scale ``s`` fitted so that the out-of-bag z-scores (each label predicted by the members that
   never saw it) have a standard normal's median absolute value, and applied to every member's
   deviation from the ensemble mean. Out-of-bag predictions are also the round's uncertainty metrics: no refits.
-* a GP head (:func:`sdl.models.gp.fit_gp` on the same inputs), whose exact leave-one-out
+* a GP head (:func:`sdl.engine.models.gp.fit_gp` on the same inputs), whose exact leave-one-out
   predictions play the same role (:func:`gp_leave_one_out`).
 """
 

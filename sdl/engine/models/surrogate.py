@@ -4,22 +4,22 @@ Why one interface: the engine proposes the same way whatever learns the property
 recipes or descriptors, an ensemble over a crystal pool, nothing at all for the random baseline),
 so each model is an object chosen once, when the engine is built, and the engine only calls
 :class:`Surrogate` methods. A surrogate is bound to where proposals live (a
-:class:`~sdl.space.CandidatePool` or a :class:`~sdl.space.ParameterSpace`) by its constructor.
+:class:`~sdl.engine.space.CandidatePool` or a :class:`~sdl.engine.space.ParameterSpace`) by its constructor.
 
 Acquisition inputs: ``model`` is a BoTorch model over ``inputs()``, one row per pool candidate
 (composition, parameter or embedding features, with the atoms-per-cell scale as last column for
 extensive targets; a float-coded candidate index for ensembles, see
-:mod:`sdl.models.pool_ensemble`), or over the unit-cube encoding of recipes in a parameter space.
+:mod:`sdl.engine.models.pool_ensemble`), or over the unit-cube encoding of recipes in a parameter space.
 
 Implementations:
 
 * :class:`RandomSurrogate` -- no model (the benchmark baseline); one measurement is enough.
-* :class:`GPSurrogate` -- :func:`sdl.models.gp.fit_gp` on parameter or composition features of a
+* :class:`GPSurrogate` -- :func:`sdl.engine.models.gp.fit_gp` on parameter or composition features of a
   pool, or on encoded recipes of a space; exact leave-one-out predictions for the metrics.
 * :class:`PretrainedSurrogate` -- a head on a frozen backbone's embeddings (GP up to
   :data:`GP_HEAD_MAX_LABELS` labels with ``head: auto``, else a bootstrap MLP ensemble).
 * :class:`ScratchEnsembleSurrogate` -- an ensemble trained from scratch on the structures
-  (``sdl.models.ensemble.GNNEnsemble`` by default).
+  (``sdl.engine.models.ensemble.GNNEnsemble`` by default).
 
 Versions: each fit bumps ``n_fits`` and sets ``version = <name>-<n_fits>-<digest>``, the digest of
 (name, seed, every observation's key and value); None before the first fit.
@@ -38,15 +38,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 import numpy as np
 import torch
 
+from sdl.engine.models.pretrained import HeadEnsemble, HeldOut
 from sdl.exceptions import EngineError
-from sdl.models.pretrained import HeadEnsemble, HeldOut
 
 if TYPE_CHECKING:
     from botorch.models.model import Model
 
-    from sdl.models.backbones import Backbone
-    from sdl.models.embedding_store import EmbeddingStore
-    from sdl.space import CandidatePool, ParameterSpace
+    from sdl.engine.models.backbones import Backbone
+    from sdl.engine.models.embedding_store import EmbeddingStore
+    from sdl.engine.space import CandidatePool, ParameterSpace
 
 __all__ = [
     "Surrogate", "TrainingData", "RandomSurrogate", "GPSurrogate", "PretrainedSurrogate",
@@ -102,7 +102,7 @@ PoolEnsembleFactory = Callable[[Any, int], PoolEnsemble]
 
 
 def _default_ensemble_factory(options: Any, seed: int) -> PoolEnsemble:
-    from sdl.models.ensemble import GNNEnsemble
+    from sdl.engine.models.ensemble import GNNEnsemble
 
     return GNNEnsemble(options, seed=seed)
 
@@ -230,12 +230,12 @@ class Surrogate(ABC):
 
     def _fit_gp_on(self, X_all: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, kernel: str) -> Any:
         """A GP on pool rows ``idx`` of ``X_all`` (bounds over the whole pool); row-scaled if extensive."""
-        from sdl.models.gp import fit_gp
+        from sdl.engine.models.gp import fit_gp
 
         bounds = torch.stack([X_all.min(dim=0).values, X_all.max(dim=0).values])
         gp = fit_gp(X_all[idx], y, bounds=bounds, kernel=kernel)
         if self.extensive:
-            from sdl.models.extensive import RowScaledModel
+            from sdl.engine.models.extensive import RowScaledModel
 
             self._model = RowScaledModel(gp)
         else:
@@ -249,7 +249,7 @@ class Surrogate(ABC):
 
     def inputs(self) -> torch.Tensor:
         """``[N, d]`` acquisition inputs, one row per pool candidate (after :meth:`fit`)."""
-        from sdl.models.pool_ensemble import PoolEnsembleModel
+        from sdl.engine.models.pool_ensemble import PoolEnsembleModel
 
         pool = self._pool()
         if isinstance(self._model, PoolEnsembleModel):
@@ -259,8 +259,8 @@ class Surrogate(ABC):
 
     def predict(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and std of the raw property at acquisition inputs ``X`` (``n x d``), each ``[n]``."""
-        from sdl.models.gp import predict_gp
-        from sdl.models.pool_ensemble import PoolEnsembleModel
+        from sdl.engine.models.gp import predict_gp
+        from sdl.engine.models.pool_ensemble import PoolEnsembleModel
 
         model = self.model
         if isinstance(model, PoolEnsembleModel):
@@ -270,8 +270,8 @@ class Surrogate(ABC):
 
     def predict_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and std of the raw property for every pool row, each ``[N]``."""
-        from sdl.models.gp import predict_gp
-        from sdl.models.pool_ensemble import PoolEnsembleModel
+        from sdl.engine.models.gp import predict_gp
+        from sdl.engine.models.pool_ensemble import PoolEnsembleModel
 
         model = self.model
         if isinstance(model, PoolEnsembleModel):
@@ -283,7 +283,7 @@ class Surrogate(ABC):
 
         An ensemble gives its ``M`` members in a seeded order (``s = M``); a GP ``n`` joint samples.
         """
-        from sdl.models.pool_ensemble import PoolEnsembleModel
+        from sdl.engine.models.pool_ensemble import PoolEnsembleModel
 
         model = self.model
         if isinstance(model, PoolEnsembleModel):
@@ -300,12 +300,12 @@ class Surrogate(ABC):
         return None, "none", {}
 
     def uncertainty_metrics(self) -> dict[str, Any]:
-        """``sdl.uq`` metrics on held-out predictions of the fitted model's own labels (no refits).
+        """``sdl.engine.uq`` metrics on held-out predictions of the fitted model's own labels (no refits).
 
         Raises:
             EngineError: No model fitted yet, or fewer than 4 held-out labels.
         """
-        from sdl.uq import uncertainty_metrics
+        from sdl.engine.uq import uncertainty_metrics
 
         if not self.fitted:
             raise EngineError("uncertainty_metrics: no model fitted yet")
@@ -387,7 +387,7 @@ class GPSurrogate(Surrogate):
             if pool.parameter_columns and self.descriptors != "composition":
                 self._feature_matrix = pool.parameter_matrix()
             else:
-                from sdl.models.composition import composition_features
+                from sdl.engine.models.composition import composition_features
 
                 self._feature_matrix = torch.as_tensor(composition_features(pool.formulas()))
         return self._feature_matrix
@@ -397,7 +397,7 @@ class GPSurrogate(Surrogate):
             idx, y = self._pool_labels(data)
             self._gp = self._fit_gp_on(self._features(), idx, y, self.kernel)
             return
-        from sdl.models.gp import fit_gp
+        from sdl.engine.models.gp import fit_gp
 
         assert self.space is not None and data.X is not None
         y = torch.tensor(data.values, dtype=torch.float64)
@@ -405,7 +405,7 @@ class GPSurrogate(Surrogate):
         self.n_train = len(data)
 
     def _held_out(self) -> tuple[HeldOut | None, str, dict[str, float]]:
-        from sdl.models.pretrained import gp_leave_one_out
+        from sdl.engine.models.pretrained import gp_leave_one_out
 
         return gp_leave_one_out(self._gp), "leave-one-out", {}
 
@@ -418,7 +418,7 @@ class PretrainedSurrogate(Surrogate):
         seed: Seed of the heads.
         backbone: ``chgnet`` or an import path ``module:Class`` (loaded at :meth:`prepare`).
         loaded_backbone: An already loaded backbone (then ``backbone`` only names it).
-        store: Embedding cache (``sdl.models.embedding_store.default_store_path`` when None).
+        store: Embedding cache (``sdl.engine.models.embedding_store.default_store_path`` when None).
         featurize_workers: Processes for featurising what the store lacks.
         head: ``gp``, ``mlp`` or ``auto`` (GP up to :data:`GP_HEAD_MAX_LABELS` labels).
         use_prior: Append the backbone's prior as an input column (and the MLP's linear term).
@@ -488,9 +488,9 @@ class PretrainedSurrogate(Surrogate):
         """
         if self._inputs is not None:
             return
-        from sdl.models.backbones import BackboneError, load_backbone
-        from sdl.models.embedding_store import EmbeddingStore, default_store_path, featurize_texts
-        from sdl.models.pretrained import standardized_inputs
+        from sdl.engine.models.backbones import BackboneError, load_backbone
+        from sdl.engine.models.embedding_store import EmbeddingStore, default_store_path, featurize_texts
+        from sdl.engine.models.pretrained import standardized_inputs
 
         pool = self._pool()
         try:
@@ -524,8 +524,8 @@ class PretrainedSurrogate(Surrogate):
         return self._inputs
 
     def _fit(self, data: TrainingData) -> None:
-        from sdl.models.pool_ensemble import PoolEnsembleModel
-        from sdl.models.pretrained import HeadOptions
+        from sdl.engine.models.pool_ensemble import PoolEnsembleModel
+        from sdl.engine.models.pretrained import HeadOptions
 
         self.prepare()
         idx, y = self._pool_labels(data)
@@ -540,7 +540,7 @@ class PretrainedSurrogate(Surrogate):
         self._model = PoolEnsembleModel(self.heads.predict_members(X_all) * self.row_scale())
 
     def _held_out(self) -> tuple[HeldOut | None, str, dict[str, float]]:
-        from sdl.models.pretrained import gp_leave_one_out
+        from sdl.engine.models.pretrained import gp_leave_one_out
 
         if self.heads is not None:
             return self.heads.held_out, "out-of-bag", {"spread_scale": self.heads.spread_scale}
@@ -571,7 +571,7 @@ class ScratchEnsembleSurrogate(Surrogate):
         self.ensemble: PoolEnsemble | None = None
 
     def _fit(self, data: TrainingData) -> None:
-        from sdl.models.pool_ensemble import PoolEnsembleModel
+        from sdl.engine.models.pool_ensemble import PoolEnsembleModel
 
         pool = self._pool()
         idx, y = self._pool_labels(data)

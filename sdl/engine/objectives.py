@@ -37,7 +37,7 @@ class Objective:
         target_range: ``(low, high)`` for ``target`` (ignored otherwise).
         property: Property name (e.g. ``gap_gllbsc``), for logs and records.
         unit: Unit text.
-        extensive: The property scales with the cell (see :mod:`sdl.models.extensive`).
+        extensive: The property scales with the cell (see :mod:`sdl.engine.models.extensive`).
     """
 
     goal: Goal = "maximize"

@@ -12,8 +12,8 @@ a member depend only on ``(seed, member, N)``, so a re-fit on the same data sees
 Shapes and units: :meth:`GNNEnsemble.predict_members` returns ``[M, N]`` float64 in target
 units; this matrix is what the BoTorch ``EnsembleModel`` looks up. The network mean-pools its
 atoms, so it models an intensive target; an extensive one is divided by the atoms per cell by
-the caller (:mod:`sdl.models.extensive`). The members' spread is scaled by one factor fitted on
-their out-of-bag predictions (:func:`sdl.models.pretrained.oob_calibration`), which are also
+the caller (:mod:`sdl.engine.models.extensive`). The members' spread is scaled by one factor fitted on
+their out-of-bag predictions (:func:`sdl.engine.models.pretrained.oob_calibration`), which are also
 the held-out predictions the round's uncertainty metrics come from.
 Everything is deterministic under ``seed`` on CPU (``index_add_`` on CPU is deterministic).
 """
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdl.graphs import CrystalGraph, CrystalGraphConverter, PackedGraphs
-from sdl.models.gnn import CrystalGNN
-from sdl.models.pretrained import HeldOut, oob_calibration, scale_spread
+from sdl.engine.graphs import CrystalGraph, CrystalGraphConverter, PackedGraphs
+from sdl.engine.models.gnn import CrystalGNN
+from sdl.engine.models.pretrained import HeldOut, oob_calibration, scale_spread
 
 __all__ = ["EnsembleOptions", "FitReport", "GNNEnsemble"]
 
@@ -102,7 +102,7 @@ class FitReport:
 
 
 class GNNEnsemble:
-    """M :class:`~sdl.models.gnn.CrystalGNN` members over periodic crystal graphs.
+    """M :class:`~sdl.engine.models.gnn.CrystalGNN` members over periodic crystal graphs.
 
     Args:
         options: ``sdl.config.GNNEnsembleOptions`` or any object with its fields; None = defaults.

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdl.graphs import GaussianBasis, GraphBatch
+from sdl.engine.graphs import GaussianBasis, GraphBatch
 
 __all__ = ["CrystalGNN", "GatedGraphConv"]
 

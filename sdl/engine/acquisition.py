@@ -5,9 +5,9 @@ them are Monte-Carlo acquisitions, so they work on a GP and on the pool ensemble
 q-batches and with pending experiments as ``X_pending`` (BoTorch joins pending points to every
 q-batch, so a candidate that duplicates what is already running earns little).
 
-The utility (:class:`sdl.objectives.Objective`) enters as a ``GenericMCObjective`` on posterior
+The utility (:class:`sdl.engine.objectives.Objective`) enters as a ``GenericMCObjective`` on posterior
 samples, except for max-variance, which explores the raw property. Thompson sampling is not an
-acquisition value but a selection rule; it lives in :func:`sdl.optim.thompson_select`.
+acquisition value but a selection rule; it lives in :func:`sdl.engine.optim.thompson_select`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from botorch.sampling.base import MCSampler
 from botorch.sampling.normal import SobolQMCNormalSampler
 from botorch.utils.transforms import concatenate_pending_points, t_batch_mode_transform
 
-from sdl.models.pool_ensemble import MemberSampler
-from sdl.objectives import Objective
+from sdl.engine.models.pool_ensemble import MemberSampler
+from sdl.engine.objectives import Objective
 
 __all__ = ["ACQUISITIONS", "qMaxVariance", "build_acquisition", "default_sampler"]
 
@@ -90,7 +90,7 @@ def build_acquisition(
 
     Args:
         name: One of :data:`ACQUISITIONS` except ``thompson``.
-        model: Fitted GP or :class:`~sdl.models.pool_ensemble.PoolEnsembleModel`.
+        model: Fitted GP or :class:`~sdl.engine.models.pool_ensemble.PoolEnsembleModel`.
         objective: Turns raw posterior samples into utilities.
         X_baseline: ``n x d`` inputs already measured (qLogNEI's baseline).
         y_baseline: ``n`` raw measured values (qLogEI's incumbent = best utility).

@@ -1,8 +1,8 @@
 """GP baseline: a ``SingleTaskGP`` (Matérn-5/2 or RBF, ARD) with input normalisation and outcome standardisation.
 
 Why one GP for every case: continuous, integer and categorical recipes arrive one-hot/unit-cube
-encoded by :class:`sdl.space.ParameterSpace`, and crystal pools arrive as composition descriptors
-(:mod:`sdl.models.composition`); on such inputs a Matérn-5/2 ARD GP is the standard baseline
+encoded by :class:`sdl.engine.space.ParameterSpace`, and crystal pools arrive as composition descriptors
+(:mod:`sdl.engine.models.composition`); on such inputs a Matérn-5/2 ARD GP is the standard baseline
 (Liang et al. 2021 benchmark this exact setting on the crossed-barrel data). Inputs are normalised
 with bounds taken from the *whole* candidate set when known, so pool rows never fall outside.
 """

@@ -6,7 +6,7 @@ choices in chunks, take the arg-max, add it to ``X_pending``, repeat q times), b
 composition descriptor and must stay two candidates. Memory is bounded by ``chunk`` rows per call.
 
 Large pools are first cut to the ``k`` best rows by a cheap optimistic score
-(:meth:`sdl.objectives.Objective.optimistic` of the posterior mean and std) before any q > 1
+(:meth:`sdl.engine.objectives.Objective.optimistic` of the posterior mean and std) before any q > 1
 acquisition, so the sequential-greedy cost does not grow with the pool.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdl.objectives import Objective
+from sdl.engine.objectives import Objective
 
 __all__ = ["greedy_select", "top_k", "thompson_select", "optimize_box"]
 
