@@ -225,7 +225,7 @@ def test_missing_or_corrupt_weights_fail_at_start_with_the_path(tmp_path: Path, 
     eng = Engine(objective=NS(goal="minimize"),
                  model=NS(name="gnn-ensemble", options={"backbone": "sdl.engine.models.backbones.nowhere:Missing"}),
                  acquisition=NS(function="qucb", batch_size=2), pool=pool, embedding_store=store)
-    missing_backbone = r"model\.options\.backbone: backbone 'sdl\.models\.backbones\.nowhere:Missing'"
+    missing_backbone = r"model\.options\.backbone: backbone 'sdl\.engine\.models\.backbones\.nowhere:Missing'"
     with pytest.raises(EngineError, match=missing_backbone):
         eng.prepare()
 
