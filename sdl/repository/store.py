@@ -2176,10 +2176,10 @@ class CampaignLease:
             try:
                 self.store.renew_lease(self.campaign_id, token)
             except CampaignLocked as err:
-                self.lost = err
                 logger.error("%s", err)
-                if self.on_lost is not None:
+                if self.on_lost is not None:  # told before `lost` is visible: whoever sees `lost` sees both
                     self.on_lost(err)
+                self.lost = err
                 return
             except RepositoryError as err:
                 logger.warning(
