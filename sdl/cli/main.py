@@ -15,6 +15,7 @@ from sdl.cli import (
     benchmark_commands,
     config_commands,
     db_commands,
+    manual_commands,
     model_commands,
     run_commands,
     simulate_commands,
@@ -34,6 +35,7 @@ for _module in (
     simulate_commands,
     model_commands,
     run_commands,
+    manual_commands,
     benchmark_commands,
 ):
     _module.register(app)

@@ -54,13 +54,13 @@ from sdl.lab.instruments import (
     is_outage,
     load_driver,
 )
-from sdl.lab.ledger import ExperimentLedger, StoppingPolicy
+from sdl.lab.ledger import HANDS, ExperimentLedger, StoppingPolicy, asked_by_hand
 from sdl.lab.runner import RunOutcome, run_plan
 
 if TYPE_CHECKING:
     from sdl.config import CampaignConfig
     from sdl.engine import Engine, Proposal
-    from sdl.repository.store import BestRecord, ExperimentRecord, Store
+    from sdl.repository.store import BestRecord, CampaignRecord, ExperimentRecord, Store
 
 __all__ = [
     "Interrupted",
@@ -255,6 +255,28 @@ class Lab:
         Raises:
             CampaignConfigChanged: The YAML differs from the stored campaign (unless ``amend``).
         """
+        record = self.load()
+        if record.state != "running":
+            self.store.set_campaign_state(record.id, "running", reason="sdl run (resume)")
+        from sdl.lab import interrupts
+
+        interrupts.register(self)
+        counts = self.ledger.counts()
+        logger.info(
+            "campaign %r (id %d): %d completed, %d failed, %d abandoned, %d pending; budget %d",
+            self.cfg.name, self.campaign_id, counts["completed"], counts["failed"], counts["abandoned"],
+            counts["proposed"] + counts["running"], self.budget,
+        )
+
+    def load(self) -> CampaignRecord:
+        """Get or create the campaign row, teach the engine everything measured, rebuild the ledger.
+
+        What :meth:`start` does without claiming the campaign for a run: ``sdl ask`` shares it, so
+        that hands and instruments agree on the config hash, the amend rule and the counts.
+
+        Raises:
+            CampaignConfigChanged: The YAML differs from the stored campaign (unless ``amend``).
+        """
         import sdl
         from sdl.engine import Observation
 
@@ -270,8 +292,6 @@ class Lab:
         )
         self.campaign_id = record.id
         self._token = campaign_token(record)
-        if record.state != "running":
-            self.store.set_campaign_state(record.id, "running", reason="sdl run (resume)")
         observations = self.store.observations(self.campaign_id, self.property)
         if observations:
             self.engine.observe(
@@ -280,15 +300,7 @@ class Lab:
         self.ledger.load(((e.id, e.candidate_key, e.state) for e in self.store.experiments(self.campaign_id)),
                          ((o.experiment_id, o.value) for o in observations))
         self._reported = len(observations)
-        from sdl.lab import interrupts
-
-        interrupts.register(self)
-        counts = self.ledger.counts()
-        logger.info(
-            "campaign %r (id %d): %d completed, %d failed, %d abandoned, %d pending; budget %d",
-            self.cfg.name, self.campaign_id, counts["completed"], counts["failed"], counts["abandoned"],
-            counts["proposed"] + counts["running"], self.budget,
-        )
+        return record
 
     def check_instruments(self) -> None:
         """Ask every instrument whether it is there before any experiment is proposed.
@@ -445,11 +457,16 @@ class Lab:
             logger.exception("could not link candidate %s to a material", candidate_key)
             return None
 
-    def propose(self, n: int) -> list[Ticket]:
+    def propose(self, n: int, *, asked_by: str | None = None) -> list[Ticket]:
         """Ask the engine for ``n`` experiments as one q-batch and commit each as ``proposed``.
 
         Pending for the engine: proposed and running experiments. Failed and abandoned candidates
         are excluded from the pool, not pending.
+
+        Args:
+            n: Batch size.
+            asked_by: Who asked for them by hand (``sdl ask``): recorded in their provenance
+                (``source: hands``), so that no instrument ever runs them.
         """
         from sdl.exceptions import EngineError
 
@@ -485,9 +502,10 @@ class Lab:
                     "acquisition_value": p.acquisition_value,
                     "predicted_mean": p.predicted_mean, "predicted_std": p.predicted_std,
                     "batch_id": p.batch_id, "strategy": p.strategy,
+                    **({"source": HANDS, "asked_by": asked_by} if asked_by is not None else {}),
                 },
             )
-            self.ledger.track(exp_id, p.key, "proposed", p.batch_id, new=True)
+            self.ledger.track(exp_id, p.key, "proposed", p.batch_id, new=True, by_hand=asked_by is not None)
             record = self.store.get_experiment(exp_id)
             assert record is not None
             ticket = self._ticket(record)
@@ -531,6 +549,9 @@ class Lab:
         """Tickets for the experiments a previous process left unfinished (see the module docstring)."""
         tickets: list[Ticket] = []
         for exp in self.store.pending_experiments(self.campaign_id):
+            if asked_by_hand(exp.provenance_extra):  # a person's: pending, never run here
+                self.ledger.track(exp.id, exp.candidate_key, exp.state, exp.batch_id, by_hand=True)
+                continue
             ticket = self._ticket(exp)
             self.ledger.track(exp.id, exp.candidate_key, exp.state, exp.batch_id)
             if exp.state == "proposed":
@@ -858,7 +879,10 @@ class Lab:
         if self.ledger.failure is not None:
             state, reason = "failed", self.ledger.failure
         else:
-            reason = self.ledger.stop_reason or "nothing left to do"
+            hands = self.ledger.by_hand()
+            waiting = (f"{len(hands)} experiment(s) asked by hand wait for `sdl tell` "
+                       f"({', '.join(str(e.experiment_id) for e in hands)})") if hands else "nothing left to do"
+            reason = self.ledger.stop_reason or waiting
             state = "completed" if reason.startswith("budget") and self.interrupted is None else "stopped"
         self.store.set_campaign_state(self.campaign_id, state, reason=reason)
         return state

@@ -15,25 +15,46 @@ pending points; failed and abandoned ones are *excluded* (never proposed again) 
 Budget. An experiment counts once it reached an end state (completed, failed or abandoned); no
 experiment is proposed beyond ``budget - ended - in flight``, so a campaign ends with exactly
 ``budget`` experiments in end states unless a rule stops it early.
+
+Hands. Experiments asked by a person (``sdl ask``, :mod:`sdl.lab.manual`) are in flight too: they
+are pending points and count against the budget, but no instrument runs them, so they never hold
+back a batch of the instruments and the loop does not wait for them (their results arrive by
+``sdl tell``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from sdl.engine.objectives import Objective
 
-__all__ = ["END_STATES", "STATES", "BatchMode", "ExperimentLedger", "LedgerEntry", "StoppingPolicy"]
+__all__ = [
+    "END_STATES",
+    "HANDS",
+    "STATES",
+    "BatchMode",
+    "ExperimentLedger",
+    "LedgerEntry",
+    "StoppingPolicy",
+    "asked_by_hand",
+]
 
 logger = logging.getLogger(__name__)
 
 END_STATES = ("completed", "failed", "abandoned")
 STATES = ("proposed", "running", *END_STATES)
 BatchMode = Literal["batch", "asynchronous"]
+HANDS = "hands"
+"""``provenance_extra["source"]`` of an experiment asked by a person: instruments never run it."""
+
+
+def asked_by_hand(provenance_extra: Mapping[str, object] | None) -> bool:
+    """Whether an experiment's provenance says a person, not an instrument, carries it out."""
+    return provenance_extra is not None and provenance_extra.get("source") == HANDS
 
 
 @dataclass(frozen=True)
@@ -68,6 +89,7 @@ class LedgerEntry:
     candidate_key: str
     state: str
     batch_id: str | None = None
+    by_hand: bool = False
 
 
 @dataclass
@@ -112,12 +134,13 @@ class ExperimentLedger:
 
     # ------------------------------------------------------------------ transitions
     def track(self, experiment_id: int, candidate_key: str, state: str, batch_id: str | None = None,
-              *, new: bool = False) -> None:
-        """Enter an experiment in flight (``new``: just proposed, so it is counted as proposed now)."""
+              *, new: bool = False, by_hand: bool = False) -> None:
+        """Enter an experiment in flight (``new``: just proposed, so it is counted as proposed now;
+        ``by_hand``: a person carries it out, see the module docstring)."""
         with self._lock:
             if new:
                 self._tally.counts[state] += 1
-            self._inflight[experiment_id] = LedgerEntry(experiment_id, candidate_key, state, batch_id)
+            self._inflight[experiment_id] = LedgerEntry(experiment_id, candidate_key, state, batch_id, by_hand)
 
     def started(self, experiment_id: int) -> None:
         """proposed → running."""
@@ -207,16 +230,30 @@ class ExperimentLedger:
             if self.stop_reason is not None or self.failure is not None:
                 return 0
             remaining = self.policy.budget - self.n_ended - len(self._inflight)
+            on_instruments = [e for e in self._inflight.values() if not e.by_hand]
             if self.policy.mode == "batch":
-                return 0 if self._inflight else max(0, min(remaining, self.policy.batch_size))
-            waiting = sum(1 for e in self._inflight.values() if e.state == "proposed")
+                return 0 if on_instruments else max(0, min(remaining, self.policy.batch_size))
+            waiting = sum(1 for e in on_instruments if e.state == "proposed")
             return max(0, min(remaining, free_robots - waiting))
 
-    def done(self) -> bool:
-        """True when nothing is in flight and nothing more will be proposed."""
+    def remaining(self) -> int:
+        """Experiments the budget still allows beyond those ended and in flight (0 once a rule fired)."""
         with self._lock:
-            return not self._inflight and (self.stop_reason is not None or self.failure is not None
-                                           or self.n_ended >= self.policy.budget)
+            if self.stop_reason is not None or self.failure is not None:
+                return 0
+            return max(0, self.policy.budget - self.n_ended - len(self._inflight))
+
+    def by_hand(self) -> list[LedgerEntry]:
+        """The experiments in flight that a person carries out (waiting for ``sdl tell``)."""
+        with self._lock:
+            return [e for e in self._inflight.values() if e.by_hand]
+
+    def done(self) -> bool:
+        """True when no instrument has work in flight and nothing more will be proposed."""
+        with self._lock:
+            busy = any(not e.by_hand for e in self._inflight.values())
+            return not busy and (self.stop_reason is not None or self.failure is not None
+                                 or self.n_ended >= self.policy.budget)
 
     # ------------------------------------------------------------------ rules
     def stop(self, reason: str) -> None:

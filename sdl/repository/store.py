@@ -89,6 +89,8 @@ __all__ = [
     "EventRecord",
     "ObservationRecord",
     "BestRecord",
+    "HandOutcome",
+    "HandResult",
     "alembic_config",
     "to_jsonable",
 ]
@@ -452,6 +454,31 @@ class ObservationRecord:
     params: dict[str, Any]
     value: float
     n_measurements: int
+
+
+@dataclasses.dataclass(frozen=True)
+class HandResult:
+    """One result a person tells (``sdl tell``): a value, or the reason the synthesis failed.
+
+    ``origin`` says where it came from (``results.csv line 3``) so that an error can name it.
+    """
+
+    experiment_id: int
+    value: float | None = None
+    failed: str | None = None
+    origin: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class HandOutcome:
+    """What :meth:`Store.record_hand_results` did to one experiment (``amended``: the old values)."""
+
+    experiment_id: int
+    candidate_key: str
+    state: str
+    value: float | None
+    failed: str | None
+    amended: list[float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1413,24 +1440,37 @@ class Store:
             row = s.get(Experiment, experiment_id, with_for_update=True)
             if row is None:
                 raise RepositoryError(f"no experiment with id={experiment_id}")
-            if to not in TRANSITIONS[row.state]:
-                raise IllegalTransition(
-                    f"experiment {experiment_id}: {row.state} → {to} is not allowed "
-                    f"(from {row.state}: {sorted(TRANSITIONS[row.state]) or 'none'})"
-                )
-            old = row.state
-            row.state = to
-            for name, value in changes.items():
-                setattr(row, name, value)
-            self._event(
-                s,
-                f"experiment.{to}",
-                f"experiment {experiment_id} {old} → {to}" + (f": {message}" if message else ""),
-                campaign_id=row.campaign_id,
-                experiment_id=experiment_id,
-                level="warning" if to in ("failed", "abandoned") else "info",
-                payload={"from": old, "to": to, **(payload or {})},
+            self._move(s, row, to, message, payload=payload, **changes)
+
+    def _move(
+        self,
+        s: Session,
+        row: Experiment,
+        to: str,
+        message: str,
+        *,
+        payload: Mapping[str, Any] | None = None,
+        **changes: Any,
+    ) -> None:
+        """One checked state change of a locked row, with its event, inside the caller's transaction."""
+        if to not in TRANSITIONS[row.state]:
+            raise IllegalTransition(
+                f"experiment {row.id}: {row.state} → {to} is not allowed "
+                f"(from {row.state}: {sorted(TRANSITIONS[row.state]) or 'none'})"
             )
+        old = row.state
+        row.state = to
+        for name, value in changes.items():
+            setattr(row, name, value)
+        self._event(
+            s,
+            f"experiment.{to}",
+            f"experiment {row.id} {old} → {to}" + (f": {message}" if message else ""),
+            campaign_id=row.campaign_id,
+            experiment_id=row.id,
+            level="warning" if to in ("failed", "abandoned") else "info",
+            payload={"from": old, "to": to, **(payload or {})},
+        )
 
     def start_experiment(self, experiment_id: int, *, instruments: Sequence[str]) -> None:
         """proposed → running, on these instruments."""
@@ -1493,6 +1533,125 @@ class Store:
     def pending_experiments(self, campaign_id: int) -> list[ExperimentRecord]:
         """Experiments proposed or running: what the engine must treat as pending."""
         return self.experiments(campaign_id, states=("proposed", "running"))
+
+    def record_hand_results(
+        self,
+        campaign_id: int,
+        results: Sequence[HandResult],
+        *,
+        by: str,
+        property: str,  # noqa: A002 - the domain's word
+        unit: str | None = None,
+        amend: bool = False,
+    ) -> list[HandOutcome]:
+        """Complete (or fail) experiments with results a person measured: all or nothing.
+
+        One transaction for the whole list, so a CSV with one bad row writes nothing. Each result
+        takes its experiment ``proposed → running → completed`` (or ``failed``, a material failure)
+        with a measurement whose instrument is ``hands:<by>``, the same rows an instrument leaves.
+        A completed experiment is never overwritten: with ``amend`` its ``ok`` values of
+        ``property`` are flagged ``superseded`` (kept on record) and the new one is added, with an
+        ``experiment.amended`` event naming both.
+
+        Raises:
+            RepositoryError: One line naming ``result.origin`` and the experiment: unknown, told
+                twice, already completed (without ``amend``), failed or abandoned, or a value that
+                is not a finite number.
+        """
+        hand = f"hands:{by}"
+        outcomes: list[HandOutcome] = []
+        with self._tx("record_hand_results") as s:
+            name = self._campaign_name(s, campaign_id)
+            seen: dict[int, str] = {}
+            for result in results:
+                where = f"{result.origin}: " if result.origin else ""
+                eid = result.experiment_id
+                if eid in seen:
+                    raise RepositoryError(f"{where}experiment {eid} is told twice (also at {seen[eid]})")
+                seen[eid] = result.origin or "?"
+                if (result.value is None) == (result.failed is None):
+                    raise RepositoryError(f"{where}experiment {eid}: give either a value or a failure reason")
+                row = s.get(Experiment, eid, with_for_update=True)
+                if row is None or row.campaign_id != campaign_id:
+                    raise RepositoryError(f"{where}campaign {name!r} has no experiment {eid}")
+                outcomes.append(self._tell_one(s, row, result, where, hand=hand, by=by, property=property,
+                                               unit=unit, amend=amend))
+        return outcomes
+
+    def _tell_one(
+        self,
+        s: Session,
+        row: Experiment,
+        result: HandResult,
+        where: str,
+        *,
+        hand: str,
+        by: str,
+        property: str,  # noqa: A002
+        unit: str | None,
+        amend: bool,
+    ) -> HandOutcome:
+        now = utcnow()
+        eid = row.id
+        measurement = None
+        if result.value is not None:
+            try:
+                measurement = self._measurement_row(
+                    eid, {"property": property, "value": result.value, "unit": unit, "instrument": hand,
+                          "timestamp": now}
+                )
+            except RepositoryError as exc:
+                raise RepositoryError(f"{where}{exc}") from exc
+        if row.state == "completed":
+            old = list(
+                s.scalars(
+                    sa.select(Measurement).where(
+                        Measurement.experiment_id == eid, Measurement.property == property, Measurement.quality == "ok"
+                    )
+                )
+            )
+            shown = ", ".join(f"{m.value:g}" for m in old) or "no value"
+            if measurement is None:
+                raise RepositoryError(f"{where}experiment {eid} is already completed ({property} {shown}): "
+                                      "it cannot be marked failed")
+            if not amend:
+                raise RepositoryError(
+                    f"{where}experiment {eid} is already completed ({property} {shown}); rerun with --amend "
+                    "to replace its value (the old one stays on record)"
+                )
+            for m in old:
+                m.quality = "superseded"
+            self._link_samples(s, [measurement])
+            s.add(measurement)
+            self._event(
+                s, "experiment.amended", f"experiment {eid}: {property} {shown} → {measurement.value:g} (by {by})",
+                campaign_id=row.campaign_id, experiment_id=eid, level="warning",
+                payload={"old": [m.value for m in old], "new": measurement.value, "by": by,
+                         "origin": result.origin},
+            )
+            return HandOutcome(eid, row.candidate_key, "completed", measurement.value, None, [m.value for m in old])
+        if row.state in ("failed", "abandoned"):
+            raise RepositoryError(f"{where}experiment {eid} is {row.state} ({row.failure_reason or 'no reason'}): "
+                                  "it cannot be told a result")
+        if row.state == "proposed":
+            self._move(s, row, "running", f"carried out by {hand}", payload={"instruments": [hand]},
+                       instruments=[hand], started_at=now)
+        if measurement is None:
+            reason = str(result.failed)
+            self._move(s, row, "failed", f"material: {reason}", payload={"kind": "material", "reason": reason},
+                       failure_kind="material", failure_reason=reason, finished_at=now)
+        else:
+            self._link_samples(s, [measurement])
+            s.add(measurement)
+            self._move(s, row, "completed", f"told by {by}", finished_at=now)
+        value = None if measurement is None else measurement.value
+        self._event(
+            s, "experiment.told", f"experiment {eid} told by {by}: " + (
+                f"{property} = {value:g}" if value is not None else f"failed ({result.failed})"),
+            campaign_id=row.campaign_id, experiment_id=eid,
+            payload={"by": by, "value": value, "failed": result.failed, "origin": result.origin},
+        )
+        return HandOutcome(eid, row.candidate_key, row.state, value, result.failed, [])
 
     # ----------------------------------------------------------------- samples, measurements
 

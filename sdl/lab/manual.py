@@ -1,0 +1,419 @@
+"""By hand: ``ask`` the engine for experiments, ``tell`` it what a person measured.
+
+Why these are the lab's own functions and not a second loop: a person at the bench (or an
+instrument without a driver) is one more way of carrying out the campaign's experiments. ``ask``
+builds the same :class:`~sdl.lab.laboratory.Lab` that ``sdl run`` builds, minus the instruments:
+the same campaign row (config hash, ``--amend`` rule), the same ledger (budget, goal, patience,
+failures), the same engine call with the same pending and excluded keys, and the same provenance
+columns. ``tell`` writes the same rows an instrument's measurement leaves (a ``measurements`` row
+whose instrument is ``hands:<who>``, the experiment's state changes and their events), so
+``sdl status``, ``sdl export`` and the next ``sdl run`` see asked and told experiments like any other.
+
+Hands and instruments. An asked experiment is marked ``source: hands`` in its provenance: it is a
+pending point for every later proposal and counts against the budget, but ``sdl run`` never sends
+it to an instrument (:meth:`Lab.recover`). Asking and telling take the campaign's lease for the
+few seconds they need, the same lease ``sdl run`` holds while it runs; so while the instruments run
+a campaign, ``ask`` and ``tell`` refuse with one line naming the runner. The running process owns
+the proposal numbering, the engine's pending points and the budget in memory: a proposal or a
+result slipped in behind its back would repeat one of its candidates or overrun its budget.
+Between runs, hands and instruments take turns on one campaign as often as needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import getpass
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdl.engine.objectives import Objective
+from sdl.exceptions import SDLError
+from sdl.lab.ledger import ExperimentLedger, StoppingPolicy, asked_by_hand
+
+if TYPE_CHECKING:
+    from sdl.config import CampaignConfig
+    from sdl.repository import CampaignRecord, HandOutcome, HandResult, Store
+
+__all__ = [
+    "AskResult",
+    "AskedExperiment",
+    "CampaignDone",
+    "HandInputError",
+    "TellResult",
+    "ask",
+    "default_teller",
+    "parse_value",
+    "read_results_csv",
+    "tell",
+]
+
+logger = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+
+class HandInputError(SDLError, ValueError):
+    """What a person typed cannot be used: ``str(err)`` is one line naming the file, line or field."""
+
+
+class CampaignDone(SDLError):
+    """The campaign's budget is spent or taken, or a stopping rule fired: there is nothing to ask."""
+
+
+@dataclass(frozen=True)
+class AskedExperiment:
+    """One experiment ``ask`` recorded as proposed: the id to tell, and why it was chosen.
+
+    Attributes:
+        experiment: Repository id (``sdl tell CAMPAIGN --experiment <this>``).
+        candidate: The engine's key (candidate id, or the canonical recipe).
+        params: Parameter values; for candidate pools ``candidate`` and ``formula`` (if known) too.
+        predicted_mean: The model's mean of the objective property (None before any model).
+        predicted_std: The model's standard deviation.
+        acquisition_value: The value it won the acquisition with (None for design picks).
+        model_version: The model that proposed it.
+        batch_id: Shared by the experiments of one ask.
+        strategy: ``initial-design``, ``random``, ``gp`` or ``gnn-ensemble``.
+    """
+
+    experiment: int
+    candidate: str
+    params: dict[str, Any]
+    predicted_mean: float | None
+    predicted_std: float | None
+    acquisition_value: float | None
+    model_version: str | None
+    batch_id: str | None
+    strategy: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-able dict (the ``sdl ask --json`` object)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AskResult:
+    """What one ``ask`` did (``remaining``: experiments the budget still allows after these)."""
+
+    campaign: str
+    campaign_id: int
+    property: str
+    unit: str | None
+    experiments: list[AskedExperiment]
+    remaining: int
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class TellResult:
+    """What one ``tell`` did, and where the campaign stands afterwards."""
+
+    campaign: str
+    property: str
+    unit: str | None
+    outcomes: list[HandOutcome]
+    state: str
+    stop_reason: str | None
+    pending: int
+
+
+def default_teller() -> str:
+    """Who tells, when ``--by`` is not given: the operating-system user."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return os.environ.get("USER") or "unknown"
+
+
+# ---------------------------------------------------------------------------- ask
+
+
+def ask(
+    cfg: CampaignConfig,
+    database_url: str,
+    n: int,
+    *,
+    by: str,
+    amend: bool = False,
+    say: Say | None = None,
+    featurizing: Callable[[int, int], None] | None = None,
+) -> AskResult:
+    """Propose ``n`` experiments for a person to carry out, recorded as ``proposed`` with provenance.
+
+    The campaign is created on first use, exactly as ``sdl run`` would create it. Fewer than ``n``
+    come back when the budget allows fewer (``note`` says so).
+
+    Args:
+        cfg: The loaded campaign.
+        database_url: Repository URL (migrated to head on open).
+        n: How many experiments to ask for (at least 1).
+        by: Who asks (recorded in each experiment's provenance).
+        amend: Accept a changed YAML for an existing campaign (recorded as an event).
+        say: Told each stage in words (loading, featurising, fitting, proposing).
+        featurizing: ``(done, total)`` while a crystal pool is embedded by the backbone.
+
+    Raises:
+        CampaignLocked: ``sdl run`` (or another ask/tell) holds the campaign now.
+        CampaignConfigChanged: The YAML differs from the stored campaign and ``amend`` is False.
+        CampaignDone: The budget is spent or taken by pending experiments, or a rule fired.
+    """
+    from sdl.engine import Engine
+    from sdl.engine.models.embedding_store import EmbeddingStore, default_store_path
+    from sdl.lab.instruments import InstrumentPool
+    from sdl.lab.laboratory import Lab, state_dir_for
+    from sdl.repository import Store, hold_lease
+
+    if n < 1:
+        raise HandInputError(f"-n {n}: ask for at least one experiment")
+    tell_stage = say or (lambda message: logger.info("%s", message))
+    tell_stage(f"campaign {cfg.name}: opening the repository")
+    store = Store.from_url(database_url, create=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(store.close)
+        holder = f"sdl ask ({by})"
+        existing = store.get_campaign(cfg.name)
+        if existing is not None:  # the lease first: never touch a campaign that sdl run is running
+            stack.enter_context(hold_lease(store, existing.id, holder=holder))
+        tell_stage(f"campaign {cfg.name}: loading the engine ({cfg.model.name})")
+        engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(database_url)))
+        lab = Lab(cfg, store, engine, InstrumentPool({}), state_dir=state_dir_for(database_url) / cfg.name,
+                  amend=amend)
+        record = lab.load()
+        if existing is None:
+            stack.enter_context(hold_lease(store, record.id, holder=holder))
+        pending = store.pending_experiments(record.id)
+        for exp in pending:
+            lab.ledger.track(exp.id, exp.candidate_key, exp.state, exp.batch_id,
+                             by_hand=asked_by_hand(exp.provenance_extra))
+        lab.ledger.check_rules()
+        _refuse_if_done(lab.ledger, cfg.name)
+        q = min(n, lab.ledger.remaining())
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        tell_stage(f"campaign {cfg.name}: preparing the candidates")
+        engine.prepare(progress=featurizing)
+        tell_stage(f"campaign {cfg.name}: fitting on {engine.n_observed} measurement(s), "
+                   f"{len(pending)} pending; proposing {q}")
+        tickets = lab.propose(q, asked_by=by)
+        while tickets and len(tickets) < q:  # a batch across the end of the design comes back short
+            more = lab.propose(q - len(tickets), asked_by=by)
+            if not more:
+                break
+            tickets += more
+        if not tickets:
+            raise CampaignDone(f"campaign {cfg.name!r}: {lab.stop_reason or 'the engine proposed nothing'}")
+        asked = [_asked(store, t.experiment_id, pool=cfg.search_space.candidates is not None) for t in tickets]
+        store.log_event(
+            "campaign.asked", f"{by} asked for {len(asked)} experiment(s): "
+            + ", ".join(str(a.experiment) for a in asked),
+            campaign_id=record.id, payload={"by": by, "experiments": [a.experiment for a in asked], "n": n},
+        )
+        note = None
+        if q < n:
+            note = (f"the budget ({lab.budget}) allows {q} more, not {n}: "
+                    f"{lab.ledger.n_ended} ended, {len(lab.ledger.inflight()) - len(tickets)} pending before this ask")
+        return AskResult(cfg.name, record.id, cfg.objective.property, cfg.objective.unit, asked,
+                         lab.ledger.remaining(), note)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _refuse_if_done(ledger: ExperimentLedger, name: str) -> None:
+    if ledger.failure is not None:
+        raise CampaignDone(f"campaign {name!r} has failed ({ledger.failure}): nothing to ask")
+    if ledger.stop_reason is not None:
+        raise CampaignDone(f"campaign {name!r} is done ({ledger.stop_reason}): nothing to ask")
+    if ledger.remaining() == 0:
+        hands = len(ledger.by_hand())
+        raise CampaignDone(
+            f"campaign {name!r}: its budget of {ledger.policy.budget} is taken ({ledger.n_ended} ended, "
+            f"{len(ledger.inflight())} pending, {hands} of them by hand): tell their results first"
+        )
+
+
+def _asked(store: Store, experiment_id: int, *, pool: bool) -> AskedExperiment:
+    exp = store.get_experiment(experiment_id)
+    assert exp is not None
+    params = dict(exp.params or {})
+    if pool:
+        params = {"candidate": exp.candidate_key, **params}
+    extra = exp.provenance_extra or {}
+    return AskedExperiment(
+        experiment=exp.id, candidate=exp.candidate_key, params=params, predicted_mean=exp.predicted_mean,
+        predicted_std=exp.predicted_std, acquisition_value=exp.acquisition_value,
+        model_version=exp.model_version, batch_id=exp.batch_id,
+        strategy=str(extra["strategy"]) if extra.get("strategy") is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------- tell
+
+
+def parse_value(text: object, where: str) -> float:
+    """A measured value as typed: a finite number, else one line naming ``where``."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise HandInputError(f"{where}: value {str(text)!r} is not a number") from None
+    if not math.isfinite(value):
+        raise HandInputError(f"{where}: value {str(text)!r} is not a finite number")
+    return value
+
+
+def _parse_experiment(text: object, where: str) -> int:
+    try:
+        number = int(str(text).strip())
+    except ValueError:
+        raise HandInputError(f"{where}: experiment {str(text)!r} is not an experiment id (a whole number)") from None
+    if number < 1:
+        raise HandInputError(f"{where}: experiment {number} is not an experiment id")
+    return number
+
+
+def read_results_csv(path: Path) -> list[HandResult]:
+    """Results from a CSV file: columns ``experiment`` and ``value`` and/or ``failed``.
+
+    One row per experiment: ``value`` holds the measured number, or ``failed`` the reason the
+    synthesis failed (one of the two, never both). Other columns (``candidate``, ``formula``,
+    notes) are ignored, so the output of ``sdl ask --json`` turned into a table can be filled in.
+    Blank lines are skipped.
+
+    Raises:
+        HandInputError: One line naming the file and the line of the first bad row.
+    """
+    from sdl.repository import HandResult
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HandInputError(f"{path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+    reader = csv.DictReader(text.splitlines())
+    columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+    if "experiment" not in columns or not {"value", "failed"} & set(columns):
+        raise HandInputError(f"{path} line 1: the header must name 'experiment' and 'value' and/or 'failed' "
+                             f"(found {', '.join(columns) or 'nothing'})")
+    reader.fieldnames = columns
+    results: list[HandResult] = []
+    for row in reader:
+        where = f"{path} line {reader.line_num}"
+        if None in row:
+            raise HandInputError(f"{where}: more cells than the header has columns")
+        cells = {k: (v or "").strip() for k, v in row.items()}
+        if not any(cells.values()):
+            continue
+        experiment = _parse_experiment(cells.get("experiment", ""), where)
+        value_text, failed = cells.get("value", ""), cells.get("failed", "")
+        if value_text and failed:
+            raise HandInputError(f"{where}: experiment {experiment} has both a value and a failure reason")
+        if not value_text and not failed:
+            raise HandInputError(f"{where}: experiment {experiment} has neither a value nor a failure reason")
+        value = parse_value(value_text, where) if value_text else None
+        results.append(HandResult(experiment, value=value, failed=failed or None, origin=where))
+    if not results:
+        raise HandInputError(f"{path}: no results in it")
+    return results
+
+
+def tell(
+    database_url: str,
+    campaign: str,
+    results: Sequence[HandResult],
+    *,
+    by: str,
+    amend: bool = False,
+) -> TellResult:
+    """Record what a person measured (or why a synthesis failed), all results in one transaction.
+
+    Afterwards the campaign's stopping rules are checked as ``sdl run`` checks them: when the
+    budget is spent or a rule fired and nothing is pending, the campaign is marked completed or
+    stopped (failed when the failure budget is spent).
+
+    Args:
+        database_url: Repository URL (an existing repository).
+        campaign: The campaign's name.
+        results: What to record (see :class:`~sdl.repository.HandResult`).
+        by: Who tells (the measurement's instrument is ``hands:<by>``).
+        amend: Replace the value of an already completed experiment (the old one stays on record).
+
+    Raises:
+        HandInputError: Unknown campaign.
+        CampaignLocked: ``sdl run`` (or another ask/tell) holds the campaign now.
+        RepositoryError: A result cannot be recorded (see :meth:`Store.record_hand_results`);
+            nothing was written.
+    """
+    from sdl.repository import Store, hold_lease
+
+    if not results:
+        raise HandInputError("nothing to tell")
+    store = Store.from_url(database_url)
+    try:
+        record = store.get_campaign(campaign)
+        if record is None:
+            known = ", ".join(c.name for c in store.campaigns()) or "none"
+            raise HandInputError(f"no campaign named {campaign!r} in {store.url} (known: {known})")
+        objective = _objective(record)
+        with hold_lease(store, record.id, holder=f"sdl tell ({by})"):
+            outcomes = store.record_hand_results(record.id, results, by=by, property=objective.property,
+                                                 unit=objective.unit, amend=amend)
+            state, reason, pending = _settle(store, record, objective)
+        return TellResult(record.name, objective.property, objective.unit, outcomes, state, reason, pending)
+    finally:
+        store.close()
+
+
+def _objective(record: CampaignRecord) -> Objective:
+    objective = record.config_snapshot.get("objective")
+    if not isinstance(objective, Mapping) or not objective.get("property"):
+        raise HandInputError(f"campaign {record.name!r}: its stored configuration names no objective property")
+    return Objective.from_any(dict(objective))
+
+
+def _policy(record: CampaignRecord) -> StoppingPolicy:
+    """The stopping rules of a stored campaign, from its configuration snapshot (as ``sdl run`` built them)."""
+    snap = record.config_snapshot
+
+    def section(name: str) -> Mapping[str, Any]:
+        value = snap.get(name)
+        return value if isinstance(value, Mapping) else {}
+
+    budget, stopping, acquisition = section("budget"), section("stopping"), section("acquisition")
+    return StoppingPolicy(
+        budget=int(record.budget if record.budget is not None else budget.get("experiments", 0)),
+        batch_size=int(acquisition.get("batch_size", 1) or 1),
+        mode=acquisition.get("mode", "batch") if acquisition.get("mode") in ("batch", "asynchronous") else "batch",
+        goal_value=stopping.get("goal_value"),
+        patience=stopping.get("patience"),
+        max_failures=budget.get("max_failures"),
+        max_abandoned=budget.get("max_abandoned"),
+    )
+
+
+def _settle(store: Store, record: CampaignRecord, objective: Objective) -> tuple[str, str | None, int]:
+    """Check the rules on the repository's counts; end the campaign when nothing is left to do."""
+    ledger = ExperimentLedger(objective, _policy(record))
+    experiments = store.experiments(record.id)
+    ledger.load(((e.id, e.candidate_key, e.state) for e in experiments),
+                ((o.experiment_id, o.value) for o in store.observations(record.id, objective.property)))
+    ledger.check_rules()
+    counts = ledger.counts()
+    pending = counts["proposed"] + counts["running"]
+    current = store.get_campaign(record.id)
+    state = current.state if current is not None else record.state
+    if ledger.failure is not None:
+        reason, new_state = ledger.failure, "failed"
+    elif ledger.stop_reason is not None and pending == 0:
+        reason = ledger.stop_reason
+        new_state = "completed" if reason.startswith("budget") else "stopped"
+    else:
+        return state, ledger.stop_reason, pending
+    if new_state != state:
+        store.set_campaign_state(record.id, new_state, reason=reason)
+    return new_state, reason, pending
