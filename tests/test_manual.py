@@ -1,0 +1,349 @@
+"""``sdl ask`` / ``sdl tell``: the loop by hand, through the real CLI, on real SQLite and PostgreSQL.
+
+The real engine (a GP on the crossed-barrel parameters, a pretrained CHGNet head on a crystal
+pool) proposes; results are told as a person would; a campaign mixes hands with the real lab
+(simulator processes over pyserial, Bluesky plans on the Ophyd devices).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sdl.cli.main import app
+from sdl.repository import Store
+
+REPO = Path(__file__).resolve().parent.parent
+TABLE_WORLD = REPO / "simulators" / "worlds" / "crossed_barrel.csv"
+CRYSTAL_WORLD = REPO / "simulators" / "worlds" / "perovskites_demo.csv.gz"
+ASK_KEYS = {"experiment", "candidate", "params", "predicted_mean", "predicted_std", "acquisition_value",
+            "model_version", "batch_id", "strategy"}
+PARAMS = {"n", "theta", "r", "t"}
+
+
+def write_table_campaign(tmp_path: Path, *, name: str = "by-hand", budget: int = 8, instruments: bool = False,
+                         goal_value: float | None = None) -> Path:
+    """A crossed-barrel GP campaign (4 printing parameters, toughness in J)."""
+    lines = [
+        f"name: {name}",
+        "seed: 2",
+        "search_space:",
+        "  parameters:",
+        "    - {name: n, type: integer, low: 6, high: 12, unit: struts}",
+        "    - {name: theta, type: continuous, low: 0, high: 200, unit: deg}",
+        "    - {name: r, type: continuous, low: 1.5, high: 2.5, unit: mm}",
+        "    - {name: t, type: continuous, low: 0.7, high: 1.4, unit: mm}",
+        "objective: {property: toughness, unit: J, goal: maximize}",
+        "model: {name: gp}",
+        "acquisition: {function: qlognei, batch_size: 2}",
+        "initial_design: {strategy: sobol, size: 3}",
+        f"budget: {{experiments: {budget}, max_failures: 4}}",
+    ]
+    if goal_value is not None:
+        lines.append(f"stopping: {{goal_value: {goal_value}}}")
+    if instruments:
+        sim = "{time_scale: 0.002, off_table: nearest}"
+        lines += [
+            "instruments:",
+            f"  - {{name: printer, role: synthesis, simulated: true, world: {TABLE_WORLD}, simulator: {sim}}}",
+            f"  - {{name: tester, role: characterization, simulated: true, world: {TABLE_WORLD}, "
+            f"measures: [toughness], simulator: {sim}}}",
+        ]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sdl(*args: str | Path) -> tuple[int, str, str]:
+    """Run the real CLI; returns exit code, stdout, stderr."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def ask_json(campaign: Path, db: str, n: int, *extra: str) -> list[dict]:
+    code, out, err = sdl("ask", campaign, "-n", str(n), "--json", "--db", db, "--by", "alice", *extra)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def world_toughness(params: dict) -> float:
+    """The recorded toughness nearest to a recipe (what a person at the printer would measure)."""
+    with TABLE_WORLD.open() as handle:
+        rows = list(csv.DictReader(handle))
+    scale = {"n": 6.0, "theta": 200.0, "r": 1.0, "t": 0.7}
+
+    def distance(row: dict) -> float:
+        return sum(((float(row[k]) - float(params[k])) / scale[k]) ** 2 for k in scale)
+
+    return float(min(rows, key=distance)["toughness"])
+
+
+def only_error_line(err: str) -> str:
+    """The one error line (progress lines beside it on stderr start with the campaign's name)."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------- ask → tell → ask
+
+
+def test_ask_tell_ask_never_repeats_and_reports_like_a_run(tmp_path: Path, database_url: str) -> None:
+    campaign = write_table_campaign(tmp_path, budget=7)
+    first = ask_json(campaign, database_url, 3)
+
+    assert [set(a) for a in first] == [ASK_KEYS] * 3  # the --json schema
+    for a in first:
+        assert isinstance(a["experiment"], int) and set(a["params"]) == PARAMS
+        assert a["strategy"] == "initial-design" and a["predicted_mean"] is None
+    store = Store.from_url(database_url)
+    try:
+        record = store.get_campaign("by-hand")
+        assert record is not None and record.budget == 7
+        for a in first:
+            exp = store.get_experiment(a["experiment"])
+            assert exp is not None and exp.state == "proposed" and exp.model_version == a["model_version"]
+            assert exp.provenance_extra is not None
+            assert exp.provenance_extra["source"] == "hands" and exp.provenance_extra["asked_by"] == "alice"
+            assert exp.material_id is not None  # the same materials row an instrument's experiment gets
+
+        # One by value, one failed synthesis, one by CSV: all three arrive.
+        a, b, c = first
+        assert sdl("tell", "by-hand", "--experiment", a["experiment"], "--value",
+                   world_toughness(a["params"]), "--db", database_url, "--by", "bob")[0] == 0
+        code, out, err = sdl("tell", "by-hand", "-e", b["experiment"], "--failed", "print delaminated",
+                             "--db", database_url)
+        assert code == 0 and "failed: print delaminated" in out, err
+        sheet = tmp_path / "results.csv"
+        sheet.write_text(f"experiment,value,note\n{c['experiment']},{world_toughness(c['params'])},by eye\n")
+        assert sdl("tell", "by-hand", "--csv", sheet, "--db", database_url)[0] == 0
+
+        told = store.measurements(campaign_id=record.id)
+        assert [(m.experiment_id, m.unit, m.quality) for m in told] == [(a["experiment"], "J", "ok"),
+                                                                         (c["experiment"], "J", "ok")]
+        assert told[0].instrument == "hands:bob" and str(told[1].instrument).startswith("hands:")
+        failed = store.get_experiment(b["experiment"])
+        assert failed is not None and failed.state == "failed" and failed.failure_kind == "material"
+        assert len(store.events(record.id, "experiment.told")) == 3
+
+        # Asking again: the model proposes, never a measured, failed or pending recipe.
+        second = ask_json(campaign, database_url, 2)
+        third = ask_json(campaign, database_url, 2)
+        keys = [x["candidate"] for x in first + second + third]
+        assert len(set(keys)) == len(keys) == 7
+        assert all(x["predicted_mean"] is not None and x["predicted_std"] > 0 for x in second + third)
+        assert {x["strategy"] for x in second} == {"gp"}
+        assert second[0]["model_version"].startswith("gp-")
+        assert store.model_versions(record.id), "the model behind the proposals is recorded, as in sdl run"
+
+        # The budget (7) is taken: ask says so and writes nothing.
+        before = len(store.experiments(record.id))
+        code, _, err = sdl("ask", campaign, "-n", "1", "--db", database_url)
+        assert code == 1 and "budget of 7 is taken" in only_error_line(err)
+        assert len(store.experiments(record.id)) == before
+
+        rows = [{"experiment": x["experiment"], "value": world_toughness(x["params"])} for x in second + third]
+        sheet.write_text("experiment,value\n" + "".join(f"{r['experiment']},{r['value']}\n" for r in rows))
+        code, out, err = sdl("tell", "by-hand", "--csv", sheet, "--db", database_url)
+        assert code == 0 and "campaign by-hand completed: budget of 7 experiments reached" in out, err
+
+        code, _, err = sdl("ask", campaign, "-n", "1", "--db", database_url)
+        assert code == 1 and "is done (budget of 7 experiments reached)" in only_error_line(err)
+    finally:
+        store.close()
+
+    code, out, _ = sdl("status", "--json", "--db", database_url)
+    (summary,) = json.loads(out)
+    assert summary["state"] == "completed"
+    assert summary["counts"] == {"proposed": 0, "running": 0, "completed": 6, "failed": 1, "abandoned": 0}
+    assert summary["best_value"] == max(r["value"] for r in rows + [{"value": world_toughness(a["params"])},
+                                                                    {"value": world_toughness(c["params"])}])
+    code, out, _ = sdl("export", "by-hand", "--db", database_url)
+    exported = list(csv.DictReader(io.StringIO(out)))
+    assert len(exported) == 7 and {r["state"] for r in exported} == {"completed", "failed"}
+    assert all(r["instruments"].startswith("hands:") for r in exported)
+    assert all(r["model_version"] for r in exported)
+
+
+def test_goal_reached_by_a_told_value_stops_the_campaign(tmp_path: Path, sqlite_url: str) -> None:
+    campaign = write_table_campaign(tmp_path, budget=20, goal_value=5.0)
+    (a,) = ask_json(campaign, sqlite_url, 1)
+    code, out, _ = sdl("tell", "by-hand", "-e", a["experiment"], "--value", "5.5", "--db", sqlite_url)
+    assert code == 0 and "campaign by-hand stopped: goal value 5.0 reached" in out
+    code, _, err = sdl("ask", campaign, "--db", sqlite_url)
+    assert code == 1 and "goal value 5.0 reached" in only_error_line(err)
+
+
+# ---------------------------------------------------------------------------- all or nothing, amend, bad input
+
+
+def test_csv_is_all_or_nothing_and_bad_input_is_one_line(tmp_path: Path, sqlite_url: str) -> None:
+    campaign = write_table_campaign(tmp_path)
+    asked = ask_json(campaign, sqlite_url, 3)
+    ids = [a["experiment"] for a in asked]
+    sheet = tmp_path / "sheet.csv"
+    cases = {
+        f"experiment,value\n{ids[0]},1.5\n{ids[1]},lots\n": ("line 3", "value 'lots' is not a number"),
+        f"experiment,value\n{ids[0]},1.5\n999,2.0\n": ("line 3", "campaign 'by-hand' has no experiment 999"),
+        f"experiment,value\n{ids[0]},1.5\n{ids[0]},2.0\n": ("line 3", f"experiment {ids[0]} is told twice"),
+        f"experiment,value,failed\n{ids[0]},1.5,\n{ids[1]},2.0,cracked\n": ("line 3", "both a value and a failure"),
+        f"experiment,value\n{ids[0]},1.5\n{ids[1]},\n": ("line 3", "neither a value nor a failure"),
+        f"experiment,value\n{ids[0]},1.5\nseven,2.0\n": ("line 3", "experiment 'seven' is not an experiment id"),
+        f"experiment,value\n{ids[0]},1.5\n{ids[1]},inf\n": ("line 3", "is not a finite number"),
+        f"experiment,value\n{ids[0]},1.5,extra\n": ("line 2", "more cells than the header"),
+        f"id,toughness\n{ids[0]},1.5\n": ("line 1", "the header must name 'experiment'"),
+    }
+    for text, (line, message) in cases.items():
+        sheet.write_text(text)
+        code, out, err = sdl("tell", "by-hand", "--csv", sheet, "--db", sqlite_url)
+        error = only_error_line(err)
+        assert code == 2 and f"{sheet} {line}" in error and message in error, (text, err)
+    for args, message in [
+        (("tell", "nobody", "-e", ids[0], "--value", "1"), "no campaign named 'nobody'"),
+        (("tell", "by-hand", "-e", "12345", "--value", "1"), "campaign 'by-hand' has no experiment 12345"),
+        (("tell", "by-hand", "-e", ids[0], "--value", "1.2.3"), "value '1.2.3' is not a number"),
+        (("tell", "by-hand", "-e", ids[0]), "give --value V or --failed REASON"),
+        (("tell", "by-hand", "-e", ids[0], "--value", "1", "--failed", "x"), "give --value V or --failed REASON"),
+        (("tell", "by-hand", "--value", "1"), "--experiment ID"),
+    ]:
+        code, _, err = sdl(*args, "--db", sqlite_url)
+        assert code == 2 and message in only_error_line(err), (args, err)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text(campaign.read_text().replace("goal: maximize", "goal: maximise"))
+    code, _, err = sdl("ask", bad_yaml, "--db", sqlite_url)
+    assert code == 2 and f"{bad_yaml}:" in only_error_line(err) and "objective.goal" in err
+
+    store = Store.from_url(sqlite_url)
+    try:
+        record = store.get_campaign("by-hand")
+        assert record is not None
+        assert [e.state for e in store.experiments(record.id)] == ["proposed"] * 3  # nothing written
+        assert store.measurements(campaign_id=record.id) == []
+        assert store.events(record.id, "experiment.told") == []
+    finally:
+        store.close()
+    # A changed YAML is refused as sdl run refuses it, and accepted with --amend.
+    changed = tmp_path / "by-hand.yaml"
+    changed.write_text(campaign.read_text().replace("experiments: 8", "experiments: 9"))
+    code, _, err = sdl("ask", changed, "--db", sqlite_url)
+    assert code == 2 and "budget.experiments 8 → 9" in only_error_line(err) and "--amend" in err
+    assert len(ask_json(changed, sqlite_url, 1, "--amend")) == 1
+
+
+def test_a_completed_experiment_is_never_overwritten_without_amend(tmp_path: Path, sqlite_url: str) -> None:
+    campaign = write_table_campaign(tmp_path)
+    (a,) = ask_json(campaign, sqlite_url, 1)
+    eid = str(a["experiment"])
+    assert sdl("tell", "by-hand", "-e", eid, "--value", "2.5", "--db", sqlite_url)[0] == 0
+    code, _, err = sdl("tell", "by-hand", "-e", eid, "--value", "3.5", "--db", sqlite_url)
+    assert code == 1 and f"experiment {eid} is already completed (toughness 2.5)" in only_error_line(err)
+    code, _, err = sdl("tell", "by-hand", "-e", eid, "--failed", "oops", "--db", sqlite_url)
+    assert code == 1 and "cannot be marked failed" in only_error_line(err)
+    code, out, err = sdl("tell", "by-hand", "-e", eid, "--value", "3.5", "--amend", "--by", "carol",
+                         "--db", sqlite_url)
+    assert code == 0 and "amended; was 2.5" in out, err
+
+    store = Store.from_url(sqlite_url)
+    try:
+        record = store.get_campaign("by-hand")
+        assert record is not None
+        values = [(m.value, m.quality, m.instrument) for m in store.measurements(experiment_id=int(eid))]
+        assert values[0][:2] == (2.5, "superseded") and values[1] == (3.5, "ok", "hands:carol")
+        (obs,) = store.observations(record.id, "toughness")
+        assert obs.value == 3.5  # the engine learns the amended value only
+        (amended,) = store.events(record.id, "experiment.amended")
+        assert amended.payload == {"old": [2.5], "new": 3.5, "by": "carol", "origin": ""}
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------- hands and instruments
+
+
+def test_hands_and_instruments_share_one_campaign(tmp_path: Path, sqlite_url: str) -> None:
+    from sdl.config import load_campaign
+    from sdl.lab import open_lab, run_plain
+
+    campaign = write_table_campaign(tmp_path, name="mixed", budget=6, instruments=True)
+    by_hand = ask_json(campaign, sqlite_url, 2)
+    hand_ids = {a["experiment"] for a in by_hand}
+
+    cfg = load_campaign(campaign)
+    with open_lab(cfg, sqlite_url) as lab:
+        # While sdl run holds the campaign, hands are told so and nothing is written.
+        code, _, err = sdl("ask", campaign, "--db", sqlite_url)
+        assert code == 1 and "is being run by sdl run" in only_error_line(err)
+        code, _, err = sdl("tell", "mixed", "-e", min(hand_ids), "--value", "1.0", "--db", sqlite_url)
+        assert code == 1 and "is being run by sdl run" in only_error_line(err)
+        state = run_plain(lab)
+        assert lab.counts()["completed"] == 4  # the budget minus the two in a person's hands
+    assert state == "stopped"
+
+    store = Store.from_url(sqlite_url)
+    try:
+        record = store.get_campaign("mixed")
+        assert record is not None
+        stopped = store.events(record.id, "campaign.stopped")[-1]
+        assert "2 experiment(s) asked by hand wait for `sdl tell`" in stopped.message
+        experiments = store.experiments(record.id)
+        for exp in experiments:
+            if exp.id in hand_ids:  # never sent to an instrument
+                assert exp.state == "proposed" and exp.instruments is None and not store.runs(exp.id)
+            else:
+                assert exp.state == "completed" and exp.instruments == ["printer"] and store.runs(exp.id)
+        keys = [e.candidate_key for e in experiments]
+        assert len(set(keys)) == len(keys) == 6  # the instruments never repeated a recipe pending by hand
+    finally:
+        store.close()
+
+    sheet = tmp_path / "bench.csv"
+    sheet.write_text("experiment,value\n" + "".join(f"{a['experiment']},{world_toughness(a['params'])}\n"
+                                                    for a in by_hand))
+    code, out, err = sdl("tell", "mixed", "--csv", sheet, "--db", sqlite_url)
+    assert code == 0 and "campaign mixed completed: budget of 6 experiments reached" in out, err
+    code, out, _ = sdl("status", "--json", "--db", sqlite_url)
+    (summary,) = json.loads(out)
+    assert summary["state"] == "completed" and summary["counts"]["completed"] == 6
+    assert summary["n_measurements"] >= 6
+
+
+def test_a_crystal_pool_asks_for_candidates_with_their_formulas(tmp_path: Path, sqlite_url: str) -> None:
+    """A pretrained CHGNet head on 40 real perovskites: proposals name the candidate and its formula."""
+    with gzip.open(CRYSTAL_WORLD, "rt", newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = [row for _, row in zip(range(40), reader, strict=False)]
+    pool = tmp_path / "pool.csv"
+    with pool.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    campaign = tmp_path / "pool.yaml"
+    campaign.write_text("\n".join([
+        "name: pool-by-hand", "seed: 0",
+        f"search_space: {{candidates: {{file: {pool}, id_column: id, structure_column: cif, formula_column: formula}}}}",
+        "objective: {property: e_form, unit: eV, goal: minimize, extensive: true}",
+        "model: {name: gnn-ensemble, options: {backbone: chgnet, head: auto, use_prior: true}}",
+        "acquisition: {function: qucb, batch_size: 2}",
+        "initial_design: {strategy: prior, size: 2}",
+        "budget: {experiments: 6}",
+    ]) + "\n")
+    first = ask_json(campaign, sqlite_url, 2)
+    formulas = {r["id"]: r["formula"] for r in rows}
+    truth = {r["id"]: float(r["e_form"]) for r in rows}
+    for a in first:
+        assert set(a) == ASK_KEYS and a["params"]["candidate"] == a["candidate"]
+        assert a["params"]["formula"] == formulas[a["candidate"]]
+    sheet = tmp_path / "e.csv"
+    sheet.write_text("experiment,value\n" + "".join(f"{a['experiment']},{truth[a['candidate']]}\n" for a in first))
+    assert sdl("tell", "pool-by-hand", "--csv", sheet, "--db", sqlite_url)[0] == 0
+    second = ask_json(campaign, sqlite_url, 2)
+    assert {a["candidate"] for a in second}.isdisjoint(a["candidate"] for a in first)
+    assert all(a["predicted_mean"] is not None and a["predicted_std"] > 0 for a in second)
