@@ -11,6 +11,9 @@ import csv
 import gzip
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -313,6 +316,30 @@ def test_hands_and_instruments_share_one_campaign(tmp_path: Path, sqlite_url: st
     (summary,) = json.loads(out)
     assert summary["state"] == "completed" and summary["counts"]["completed"] == 6
     assert summary["n_measurements"] >= 6
+
+
+def test_sdl_run_leaves_the_experiments_asked_by_hand_to_hands(tmp_path: Path, sqlite_url: str) -> None:
+    """The real ``sdl run`` (a Prefect flow, ephemeral server) beside two experiments asked by hand."""
+    campaign = write_table_campaign(tmp_path, name="mixrun", budget=5, instruments=True)
+    by_hand = ask_json(campaign, sqlite_url, 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+    proc = subprocess.run([sys.executable, "-m", "sdl.cli.main", "run", str(campaign), "--db", sqlite_url],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "mixrun stopped: 2 experiment(s) asked by hand wait for `sdl tell`" in proc.stdout, proc.stdout
+    code, out, _ = sdl("status", "--json", "--db", sqlite_url)
+    (summary,) = json.loads(out)
+    assert summary["state"] == "stopped"
+    assert summary["counts"] == {"proposed": 2, "running": 0, "completed": 3, "failed": 0, "abandoned": 0}
+
+    sheet = tmp_path / "bench.csv"
+    sheet.write_text("experiment,value\n" + "".join(f"{a['experiment']},{world_toughness(a['params'])}\n"
+                                                    for a in by_hand))
+    code, out, err = sdl("tell", "mixrun", "--csv", sheet, "--db", sqlite_url)
+    assert code == 0 and "campaign mixrun completed: budget of 5 experiments reached" in out, err
+    code, out, _ = sdl("export", "mixrun", "--db", sqlite_url)
+    by_source = sorted(r["instruments"] for r in csv.DictReader(io.StringIO(out)))
+    assert by_source[2:] == ["printer"] * 3 and all(s.startswith("hands:") for s in by_source[:2])
 
 
 def test_a_crystal_pool_asks_for_candidates_with_their_formulas(tmp_path: Path, sqlite_url: str) -> None:

@@ -880,9 +880,10 @@ class Lab:
             state, reason = "failed", self.ledger.failure
         else:
             hands = self.ledger.by_hand()
-            waiting = (f"{len(hands)} experiment(s) asked by hand wait for `sdl tell` "
-                       f"({', '.join(str(e.experiment_id) for e in hands)})") if hands else "nothing left to do"
-            reason = self.ledger.stop_reason or waiting
+            if hands:  # the rest of the budget is in a person's hands: say so, in the summary too
+                self.ledger.stop(f"{len(hands)} experiment(s) asked by hand wait for `sdl tell` "
+                                 f"({', '.join(str(e.experiment_id) for e in hands)})")
+            reason = self.ledger.stop_reason or "nothing left to do"
             state = "completed" if reason.startswith("budget") and self.interrupted is None else "stopped"
         self.store.set_campaign_state(self.campaign_id, state, reason=reason)
         return state
