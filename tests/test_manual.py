@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from sdl.cli.main import app
@@ -167,8 +166,8 @@ def test_ask_tell_ask_never_repeats_and_reports_like_a_run(tmp_path: Path, datab
     (summary,) = json.loads(out)
     assert summary["state"] == "completed"
     assert summary["counts"] == {"proposed": 0, "running": 0, "completed": 6, "failed": 1, "abandoned": 0}
-    assert summary["best_value"] == max(r["value"] for r in rows + [{"value": world_toughness(a["params"])},
-                                                                    {"value": world_toughness(c["params"])}])
+    measured = [r["value"] for r in rows] + [world_toughness(a["params"]), world_toughness(c["params"])]
+    assert summary["best_value"] == max(measured)
     code, out, _ = sdl("export", "by-hand", "--db", database_url)
     exported = list(csv.DictReader(io.StringIO(out)))
     assert len(exported) == 7 and {r["state"] for r in exported} == {"completed", "failed"}
@@ -206,7 +205,7 @@ def test_csv_is_all_or_nothing_and_bad_input_is_one_line(tmp_path: Path, sqlite_
     }
     for text, (line, message) in cases.items():
         sheet.write_text(text)
-        code, out, err = sdl("tell", "by-hand", "--csv", sheet, "--db", sqlite_url)
+        code, _, err = sdl("tell", "by-hand", "--csv", sheet, "--db", sqlite_url)
         error = only_error_line(err)
         assert code == 2 and f"{sheet} {line}" in error and message in error, (text, err)
     for args, message in [
@@ -355,7 +354,8 @@ def test_a_crystal_pool_asks_for_candidates_with_their_formulas(tmp_path: Path, 
     campaign = tmp_path / "pool.yaml"
     campaign.write_text("\n".join([
         "name: pool-by-hand", "seed: 0",
-        f"search_space: {{candidates: {{file: {pool}, id_column: id, structure_column: cif, formula_column: formula}}}}",
+        f"search_space: {{candidates: {{file: {pool}, id_column: id, structure_column: cif, "
+        "formula_column: formula}}",
         "objective: {property: e_form, unit: eV, goal: minimize, extensive: true}",
         "model: {name: gnn-ensemble, options: {backbone: chgnet, head: auto, use_prior: true}}",
         "acquisition: {function: qucb, batch_size: 2}",

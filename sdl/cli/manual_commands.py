@@ -19,6 +19,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     from sdl.lab.manual import AskResult, TellResult
+    from sdl.repository import CampaignLocked
 
 __all__ = ["register"]
 
@@ -31,6 +32,14 @@ BY_HELP = "Who carries the experiments out (default: the operating-system user);
 def _die(message: str, code: int) -> NoReturn:
     Console(stderr=True, soft_wrap=True, highlight=False).print(Text.assemble(("error: ", "bold red"), message))
     raise typer.Exit(code=code)
+
+
+def _locked(exc: CampaignLocked) -> str:
+    """Who holds the campaign, and what to do: a brief ask/tell passes, sdl run owns it while it runs."""
+    if exc.holder and exc.holder.startswith(("sdl ask", "sdl tell")):
+        return (f"campaign {exc.campaign!r} is busy with {exc.holder} on host {exc.host} (pid {exc.pid}) "
+                "for a few seconds: try again")
+    return f"{exc} (asking and telling wait until the run has stopped)"
 
 
 def _stderr() -> Console:
@@ -75,7 +84,9 @@ def ask(
 
         try:
             result = ask_for(cfg, url, n, by=by or default_teller(), amend=amend, say=say, featurizing=featurizing)
-        except (CampaignLocked, CampaignDone) as exc:
+        except CampaignLocked as exc:
+            _die(f"{file}: {_locked(exc)}", 1)
+        except CampaignDone as exc:
             _die(f"{file}: {exc}", 1)
         except CampaignConfigChanged as exc:
             _die(f"{file}: {exc}", 2)
@@ -167,7 +178,7 @@ def tell(
     try:
         told = tell_results(resolve_database_url(db), campaign, results, by=by or default_teller(), amend=amend)
     except CampaignLocked as exc:
-        _die(str(exc), 1)
+        _die(_locked(exc), 1)
     except (HandInputError, RepositoryError) as exc:
         message = str(exc)
         _die(message, 1 if "already completed" in message else 2)
