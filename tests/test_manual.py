@@ -263,6 +263,14 @@ def test_a_completed_experiment_is_never_overwritten_without_amend(tmp_path: Pat
         assert obs.value == 3.5  # the engine learns the amended value only
         (amended,) = store.events(record.id, "experiment.amended")
         assert amended.payload == {"old": [2.5], "new": 3.5, "by": "carol", "origin": ""}
+
+        # Two hands at once: the second waits its turn (the lease an ask or tell holds for seconds).
+        from sdl.repository import hold_lease
+
+        with hold_lease(store, record.id, holder="sdl ask (bob)"):
+            code, _, err = sdl("ask", campaign, "--db", sqlite_url)
+            assert code == 1 and "busy with sdl ask (bob)" in only_error_line(err) and "try again" in err
+        assert len(store.experiments(record.id)) == 1
     finally:
         store.close()
 
@@ -275,18 +283,24 @@ def test_hands_and_instruments_share_one_campaign(tmp_path: Path, sqlite_url: st
     from sdl.lab import open_lab, run_plain
 
     campaign = write_table_campaign(tmp_path, name="mixed", budget=6, instruments=True)
-    by_hand = ask_json(campaign, sqlite_url, 2)
-    hand_ids = {a["experiment"] for a in by_hand}
+    early, late = ask_json(campaign, sqlite_url, 2)
+    hand_ids = {early["experiment"], late["experiment"]}
 
     cfg = load_campaign(campaign)
     with open_lab(cfg, sqlite_url) as lab:
-        # While sdl run holds the campaign, hands are told so and nothing is written.
+        # While sdl run holds the campaign: no asking behind its back (nothing written) ...
         code, _, err = sdl("ask", campaign, "--db", sqlite_url)
         assert code == 1 and "is being run by sdl run" in only_error_line(err)
-        code, _, err = sdl("tell", "mixed", "-e", min(hand_ids), "--value", "1.0", "--db", sqlite_url)
-        assert code == 1 and "is being run by sdl run" in only_error_line(err)
+        # ... but a result of an experiment asked by hand is welcome; the run learns it.
+        code, out, err = sdl("tell", "mixed", "-e", early["experiment"], "--value",
+                             world_toughness(early["params"]), "--db", sqlite_url)
+        assert code == 0 and "learns these before it proposes again" in out, err
         state = run_plain(lab)
-        assert lab.counts()["completed"] == 4  # the budget minus the two in a person's hands
+        assert lab.counts()["completed"] == 5  # 4 on the instruments (the budget minus 2 by hand), 1 by hand
+        assert lab.engine.n_observed == 5
+        mine = next(e for e in lab.store.experiments(lab.campaign_id) if e.id not in hand_ids)
+        code, _, err = sdl("tell", "mixed", "-e", mine.id, "--value", "1.0", "--amend", "--db", sqlite_url)
+        assert code == 1 and f"experiment {mine.id} is not one of the campaign's 'hands'" in only_error_line(err)
     assert state == "stopped"
 
     store = Store.from_url(sqlite_url)
@@ -294,11 +308,14 @@ def test_hands_and_instruments_share_one_campaign(tmp_path: Path, sqlite_url: st
         record = store.get_campaign("mixed")
         assert record is not None
         stopped = store.events(record.id, "campaign.stopped")[-1]
-        assert "2 experiment(s) asked by hand wait for `sdl tell`" in stopped.message
+        assert f"1 experiment(s) asked by hand wait for `sdl tell` ({late['experiment']})" in stopped.message
+        assert len(store.events(record.id, "experiment.learnt")) == 1
         experiments = store.experiments(record.id)
         for exp in experiments:
             if exp.id in hand_ids:  # never sent to an instrument
-                assert exp.state == "proposed" and exp.instruments is None and not store.runs(exp.id)
+                told = exp.id == early["experiment"]
+                assert exp.state == ("completed" if told else "proposed") and not store.runs(exp.id)
+                assert (exp.instruments or ["hands:"])[0].startswith("hands:")
             else:
                 assert exp.state == "completed" and exp.instruments == ["printer"] and store.runs(exp.id)
         keys = [e.candidate_key for e in experiments]
@@ -306,10 +323,8 @@ def test_hands_and_instruments_share_one_campaign(tmp_path: Path, sqlite_url: st
     finally:
         store.close()
 
-    sheet = tmp_path / "bench.csv"
-    sheet.write_text("experiment,value\n" + "".join(f"{a['experiment']},{world_toughness(a['params'])}\n"
-                                                    for a in by_hand))
-    code, out, err = sdl("tell", "mixed", "--csv", sheet, "--db", sqlite_url)
+    code, out, err = sdl("tell", "mixed", "-e", late["experiment"], "--value", world_toughness(late["params"]),
+                         "--db", sqlite_url)
     assert code == 0 and "campaign mixed completed: budget of 6 experiments reached" in out, err
     code, out, _ = sdl("status", "--json", "--db", sqlite_url)
     (summary,) = json.loads(out)

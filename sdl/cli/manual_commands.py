@@ -26,6 +26,7 @@ __all__ = ["register"]
 logger = logging.getLogger(__name__)
 
 DB_HELP = "Repository URL (default: $SDL_DATABASE_URL, the YAML's repository.url, sqlite:///sdl.db)."
+TELL_DB_HELP = "Repository URL (default: $SDL_DATABASE_URL, else sqlite:///sdl.db)."
 BY_HELP = "Who carries the experiments out (default: the operating-system user); recorded with them."
 
 
@@ -139,7 +140,7 @@ def tell(
     failed: str | None = typer.Option(None, "--failed", help="The synthesis failed: the reason, in words."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Many results: a CSV with columns experiment, "
                                          "value and/or failed (one of the two per row); all or nothing."),
-    db: str | None = typer.Option(None, "--db", help=DB_HELP),
+    db: str | None = typer.Option(None, "--db", help=TELL_DB_HELP),
     by: str | None = typer.Option(None, "--by", help=BY_HELP),
     amend: bool = typer.Option(False, "--amend", help="Replace the value of an experiment already completed "
                                "(the old value stays on record, flagged superseded)."),
@@ -197,7 +198,9 @@ def _print_told(result: TellResult) -> None:
                           f"(amended; was {old}, kept on record)")
         else:
             console.print(f"experiment {o.experiment_id} ({o.candidate_key}): {result.property} = {o.value:g}{unit}")
-    if result.state != "running" and result.stop_reason:
+    if result.note:
+        console.print(f"note: {result.note}")
+    elif result.state != "running" and result.stop_reason:
         console.print(f"campaign {result.campaign} {result.state}: {result.stop_reason}")
     elif result.stop_reason:
         console.print(f"campaign {result.campaign}: {result.stop_reason}; {result.pending} experiment(s) "

@@ -297,8 +297,12 @@ class Lab:
             self.engine.observe(
                 [Observation(key=o.candidate_key, params=o.params, value=o.value) for o in observations]
             )
-        self.ledger.load(((e.id, e.candidate_key, e.state) for e in self.store.experiments(self.campaign_id)),
+        experiments = self.store.experiments(self.campaign_id)  # read after the values: never a value twice
+        self.ledger.load(((e.id, e.candidate_key, e.state) for e in experiments),
                          ((o.experiment_id, o.value) for o in observations))
+        for e in experiments:  # a person's experiments in flight: tracked now, so any later tell is learnt
+            if e.state in ("proposed", "running") and asked_by_hand(e.provenance_extra):
+                self.ledger.track(e.id, e.candidate_key, e.state, e.batch_id, by_hand=True)
         self._reported = len(observations)
         return record
 
@@ -370,8 +374,45 @@ class Lab:
         return self.ledger.counts()
 
     def wanted(self) -> int:
-        """How many experiments to propose now (see :meth:`ExperimentLedger.wanted`)."""
+        """How many experiments to propose now (see :meth:`ExperimentLedger.wanted`).
+
+        Results told by hand since the last look are learnt first (:meth:`sync_hands`), so the
+        next proposal and the stopping rules know them.
+        """
+        self.sync_hands()
         return self.ledger.wanted(self.pool.count(ROBOT))
+
+    def sync_hands(self) -> int:
+        """Learn what ``sdl tell`` recorded, while this run went on, for experiments asked by hand.
+
+        The repository is the source of truth: each by-hand experiment in flight is read back; one
+        that ended is ended in the ledger (and a completed one observed by the engine). Returns how
+        many ended.
+        """
+        from sdl.engine import Observation
+
+        ended = 0
+        for entry in self.ledger.by_hand():
+            record = self.store.get_experiment(entry.experiment_id)
+            if record is None or record.state == entry.state:
+                continue
+            if record.state == "running":
+                self.ledger.started(record.id)
+                continue
+            value = self.measured_value(record.id) if record.state == "completed" else None
+            if record.state == "completed":
+                if value is None:
+                    continue
+                with self._engine_lock:
+                    self.engine.observe([Observation(key=record.candidate_key, params=dict(record.params or {}),
+                                                     value=value)])
+            self.ledger.ended(record.id, record.state, from_state=entry.state, candidate_key=record.candidate_key,
+                              value=value)
+            self.event("experiment.learnt", f"experiment {record.id} ({record.candidate_key}) {record.state} by hand"
+                       + ("" if value is None else f": {self.property} = {value:g}"),
+                       experiment_id=record.id, payload={"state": record.state, "value": value})
+            ended += 1
+        return ended
 
     def finished(self) -> bool:
         """True when nothing is in flight and no more experiments will be proposed."""
@@ -549,8 +590,7 @@ class Lab:
         """Tickets for the experiments a previous process left unfinished (see the module docstring)."""
         tickets: list[Ticket] = []
         for exp in self.store.pending_experiments(self.campaign_id):
-            if asked_by_hand(exp.provenance_extra):  # a person's: pending, never run here
-                self.ledger.track(exp.id, exp.candidate_key, exp.state, exp.batch_id, by_hand=True)
+            if asked_by_hand(exp.provenance_extra):  # a person's (tracked by load): never run here
                 continue
             ticket = self._ticket(exp)
             self.ledger.track(exp.id, exp.candidate_key, exp.state, exp.batch_id)
@@ -876,6 +916,7 @@ class Lab:
         Budget reached: ``completed``; a failure (instrument gone, failure budget spent): ``failed``;
         any other rule or an interrupt: ``stopped`` (the next ``sdl run`` resumes it).
         """
+        self.sync_hands()
         if self.ledger.failure is not None:
             state, reason = "failed", self.ledger.failure
         else:

@@ -11,12 +11,14 @@ whose instrument is ``hands:<who>``, the experiment's state changes and their ev
 
 Hands and instruments. An asked experiment is marked ``source: hands`` in its provenance: it is a
 pending point for every later proposal and counts against the budget, but ``sdl run`` never sends
-it to an instrument (:meth:`Lab.recover`). Asking and telling take the campaign's lease for the
-few seconds they need, the same lease ``sdl run`` holds while it runs; so while the instruments run
-a campaign, ``ask`` and ``tell`` refuse with one line naming the runner. The running process owns
-the proposal numbering, the engine's pending points and the budget in memory: a proposal or a
-result slipped in behind its back would repeat one of its candidates or overrun its budget.
-Between runs, hands and instruments take turns on one campaign as often as needed.
+it to an instrument (:meth:`Lab.recover`) and does not wait for it. ``ask`` takes the campaign's
+lease for the seconds it needs, the lease ``sdl run`` holds while it runs; so while the instruments
+run a campaign, ``ask`` refuses with one line naming the runner: the running process owns the
+proposal numbering, the engine's pending points and the budget in memory, and a proposal slipped
+in behind its back could repeat one of its candidates or overrun its budget. ``tell`` takes the
+lease too; when ``sdl run`` holds it, results of experiments asked by hand are still recorded (the
+runner never touches those, and :meth:`Lab.sync_hands` reads them back before it proposes again),
+while a result for one of the run's own experiments is refused.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 from sdl.engine.objectives import Objective
 from sdl.exceptions import SDLError
-from sdl.lab.ledger import ExperimentLedger, StoppingPolicy, asked_by_hand
+from sdl.lab.ledger import HANDS, ExperimentLedger, StoppingPolicy, asked_by_hand
 
 if TYPE_CHECKING:
     from sdl.config import CampaignConfig
-    from sdl.repository import CampaignRecord, HandOutcome, HandResult, Store
+    from sdl.repository import CampaignLocked, CampaignRecord, HandOutcome, HandResult, Store
 
 __all__ = [
     "AskResult",
@@ -121,6 +123,7 @@ class TellResult:
     state: str
     stop_reason: str | None
     pending: int
+    note: str | None = None
 
 
 def default_teller() -> str:
@@ -334,7 +337,9 @@ def tell(
 
     Afterwards the campaign's stopping rules are checked as ``sdl run`` checks them: when the
     budget is spent or a rule fired and nothing is pending, the campaign is marked completed or
-    stopped (failed when the failure budget is spent).
+    stopped (failed when the failure budget is spent). While ``sdl run`` holds the campaign, only
+    experiments asked by hand may be told (the run learns them before it proposes again, and
+    ends the campaign itself); ``note`` then says so.
 
     Args:
         database_url: Repository URL (an existing repository).
@@ -349,7 +354,7 @@ def tell(
         RepositoryError: A result cannot be recorded (see :meth:`Store.record_hand_results`);
             nothing was written.
     """
-    from sdl.repository import Store, hold_lease
+    from sdl.repository import CampaignLocked, Store, hold_lease
 
     if not results:
         raise HandInputError("nothing to tell")
@@ -360,13 +365,47 @@ def tell(
             known = ", ".join(c.name for c in store.campaigns()) or "none"
             raise HandInputError(f"no campaign named {campaign!r} in {store.url} (known: {known})")
         objective = _objective(record)
-        with hold_lease(store, record.id, holder=f"sdl tell ({by})"):
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(hold_lease(store, record.id, holder=f"sdl tell ({by})"))
+            except CampaignLocked as locked:
+                return _tell_beside_a_run(store, record, objective, results, by=by, amend=amend, locked=locked)
             outcomes = store.record_hand_results(record.id, results, by=by, property=objective.property,
                                                  unit=objective.unit, amend=amend)
             state, reason, pending = _settle(store, record, objective)
         return TellResult(record.name, objective.property, objective.unit, outcomes, state, reason, pending)
     finally:
         store.close()
+
+
+def _tell_beside_a_run(
+    store: Store,
+    record: CampaignRecord,
+    objective: Objective,
+    results: Sequence[HandResult],
+    *,
+    by: str,
+    amend: bool,
+    locked: CampaignLocked,
+) -> TellResult:
+    """While another process holds the campaign: results of experiments asked by hand only.
+
+    The runner never touches those (they are the person's), and it reads them back before it
+    proposes again (:meth:`Lab.sync_hands`); an experiment of its own is refused, naming it.
+    """
+    from sdl.exceptions import RepositoryError
+    from sdl.repository import CampaignLocked
+
+    try:
+        outcomes = store.record_hand_results(record.id, results, by=by, property=objective.property,
+                                             unit=objective.unit, amend=amend, source=HANDS)
+    except RepositoryError as exc:
+        if "another process runs the campaign" not in str(exc):
+            raise
+        raise CampaignLocked(f"{exc}: {locked}", campaign=record.name, holder=locked.holder, host=locked.host,
+                             pid=locked.pid, since=locked.since) from exc
+    note = f"{locked.holder} (pid {locked.pid}) runs {record.name!r} and learns these before it proposes again"
+    return TellResult(record.name, objective.property, objective.unit, outcomes, record.state, None, -1, note)
 
 
 def _objective(record: CampaignRecord) -> Objective:

@@ -1543,6 +1543,7 @@ class Store:
         property: str,  # noqa: A002 - the domain's word
         unit: str | None = None,
         amend: bool = False,
+        source: str | None = None,
     ) -> list[HandOutcome]:
         """Complete (or fail) experiments with results a person measured: all or nothing.
 
@@ -1553,10 +1554,14 @@ class Store:
         ``property`` are flagged ``superseded`` (kept on record) and the new one is added, with an
         ``experiment.amended`` event naming both.
 
+        Args:
+            source: Only experiments whose ``provenance_extra["source"]`` is this (``hands``: while
+                ``sdl run`` holds the campaign, a person may tell only what was asked by hand).
+
         Raises:
             RepositoryError: One line naming ``result.origin`` and the experiment: unknown, told
-                twice, already completed (without ``amend``), failed or abandoned, or a value that
-                is not a finite number.
+                twice, already completed (without ``amend``), failed or abandoned, not of
+                ``source``, or a value that is not a finite number.
         """
         hand = f"hands:{by}"
         outcomes: list[HandOutcome] = []
@@ -1574,6 +1579,9 @@ class Store:
                 row = s.get(Experiment, eid, with_for_update=True)
                 if row is None or row.campaign_id != campaign_id:
                     raise RepositoryError(f"{where}campaign {name!r} has no experiment {eid}")
+                if source is not None and (row.provenance_extra or {}).get("source") != source:
+                    raise RepositoryError(f"{where}experiment {eid} is not one of the campaign's {source!r} "
+                                          f"experiments, and another process runs the campaign now")
                 outcomes.append(self._tell_one(s, row, result, where, hand=hand, by=by, property=property,
                                                unit=unit, amend=amend))
         return outcomes
