@@ -124,6 +124,8 @@ def test_ask_tell_ask_never_repeats_and_reports_like_a_run(tmp_path: Path, datab
         code, out, err = sdl("tell", "by-hand", "-e", b["experiment"], "--failed", "print delaminated",
                              "--db", database_url)
         assert code == 0 and "failed: print delaminated" in out, err
+        code, _, err = sdl("tell", "by-hand", "-e", b["experiment"], "--value", "2", "--amend", "--db", database_url)
+        assert code == 1 and "is failed (print delaminated): it cannot be told a result" in only_error_line(err)
         sheet = tmp_path / "results.csv"
         sheet.write_text(f"experiment,value,note\n{c['experiment']},{world_toughness(c['params'])},by eye\n")
         assert sdl("tell", "by-hand", "--csv", sheet, "--db", database_url)[0] == 0

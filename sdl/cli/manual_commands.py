@@ -35,12 +35,12 @@ def _die(message: str, code: int) -> NoReturn:
     raise typer.Exit(code=code)
 
 
-def _locked(exc: CampaignLocked) -> str:
+def _locked(exc: CampaignLocked, advice: str) -> str:
     """Who holds the campaign, and what to do: a brief ask/tell passes, sdl run owns it while it runs."""
     if exc.holder and exc.holder.startswith(("sdl ask", "sdl tell")):
         return (f"campaign {exc.campaign!r} is busy with {exc.holder} on host {exc.host} (pid {exc.pid}) "
                 "for a few seconds: try again")
-    return f"{exc} (asking and telling wait until the run has stopped)"
+    return f"{exc} ({advice})"
 
 
 def _stderr() -> Console:
@@ -86,7 +86,7 @@ def ask(
         try:
             result = ask_for(cfg, url, n, by=by or default_teller(), amend=amend, say=say, featurizing=featurizing)
         except CampaignLocked as exc:
-            _die(f"{file}: {_locked(exc)}", 1)
+            _die(f"{file}: {_locked(exc, 'ask when it has stopped: a run owns the proposals while it runs')}", 1)
         except CampaignDone as exc:
             _die(f"{file}: {exc}", 1)
         except CampaignConfigChanged as exc:
@@ -149,7 +149,7 @@ def tell(
     from sdl.exceptions import RepositoryError
     from sdl.lab.manual import HandInputError, default_teller, parse_value, read_results_csv
     from sdl.lab.manual import tell as tell_results
-    from sdl.repository import CampaignLocked, HandResult
+    from sdl.repository import CampaignLocked, HandResult, ResultRefused
     from sdl.settings import resolve_database_url
 
     if csv_file is not None:
@@ -179,10 +179,11 @@ def tell(
     try:
         told = tell_results(resolve_database_url(db), campaign, results, by=by or default_teller(), amend=amend)
     except CampaignLocked as exc:
-        _die(_locked(exc), 1)
+        _die(_locked(exc, "tell its own experiments when it has stopped"), 1)
+    except ResultRefused as exc:
+        _die(str(exc), 1)
     except (HandInputError, RepositoryError) as exc:
-        message = str(exc)
-        _die(message, 1 if "already completed" in message else 2)
+        _die(str(exc), 2)
     _print_told(told)
 
 

@@ -70,6 +70,7 @@ __all__ = [
     "CampaignLocked",
     "CampaignConfigChanged",
     "CampaignLease",
+    "ResultRefused",
     "hold_lease",
     "config_differences",
     "ABSENT",
@@ -174,6 +175,11 @@ class CampaignConfigChanged(RepositoryError):
         super().__init__(message)
         self.campaign = campaign
         self.differences = list(differences)
+
+
+class ResultRefused(RepositoryError):
+    """A told result would overwrite a completed experiment (without ``amend``) or contradict an
+    ended one (failed, abandoned): refused, nothing written."""
 
 
 # --------------------------------------------------------------------------- config differences
@@ -1620,10 +1626,10 @@ class Store:
             )
             shown = ", ".join(f"{m.value:g}" for m in old) or "no value"
             if measurement is None:
-                raise RepositoryError(f"{where}experiment {eid} is already completed ({property} {shown}): "
-                                      "it cannot be marked failed")
+                raise ResultRefused(f"{where}experiment {eid} is already completed ({property} {shown}): "
+                                    "it cannot be marked failed")
             if not amend:
-                raise RepositoryError(
+                raise ResultRefused(
                     f"{where}experiment {eid} is already completed ({property} {shown}); rerun with --amend "
                     "to replace its value (the old one stays on record)"
                 )
@@ -1639,8 +1645,8 @@ class Store:
             )
             return HandOutcome(eid, row.candidate_key, "completed", measurement.value, None, [m.value for m in old])
         if row.state in ("failed", "abandoned"):
-            raise RepositoryError(f"{where}experiment {eid} is {row.state} ({row.failure_reason or 'no reason'}): "
-                                  "it cannot be told a result")
+            raise ResultRefused(f"{where}experiment {eid} is {row.state} ({row.failure_reason or 'no reason'}): "
+                                "it cannot be told a result")
         if row.state == "proposed":
             self._move(s, row, "running", f"carried out by {hand}", payload={"instruments": [hand]},
                        instruments=[hand], started_at=now)
