@@ -189,9 +189,9 @@ def test_goal_reached_by_a_told_value_stops_the_campaign(tmp_path: Path, sqlite_
 # ---------------------------------------------------------------------------- all or nothing, amend, bad input
 
 
-def test_csv_is_all_or_nothing_and_bad_input_is_one_line(tmp_path: Path, sqlite_url: str) -> None:
+def test_csv_is_all_or_nothing_and_bad_input_is_one_line(tmp_path: Path, database_url: str) -> None:
     campaign = write_table_campaign(tmp_path)
-    asked = ask_json(campaign, sqlite_url, 3)
+    asked = ask_json(campaign, database_url, 3)
     ids = [a["experiment"] for a in asked]
     sheet = tmp_path / "sheet.csv"
     cases = {
@@ -207,7 +207,7 @@ def test_csv_is_all_or_nothing_and_bad_input_is_one_line(tmp_path: Path, sqlite_
     }
     for text, (line, message) in cases.items():
         sheet.write_text(text)
-        code, _, err = sdl("tell", "by-hand", "--csv", sheet, "--db", sqlite_url)
+        code, _, err = sdl("tell", "by-hand", "--csv", sheet, "--db", database_url)
         error = only_error_line(err)
         assert code == 2 and f"{sheet} {line}" in error and message in error, (text, err)
     for args, message in [
@@ -218,14 +218,14 @@ def test_csv_is_all_or_nothing_and_bad_input_is_one_line(tmp_path: Path, sqlite_
         (("tell", "by-hand", "-e", ids[0], "--value", "1", "--failed", "x"), "give --value V or --failed REASON"),
         (("tell", "by-hand", "--value", "1"), "--experiment ID"),
     ]:
-        code, _, err = sdl(*args, "--db", sqlite_url)
+        code, _, err = sdl(*args, "--db", database_url)
         assert code == 2 and message in only_error_line(err), (args, err)
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(campaign.read_text().replace("goal: maximize", "goal: maximise"))
-    code, _, err = sdl("ask", bad_yaml, "--db", sqlite_url)
+    code, _, err = sdl("ask", bad_yaml, "--db", database_url)
     assert code == 2 and f"{bad_yaml}:" in only_error_line(err) and "objective.goal" in err
 
-    store = Store.from_url(sqlite_url)
+    store = Store.from_url(database_url)
     try:
         record = store.get_campaign("by-hand")
         assert record is not None
@@ -237,25 +237,25 @@ def test_csv_is_all_or_nothing_and_bad_input_is_one_line(tmp_path: Path, sqlite_
     # A changed YAML is refused as sdl run refuses it, and accepted with --amend.
     changed = tmp_path / "by-hand.yaml"
     changed.write_text(campaign.read_text().replace("experiments: 8", "experiments: 9"))
-    code, _, err = sdl("ask", changed, "--db", sqlite_url)
+    code, _, err = sdl("ask", changed, "--db", database_url)
     assert code == 2 and "budget.experiments 8 → 9" in only_error_line(err) and "--amend" in err
-    assert len(ask_json(changed, sqlite_url, 1, "--amend")) == 1
+    assert len(ask_json(changed, database_url, 1, "--amend")) == 1
 
 
-def test_a_completed_experiment_is_never_overwritten_without_amend(tmp_path: Path, sqlite_url: str) -> None:
+def test_a_completed_experiment_is_never_overwritten_without_amend(tmp_path: Path, database_url: str) -> None:
     campaign = write_table_campaign(tmp_path)
-    (a,) = ask_json(campaign, sqlite_url, 1)
+    (a,) = ask_json(campaign, database_url, 1)
     eid = str(a["experiment"])
-    assert sdl("tell", "by-hand", "-e", eid, "--value", "2.5", "--db", sqlite_url)[0] == 0
-    code, _, err = sdl("tell", "by-hand", "-e", eid, "--value", "3.5", "--db", sqlite_url)
+    assert sdl("tell", "by-hand", "-e", eid, "--value", "2.5", "--db", database_url)[0] == 0
+    code, _, err = sdl("tell", "by-hand", "-e", eid, "--value", "3.5", "--db", database_url)
     assert code == 1 and f"experiment {eid} is already completed (toughness 2.5)" in only_error_line(err)
-    code, _, err = sdl("tell", "by-hand", "-e", eid, "--failed", "oops", "--db", sqlite_url)
+    code, _, err = sdl("tell", "by-hand", "-e", eid, "--failed", "oops", "--db", database_url)
     assert code == 1 and "cannot be marked failed" in only_error_line(err)
     code, out, err = sdl("tell", "by-hand", "-e", eid, "--value", "3.5", "--amend", "--by", "carol",
-                         "--db", sqlite_url)
+                         "--db", database_url)
     assert code == 0 and "amended; was 2.5" in out, err
 
-    store = Store.from_url(sqlite_url)
+    store = Store.from_url(database_url)
     try:
         record = store.get_campaign("by-hand")
         assert record is not None
@@ -270,7 +270,7 @@ def test_a_completed_experiment_is_never_overwritten_without_amend(tmp_path: Pat
         from sdl.repository import hold_lease
 
         with hold_lease(store, record.id, holder="sdl ask (bob)"):
-            code, _, err = sdl("ask", campaign, "--db", sqlite_url)
+            code, _, err = sdl("ask", campaign, "--db", database_url)
             assert code == 1 and "busy with sdl ask (bob)" in only_error_line(err) and "try again" in err
         assert len(store.experiments(record.id)) == 1
     finally:
