@@ -73,6 +73,7 @@ def sdl(*args: str | Path) -> tuple[int, str, str]:
 def ask_json(campaign: Path, db: str, n: int, *extra: str) -> list[dict]:
     code, out, err = sdl("ask", campaign, "-n", str(n), "--json", "--db", db, "--by", "alice", *extra)
     assert code == 0, err
+    assert "loading the engine" in err and "proposing" in err  # progress on stderr, JSON alone on stdout
     return json.loads(out)
 
 

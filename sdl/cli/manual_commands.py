@@ -80,8 +80,13 @@ def ask(
             status.update(message)
             err.print(f"[dim]{message}[/]", highlight=False)
 
+        tenth = [-1]
+
         def featurizing(done: int, total: int) -> None:
             status.update(f"{cfg.name}: featurising candidates {done} / {total}")
+            if not err.is_terminal and int(10 * done / max(1, total)) != tenth[0]:  # a log file: every 10 %
+                tenth[0] = int(10 * done / max(1, total))
+                err.print(f"[dim]{cfg.name}: featurising candidates {done} / {total}[/]", highlight=False)
 
         try:
             result = ask_for(cfg, url, n, by=by or default_teller(), amend=amend, say=say, featurizing=featurizing)
