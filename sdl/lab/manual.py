@@ -114,7 +114,8 @@ class AskResult:
 
 @dataclass(frozen=True)
 class TellResult:
-    """What one ``tell`` did, and where the campaign stands afterwards."""
+    """What one ``tell`` did, and where the campaign stands afterwards (``pending``: None when
+    another process runs the campaign and counts for itself; ``note`` then says so)."""
 
     campaign: str
     property: str
@@ -122,7 +123,7 @@ class TellResult:
     outcomes: list[HandOutcome]
     state: str
     stop_reason: str | None
-    pending: int
+    pending: int | None
     note: str | None = None
 
 
@@ -405,7 +406,7 @@ def _tell_beside_a_run(
         raise CampaignLocked(f"{exc}: {locked}", campaign=record.name, holder=locked.holder, host=locked.host,
                              pid=locked.pid, since=locked.since) from exc
     note = f"{locked.holder} (pid {locked.pid}) runs {record.name!r} and learns these before it proposes again"
-    return TellResult(record.name, objective.property, objective.unit, outcomes, record.state, None, -1, note)
+    return TellResult(record.name, objective.property, objective.unit, outcomes, record.state, None, None, note)
 
 
 def _objective(record: CampaignRecord) -> Objective:
