@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdl.engine.objectives import Objective
 from sdl.exceptions import InstrumentError, MaterialFailure, SDLError
+from sdl.lab.alerts import CampaignAlerts
 from sdl.lab.instruments import (
     ROBOT,
     STATION,
@@ -247,6 +248,7 @@ class Lab:
         self.interrupted: str | None = None  # "drain" or "abort" once a signal asked the run to stop
         self.campaign_id = 0
         self._token = ""
+        self.alerts = CampaignAlerts(self)  # cfg.notifications: failed, instrument gone, goal, budget
 
     # ------------------------------------------------------------------ campaign and engine
     def start(self) -> None:
@@ -280,6 +282,7 @@ class Lab:
         self.ledger.load(((e.id, e.candidate_key, e.state) for e in self.store.experiments(self.campaign_id)),
                          ((o.experiment_id, o.value) for o in observations))
         self._reported = len(observations)
+        self.alerts.started()
         from sdl.lab import interrupts
 
         interrupts.register(self)
@@ -320,6 +323,7 @@ class Lab:
     def _outage_event(self, instrument: str, what: str, message: str) -> None:
         level = "info" if what == "up" else "error"
         self.event(f"instrument.{what}", message, level=level, payload={"instrument": instrument})
+        self.alerts.instrument_event(instrument, what, message)
 
     def fault_callback(self, instrument: str) -> Callable[[str, str], None]:
         """``on_fault`` for an instrument's transport: every line fault goes to the event log."""
@@ -861,6 +865,7 @@ class Lab:
             reason = self.ledger.stop_reason or "nothing left to do"
             state = "completed" if reason.startswith("budget") and self.interrupted is None else "stopped"
         self.store.set_campaign_state(self.campaign_id, state, reason=reason)
+        self.alerts.ended(state, reason)
         return state
 
     # ------------------------------------------------------------------ waiting
@@ -875,10 +880,11 @@ class Lab:
             self._changed.wait(timeout)
 
     def close(self) -> None:
-        """Close the instruments' lines."""
+        """Close the instruments' lines; deliver the last alerts."""
         for device in self.pool.devices.values():
             with contextlib.suppress(Exception):
                 device.close()
+        self.alerts.close()
 
 
 def _as_lab_error(exc: BaseException | None, instrument: str) -> BaseException:
@@ -963,7 +969,11 @@ def open_lab(
             lab.ledger.fail(str(exc))
             lab.finish()
             raise
-        yield lab
+        try:
+            yield lab
+        except Exception as exc:
+            lab.alerts.crashed(exc)
+            raise
 
 
 def _featurize_logger(campaign: str) -> Callable[[int, int], None]:
