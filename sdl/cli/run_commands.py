@@ -211,30 +211,60 @@ def _safe(url: str) -> str:
 
 
 def ui(
-    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port on 127.0.0.1 (0: a free one)."),
+    host: str | None = typer.Option(None, "--host", help="Interface to listen on (default 127.0.0.1; anything "
+                                    "else only when given here: the Prefect UI and API have no login)."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port (0: a free one)."),
     home: Path = typer.Option(Path("sdl-runs/prefect-server"), "--home", help="PREFECT_HOME of the server."),
 ) -> None:
-    """Start a local Prefect server (UI and API) on 127.0.0.1 and print how to report to it."""
+    """Start a local Prefect server (UI and API) and print how to report to it; runs until stopped.
+
+    As a service (systemd, docker): SIGTERM or SIGINT stops the server and everything it started,
+    then exits 0. Exit codes: 1 the server did not start, 2 bad input (an unsafe host from the
+    environment).
+    """
+    import signal
+
     from rich.console import Console
 
-    from sdl.prefect_server import PrefectServer
+    from sdl.prefect_server import PrefectServer, UnsafeHost, resolve_ui_host
 
+    try:
+        listen = resolve_ui_host(host)
+    except UnsafeHost as exc:
+        _fail(str(exc))
     console = Console()
-    server = PrefectServer(home=home.resolve(), port=port or None)
+    server = PrefectServer(home=home.resolve(), port=port or None, host=listen)
+    if host and not server.loopback:
+        console.print(f"[yellow]warning:[/] listening on {host}: anyone who reaches this port can read and run "
+                      "campaigns (the Prefect server has no login)", highlight=False)
+
+    def stop_on(signum: int, frame: object) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop_on) for sig in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
     try:
-        server.start()
-    except RuntimeError as exc:
-        _fail(f"Prefect server: {exc}", code=1)
-    console.print(f"Prefect UI:  [link={server.url}]{server.url}[/link]", highlight=False)
-    console.print(f"Report to it from another shell:\n  export PREFECT_API_URL={server.api_url}\n"
-                  f"  sdl run campaigns/demo.yaml\nLaunch campaigns from the UI:  sdl serve", highlight=False)
-    try:
+        try:
+            server.start()
+        except RuntimeError as exc:
+            _fail(f"Prefect server: {exc}", code=1)
+        console.print(f"Prefect UI:  [link={server.url}]{server.url}[/link]", highlight=False)
+        console.print(f"Report to it from another shell:\n  export PREFECT_API_URL={server.api_url}\n"
+                      f"  sdl run campaigns/demo.yaml\nLaunch campaigns from the UI:  sdl serve", highlight=False)
         code = server.wait()
-    except KeyboardInterrupt:
-        code = 0
+    except _Stop as stop:
+        console.print(f"{stop}: stopping the Prefect server", highlight=False)
     finally:
+        for sig in previous:  # a second signal must not cut the stop short (it is bounded)
+            signal.signal(sig, signal.SIG_IGN)
         server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     raise typer.Exit(code)
+
+
+class _Stop(Exception):
+    """SIGTERM / SIGINT reached ``sdl ui``: stop the server (a normal end for a service)."""
 
 
 def serve(
