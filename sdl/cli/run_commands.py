@@ -199,9 +199,44 @@ def _print_summary(console: Any, cfg: Any, summary: dict[str, Any]) -> None:
                       f"({summary['true_best_candidate']})", highlight=False)
     if summary.get("best_world_rank"):
         rank, size = summary["best_world_rank"]
-        console.print(f"  rank of best found:  {rank} of {size} recorded values in the world", highlight=False)
+        for line in rank_against_random(rank, size, counts.get("completed", 0)):
+            console.print(f"  {line}", highlight=False)
     for what, path in summary.get("plots", {}).items():
         console.print(f"  plot {what}: {path}", highlight=False)
+
+
+def rank_against_random(rank: int, size: int, measured: int) -> list[str]:
+    """The best found's rank in the world, in words, beside random search's expectation for the same budget.
+
+    Why: "rank 4 of 400" means little until one knows that random search with 32 experiments
+    reaches rank ~12 on average (the analytic expectation, :mod:`sdl.benchmark_metrics`).
+    """
+    from sdl.benchmark_metrics import random_best_rank_at_most, random_expected_best_rank
+
+    share = 100.0 * rank / size
+    where = "the best recorded value" if rank == 1 else f"top {share:.2g} %"
+    lines = [f"rank of best found:  {rank} of {size} recorded values in the world ({where})"]
+    if 1 <= measured <= size:
+        expected = random_expected_best_rank(size, measured)
+        chance = 100.0 * random_best_rank_at_most(size, measured, rank)
+        shown = f"{expected:.0f}" if expected >= 10 else f"{expected:.1f}"
+        as_good = "rank 1" if rank == 1 else f"rank {rank} or better"
+        lines.append(f"random search:       with {measured} experiments, rank ~{shown} on average; "
+                     f"{as_good} in {_percent(chance)} of campaigns")
+        if rank < expected * 0.8:
+            verdict = f"better than random search's average (rank {rank} vs ~{shown})"
+        elif rank > expected * 1.25:
+            verdict = f"worse than random search's average (rank {rank} vs ~{shown})"
+        else:
+            verdict = f"about random search's average (rank {rank} vs ~{shown})"
+        lines.append(f"verdict:             {verdict}")
+    return lines
+
+
+def _percent(value: float) -> str:
+    if value >= 99.5:
+        return "over 99 %" if value < 100.0 else "100 %"
+    return f"{value:.0f} %" if value >= 10 else f"{value:.2g} %"
 
 
 def _safe(url: str) -> str:
