@@ -9,10 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
+
+from sdl.steps import UPDATE
 
 __all__ = ["register"]
 
@@ -46,12 +50,30 @@ def run(
     Ctrl-C once: the experiments in flight finish and nothing new starts; twice: they are aborted on
     the instruments and recorded as abandoned.
     """
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    with _progress(err) as progress:
+        bar = progress.add_task(file.stem, total=None, best="", step="")
+        steps = _StepDisplay(progress, bar)
+        with steps:
+            summary, cfg, interrupts = _run_with_progress(file, db, budget, seed, time_scale, verbose, amend,
+                                                          progress, bar)
+    _print_summary(Console(), cfg, summary)
+    if interrupts.exit_code:
+        Console().print(f"[yellow]interrupted ({interrupts.signal_name})[/]: rerun `sdl run {file}` to resume",
+                        highlight=False)
+        raise typer.Exit(interrupts.exit_code)
+
+
+def _run_with_progress(file: Path, db: str | None, budget: int | None, seed: int | None, time_scale: float | None,
+                       verbose: bool, amend: bool, progress: Any, bar: Any) -> tuple[dict[str, Any], Any, Any]:
+    """The body of ``sdl run``: every slow step is announced (``sdl.steps``) while it happens."""
+    from sdl.steps import step
+
+    step("loading the campaign %s", file)
     from sdl.config import load_campaign
     from sdl.exceptions import CampaignConfigError, SDLError
-    from sdl.lab import state_dir_for
-    from sdl.lab.interrupts import handle_interrupts
-    from sdl.prefect_server import prepare_client_environment
-    from sdl.settings import resolve_database_url
 
     try:
         cfg = load_campaign(file)
@@ -59,50 +81,112 @@ def run(
         _fail(str(exc))
     if not cfg.instruments:
         _fail(f"{file}: instruments: the campaign lists no instruments, so it cannot be run")
+    total = budget or cfg.budget.experiments
+    progress.update(bar, description=cfg.name, total=total)
+    step("loading the lab (Bluesky, Ophyd, the repository)")
+    from sdl.lab import state_dir_for
+    from sdl.lab.interrupts import handle_interrupts
+    from sdl.prefect_server import prepare_client_environment
+    from sdl.settings import resolve_database_url
+
     url = resolve_database_url(db, cfg)
     mode = prepare_client_environment(state_dir_for(url))
     log_file = _log_to_file(state_dir_for(url) / f"{cfg.name}.log", verbose)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
-
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console()
-    console.print(f"[bold]{cfg.name}[/]: budget {budget or cfg.budget.experiments} experiments, "
-                  f"model {cfg.model.name}, repository {_safe(url)}, Prefect {mode}"
-                  + (f" ({os.environ['PREFECT_API_URL']})" if mode == "server" else ""), highlight=False)
+    # In a terminal the header goes above the live row (stdout would cut through it); piped, to stdout.
+    out = progress.console if progress.console.is_terminal else Console()
+    out.print(f"[bold]{cfg.name}[/]: budget {total} experiments, "
+                    f"model {cfg.model.name}, repository {_safe(url)}, Prefect {mode}"
+                    + (f" ({os.environ['PREFECT_API_URL']})" if mode == "server" else ""), highlight=False)
+    step("loading Prefect and the engine (torch, BoTorch)")
     from sdl.flows import run_campaign
 
     try:
-        _featurize_candidates(cfg, url, console)
+        _featurize_candidates(cfg, url, progress.console)
     except SDLError as exc:
         _fail(f"{file}: {exc}", code=1)
-    with Progress(
-        TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:
-        bar = progress.add_task(cfg.name, total=budget or cfg.budget.experiments, best="")
 
-        def on_progress(info: dict[str, Any]) -> None:
-            best = info.get("best_value")
-            text = "" if best is None else f"best {cfg.objective.property} = {best:.4g} ({info.get('best_candidate')})"
-            progress.update(bar, completed=info["done"], total=info["budget"], best=text)
+    def on_progress(info: dict[str, Any]) -> None:
+        best = info.get("best_value")
+        text = "" if best is None else f"best {cfg.objective.property} = {best:.4g} ({info.get('best_candidate')})"
+        last = info.get("last") or {}
+        progress.update(bar, completed=info["done"], total=info["budget"], best=text,
+                        step=f"last: {last.get('key')} {last.get('state')}" if last else "")
 
-        with handle_interrupts() as interrupts:
-            try:
-                summary = run_campaign(file, db_url=url, budget=budget, seed=seed, time_scale=time_scale,
-                                       on_progress=on_progress, amend=amend)
-            except (SDLError, OSError) as exc:
-                progress.stop()
-                logger.info("campaign %s did not finish", cfg.name, exc_info=exc)  # the traceback, for the log file
-                _fail(f"{file}: campaign {cfg.name}: {_one_line(exc)} (details: {log_file})", code=1)
-        progress.update(bar, completed=summary["counts"].get("completed", 0) + summary["counts"].get("failed", 0)
-                        + summary["counts"].get("abandoned", 0))
-    _print_summary(console, cfg, summary)
-    if interrupts.exit_code:
-        console.print(f"[yellow]interrupted ({interrupts.signal_name})[/]: rerun `sdl run {file}` to resume",
-                      highlight=False)
-        raise typer.Exit(interrupts.exit_code)
+    step("starting the Prefect flow run" + (" (an ephemeral Prefect server: its first start takes 10-20 s)"
+                                            if mode == "ephemeral" else ""))
+    with handle_interrupts() as interrupts:
+        try:
+            summary = run_campaign(file, db_url=url, budget=budget, seed=seed, time_scale=time_scale,
+                                   on_progress=on_progress, amend=amend)
+        except (SDLError, OSError) as exc:
+            progress.stop()
+            logger.info("campaign %s did not finish", cfg.name, exc_info=exc)  # the traceback, for the log file
+            _fail(f"{file}: campaign {cfg.name}: {_one_line(exc)} (details: {log_file})", code=1)
+    counts = summary["counts"]
+    progress.update(bar, completed=counts.get("completed", 0) + counts.get("failed", 0) + counts.get("abandoned", 0),
+                    step="")
+    return summary, cfg, interrupts
+
+
+def _progress(console: Any) -> Any:
+    """One progress row on stderr (a terminal only): spinner, campaign, bar, best so far, the current step."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        SpinnerColumn(), TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("{task.fields[best]}"), TextColumn("[dim]{task.fields[step]}"),
+        console=console, transient=False, disable=not console.is_terminal,
+    )
+
+
+class _StepDisplay(logging.Handler):
+    """Shows the ``sdl.steps`` records: each new step as a line with its start time, updates in the row.
+
+    Why lines and not only the row: a step shorter than a refresh would never be seen, and the
+    lines say afterwards where the start-up time went.
+    """
+
+    def __init__(self, progress: Any, bar: Any) -> None:
+        super().__init__(logging.INFO)
+        self.progress = progress
+        self.bar = bar
+        self.started = time.monotonic()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.progress.console.is_terminal:
+            return  # piped or captured: the log file has every step; stderr stays for what went wrong
+        try:
+            message = record.getMessage()
+            if not getattr(record, UPDATE, False):
+                self.progress.console.print(f"[dim]{time.monotonic() - self.started:6.1f} s[/]  {escape(message)}",
+                                            highlight=False)
+            self.progress.update(self.bar, step=message)
+        except Exception:  # noqa: BLE001 - a display problem must never stop a campaign
+            self.handleError(record)
+
+    def __enter__(self) -> _StepDisplay:
+        from sdl.steps import STEP_LOGGER
+
+        steps = logging.getLogger(STEP_LOGGER)
+        steps.addHandler(self)
+        steps.setLevel(logging.INFO)
+        for handler in logging.getLogger().handlers:  # the terminal's log handler shows warnings, not steps
+            handler.addFilter(_not_a_step)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from sdl.steps import STEP_LOGGER
+
+        logging.getLogger(STEP_LOGGER).removeHandler(self)
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(_not_a_step)
+
+
+def _not_a_step(record: logging.LogRecord) -> bool:
+    return not (record.name == "sdl.steps" and record.levelno < logging.WARNING)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -160,24 +244,31 @@ class _NoTraceback(logging.Formatter):
 
 
 def _featurize_candidates(cfg: Any, url: str, console: Any) -> None:
-    """Embed a crystal pool with the campaign's pretrained backbone first, with a progress bar.
+    """Embed a crystal pool with the campaign's pretrained backbone first, announcing its progress.
 
     The embeddings land in the store beside the repository, so the campaign's engine reads them
     back in about a second; only crystals never seen by this backbone version are computed.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from sdl.engine import Engine
     from sdl.engine.models.embedding_store import EmbeddingStore, default_store_path
+    from sdl.steps import step
 
     pretrained = cfg.model.name == "gnn-ensemble" and cfg.model.options.backbone != "scratch"
     if not pretrained or cfg.search_space.candidates is None:
         return
+    backbone = cfg.model.options.backbone
+    step("reading the candidate pool %s", cfg.search_space.candidates.file.name)
     engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(url)))
-    with Progress(TextColumn(f"featurising with {cfg.model.options.backbone}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("featurise", total=None)
-        engine.prepare(progress=lambda done, total: progress.update(task, completed=done, total=total))
+    step("loading the %s backbone and featurising the pool (cached embeddings are read back)", backbone)
+    shown = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= 0.5 or done >= total:  # a few updates a second, not one per crystal
+            shown[0] = now
+            step("featurising %d crystals with %s: %d / %d", total, backbone, done, total, update=True)
+
+    engine.prepare(progress=report)
     if engine.excluded:
         console.print(f"[yellow]{cfg.search_space.candidates.file}: {len(engine.excluded)} candidate(s) excluded[/]: "
                       f"the backbone cannot featurise them "

@@ -57,6 +57,7 @@ from sdl.lab.instruments import (
 )
 from sdl.lab.ledger import ExperimentLedger, StoppingPolicy
 from sdl.lab.runner import RunOutcome, run_plan
+from sdl.steps import step
 
 if TYPE_CHECKING:
     from sdl.config import CampaignConfig
@@ -933,9 +934,11 @@ def open_lab(
     drivers = {inst.name: load_driver(inst.driver, inst.role) for inst in cfg.instruments}  # bad names fail first
     state_dir = Path(state_dir) if state_dir else state_dir_for(database_url) / cfg.name
     state_dir.mkdir(parents=True, exist_ok=True)
+    step("opening the repository %s", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", database_url))
     store = Store.from_url(database_url, create=True)
     with contextlib.ExitStack() as stack:
         stack.callback(store.close)
+        step("building the %s engine over the search space", cfg.model.name)
         engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(database_url)))
         lab = Lab(cfg, store, engine, InstrumentPool({}), budget=budget, seed=cfg.seed, state_dir=state_dir,
                   amend=amend)
@@ -946,6 +949,7 @@ def open_lab(
         if existing is None:
             stack.enter_context(hold_lease(store, lab.campaign_id, holder=holder, on_lost=lab.lease_lost))
         fleet = stack.enter_context(SimulatorFleet(state_dir, cfg.name, time_scale=time_scale))
+        step("starting %d simulated instrument(s)", sum(1 for i in cfg.instruments if i.simulated))
         urls = fleet.start(cfg.instruments, seed=cfg.seed)
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads:
@@ -953,6 +957,7 @@ def open_lab(
 
             torch.set_num_threads(threads)
         engine.prepare(progress=_featurize_logger(cfg.name))
+        step("connecting to %d instrument(s)", len(cfg.instruments))
         devices: dict[str, tuple[str, InstrumentPort]] = {}
         stack.callback(lab.close)
         for inst in cfg.instruments:
@@ -981,9 +986,9 @@ def _featurize_logger(campaign: str) -> Callable[[int, int], None]:
     last = [-1]
 
     def report(done: int, total: int) -> None:
-        step = int(10 * done / max(1, total))
-        if step != last[0]:
-            last[0] = step
-            logger.info("campaign %s: featurising candidates %d / %d", campaign, done, total)
+        tenth = int(10 * done / max(1, total))
+        if tenth != last[0]:
+            last[0] = tenth
+            step("campaign %s: featurising candidates %d / %d", campaign, done, total, update=done > 0)
 
     return report
