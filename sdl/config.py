@@ -612,7 +612,6 @@ class CampaignConfig(_Frozen):
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: Path | None = PrivateAttr(default=None)
-    _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)  # field path → YAML line
 
     def model_post_init(self, context: Any) -> None:
         """Keep the YAML's location (not a field: it is no part of the campaign's identity)."""
@@ -723,7 +722,13 @@ def missing_data_files(cfg: CampaignConfig) -> list[tuple[str, int | None, Path]
     for index, instrument in enumerate(cfg.instruments):
         if instrument.world is not None and not instrument.world.is_file():
             found.append((("instruments", index, "world"), instrument.world))
-    return [(_format_path(path), _line_of(path, cfg._lines), file) for path, file in found]
+    lines: dict[_Path, int] = {}
+    if found and cfg.source is not None:  # read again for the lines (the config keeps no YAML)
+        try:
+            lines = _compose(cfg.source.read_text(encoding="utf-8"), str(cfg.source))[1]
+        except (OSError, UnicodeDecodeError, CampaignConfigError):
+            lines = {}
+    return [(_format_path(path), _line_of(path, lines) if lines else None, file) for path, file in found]
 
 
 def campaign_json_schema() -> dict[str, Any]:
@@ -1019,6 +1024,5 @@ def load_campaign(path: str | Path, *, require_data: bool = True) -> CampaignCon
         raise CampaignConfigError(f"cannot read the file: {reason}", file=name) from None
     data, lines = _compose(text, name)
     config = validate_campaign_dict(data, name, require_data=require_data, _lines=lines)
-    config._lines = lines
     logger.debug("loaded campaign %r from %s (hash %s)", config.name, name, config.config_hash()[:12])
     return config
