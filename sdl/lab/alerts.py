@@ -183,7 +183,10 @@ class Notifier:
                 return
             assert isinstance(item, Alert)
             for target in self.targets:
-                self._context.run(self._deliver, item, target)
+                try:
+                    self._context.run(self._deliver, item, target)
+                except RuntimeError:  # the context is entered by an older sender still waiting on a target
+                    self._deliver(item, target)
 
     def _deliver(self, alert: Alert, target: str) -> None:
         shown = _shown(target)
