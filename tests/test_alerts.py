@@ -126,6 +126,24 @@ def test_notification_urls_are_checked_and_stored_unexpanded(tmp_path: Path, mon
     assert cfg.config_hash() == plain.config_hash()  # who is told is no part of the campaign
 
 
+def test_each_end_of_a_campaign_is_one_event() -> None:
+    from sdl.lab.alerts import end_event
+
+    def ended(state: str, **kw: bool) -> str:
+        return end_event(state, **{"interrupted": False, "goal_reached": False, "budget_spent": False, **kw})
+
+    assert ended("failed", goal_reached=True, budget_spent=True) == "campaign.failed"
+    assert ended("cancelled") == "campaign.cancelled"
+    assert ended("stopped", interrupted=True, goal_reached=True) == "campaign.interrupted"
+    assert ended("stopped", goal_reached=True, budget_spent=True) == "campaign.goal_reached"
+    assert ended("completed", budget_spent=True) == "campaign.budget_spent"
+    assert ended("stopped") == "campaign.stopped"
+    alert = Alert("instrument.down", "demo", "robot at socket://x:1 did not answer", {"instrument": "robot"})
+    assert (alert.title, alert.level) == ("sdl: campaign demo instrument down", "failure")
+    assert alert.body == ("robot at socket://x:1 did not answer\n\nevent: instrument.down\ncampaign: demo\n"
+                          "instrument: robot")
+
+
 # --------------------------------------------------------------------------- delivery
 
 

@@ -46,6 +46,7 @@ AlertEvent = Literal[
     "campaign.budget_spent",
     "campaign.stopped",
     "campaign.interrupted",
+    "campaign.cancelled",
 ]
 Level = Literal["info", "success", "warning", "failure"]
 
@@ -56,6 +57,7 @@ _LEVELS: dict[str, Level] = {
     "campaign.budget_spent": "success",
     "campaign.stopped": "info",
     "campaign.interrupted": "warning",
+    "campaign.cancelled": "warning",
 }
 _HEADLINES: dict[str, str] = {
     "campaign.failed": "failed",
@@ -64,6 +66,7 @@ _HEADLINES: dict[str, str] = {
     "campaign.budget_spent": "budget spent",
     "campaign.stopped": "stopped",
     "campaign.interrupted": "interrupted",
+    "campaign.cancelled": "cancelled",
 }
 
 
@@ -123,6 +126,8 @@ def end_event(state: str, *, interrupted: bool, goal_reached: bool, budget_spent
     """The alert for how a campaign ended (:meth:`sdl.lab.Lab.finish`'s state); goal beats budget."""
     if state == "failed":
         return "campaign.failed"
+    if state == "cancelled":  # `sdl cancel` / the UI's Cancel button, when the lab records it so
+        return "campaign.cancelled"
     if interrupted:
         return "campaign.interrupted"
     if goal_reached:
@@ -263,7 +268,7 @@ class CampaignAlerts:
     def ended(self, state: str, reason: str) -> None:
         """:meth:`Lab.finish`: one alert for how the campaign ended."""
         lab = self.lab
-        if self._end_told or (state != "failed" and lab.interrupted is None
+        if self._end_told or (state not in ("failed", "cancelled") and lab.interrupted is None
                               and lab.n_ended <= self._ended_at_start):
             return
         goal = lab.cfg.stopping.goal_value
