@@ -6,28 +6,39 @@ database in ephemeral mode, analytics off), because prefect reads its settings a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
 
 from sdl.steps import UPDATE
 
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from sdl.config import CampaignConfig
+    from sdl.lab.interrupts import Interrupts
+
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
 
 
+_LIVE: list[Console] = []  # the stderr console of a live progress row, while one is shown
+
+
 def _fail(message: str, code: int = 2) -> None:
     from rich.console import Console
-    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    console = _LIVE[-1] if _LIVE else Console(stderr=True)  # above a live row, not through it
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -53,12 +64,18 @@ def run(
     from rich.console import Console
 
     err = Console(stderr=True)
-    with _progress(err) as progress:
+    _LIVE.append(err)
+    with _progress(err) as progress, contextlib.ExitStack() as stack:
+        stack.callback(_LIVE.remove, err)
         bar = progress.add_task(file.stem, total=None, best="", step="")
         steps = _StepDisplay(progress, bar)
         with steps:
-            summary, cfg, interrupts = _run_with_progress(file, db, budget, seed, time_scale, verbose, amend,
-                                                          progress, bar)
+            try:
+                summary, cfg, interrupts = _run_with_progress(file, db, budget, seed, time_scale, verbose, amend,
+                                                              progress, bar)
+            except typer.Exit:
+                progress.update(bar, visible=False)  # the error line says what happened
+                raise
     _print_summary(Console(), cfg, summary)
     if interrupts.exit_code:
         Console().print(f"[yellow]interrupted ({interrupts.signal_name})[/]: rerun `sdl run {file}` to resume",
@@ -67,7 +84,8 @@ def run(
 
 
 def _run_with_progress(file: Path, db: str | None, budget: int | None, seed: int | None, time_scale: float | None,
-                       verbose: bool, amend: bool, progress: Any, bar: Any) -> tuple[dict[str, Any], Any, Any]:
+                       verbose: bool, amend: bool, progress: Progress, bar: TaskID,
+                       ) -> tuple[dict[str, Any], CampaignConfig, Interrupts]:
     """The body of ``sdl run``: every slow step is announced (``sdl.steps``) while it happens."""
     from sdl.steps import step
 
@@ -131,7 +149,7 @@ def _run_with_progress(file: Path, db: str | None, budget: int | None, seed: int
     return summary, cfg, interrupts
 
 
-def _progress(console: Any) -> Any:
+def _progress(console: Console) -> Progress:
     """One progress row on stderr (a terminal only): spinner, campaign, bar, best so far, the current step."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -149,7 +167,7 @@ class _StepDisplay(logging.Handler):
     lines say afterwards where the start-up time went.
     """
 
-    def __init__(self, progress: Any, bar: Any) -> None:
+    def __init__(self, progress: Progress, bar: TaskID) -> None:
         super().__init__(logging.INFO)
         self.progress = progress
         self.bar = bar
