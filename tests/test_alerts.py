@@ -184,6 +184,13 @@ def test_budget_spent_without_prefect_and_a_rerun_stays_quiet(receiver: Receiver
         assert run_plain(lab) == "completed"
     assert len(receiver.received) == 1  # nothing new ended: nobody is told again
 
+    with open_lab(cfg, sqlite_url, budget=5, state_dir=tmp_path / "state", time_scale=0.05) as lab:
+        lab.interrupt("drain", "SIGINT")  # as the first Ctrl-C does, before anything new started
+        assert run_plain(lab) == "stopped"
+    assert receiver.titles("plain")[1:] == ["sdl: campaign spent interrupted"]
+    assert receiver.received[1]["body"]["type"] == "warning"
+    assert _body(receiver.received, "plain", "campaign.interrupted").startswith("interrupted (SIGINT)")
+
 
 # --------------------------------------------------------------------------- in Prefect flow runs
 

@@ -277,7 +277,8 @@ def _featurize_candidates(cfg: Any, url: str, console: Any) -> None:
     backbone = cfg.model.options.backbone
     step("reading the candidate pool %s", cfg.search_space.candidates.file.name)
     engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(url)))
-    step("loading the %s backbone and featurising the pool (cached embeddings are read back)", backbone)
+    size = len(engine.pool) if engine.pool is not None else 0
+    step("loading the %s backbone, featurising %d crystals (cached embeddings are read back)", backbone, size)
     shown = [0.0]
 
     def report(done: int, total: int) -> None:
