@@ -166,6 +166,7 @@ def test_a_receiver_that_never_answers_neither_blocks_nor_raises(receiver: Recei
 def test_budget_spent_without_prefect_and_a_rerun_stays_quiet(receiver: Receiver, tmp_path: Path,
                                                                sqlite_url: str) -> None:
     from sdl.lab import open_lab, run_plain
+    from sdl.repository import Store
 
     path = _with_alerts(write_campaign(tmp_path, name="spent", budget=3), receiver.url("plain"))
     cfg = load_campaign(path)
@@ -179,6 +180,10 @@ def test_budget_spent_without_prefect_and_a_rerun_stays_quiet(receiver: Receiver
     assert f"campaign id: {cid}" in body and "3 of 3 ended (3 completed, 0 failed, 0 abandoned" in body
     assert f"best so far: e_form = {best.value:.4g} eV ({best.candidate_key}, experiment {best.experiment_id})" in body
     assert receiver.received[0]["body"]["type"] == "success"
+    with Store.from_url(sqlite_url) as store:  # who was told what stays in the event log
+        sent = store.events(cid, "alert.sent")
+    assert [e.payload["event"] for e in sent] == ["campaign.budget_spent"]
+    assert sent[0].payload["target"] == receiver.url("plain")
 
     with open_lab(cfg, sqlite_url, state_dir=tmp_path / "state", time_scale=0.05) as lab:
         assert run_plain(lab) == "completed"

@@ -18,7 +18,7 @@ import contextvars
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -146,11 +146,14 @@ class Notifier:
     Args:
         targets: The YAML's ``notifications`` (``${VAR}`` unexpanded).
         timeout_s: Connect and read timeout of one delivery.
+        on_result: Told ``(alert, target as shown, error or None)`` after each delivery (the event log).
     """
 
-    def __init__(self, targets: Sequence[str], *, timeout_s: float = 5.0) -> None:
+    def __init__(self, targets: Sequence[str], *, timeout_s: float = 5.0,
+                 on_result: Callable[[Alert, str, str | None], None] | None = None) -> None:
         self.targets = list(targets)
         self.timeout_s = timeout_s
+        self.on_result = on_result
         self.sent: list[tuple[str, str]] = []  # (event, target) delivered, for the log and tests
         self.failed: list[tuple[str, str, str]] = []  # (event, target, why)
         self._queue: queue.Queue[object] = queue.Queue()
@@ -205,8 +208,15 @@ class Notifier:
         except Exception as exc:  # noqa: BLE001 - a dead notification service must not stop the lab
             self.failed.append((alert.event, shown, str(exc)))
             logger.warning("alert %s not delivered to %s: %s", alert.event, shown, exc)
+            error: str | None = str(exc)
         else:
             self.sent.append((alert.event, shown))
+            error = None
+        if self.on_result is not None:
+            try:
+                self.on_result(alert, shown, error)
+            except Exception:
+                logger.exception("alert result callback failed")
 
     def _to_apprise(self, alert: Alert, url: str) -> None:
         import apprise
@@ -252,7 +262,8 @@ class CampaignAlerts:
 
     def __init__(self, lab: Lab, notifier: Notifier | None = None) -> None:
         self.lab = lab
-        self.notifier = notifier if notifier is not None else Notifier(lab.cfg.notifications)
+        self.notifier = notifier if notifier is not None else Notifier(lab.cfg.notifications,
+                                                                       on_result=self._record)
         self._ended_at_start = 0
         self._end_told = False
 
@@ -287,6 +298,12 @@ class CampaignAlerts:
     def close(self) -> None:
         """Deliver the last alerts (bounded wait)."""
         self.notifier.close()
+
+    def _record(self, alert: Alert, target: str, error: str | None) -> None:
+        """Each delivery in the repository's event log: who was told what, or why not."""
+        what = f"{alert.event} to {target}" + (f" not delivered: {error}" if error else "")
+        self.lab.event("alert.failed" if error else "alert.sent", what, level="warning" if error else "info",
+                       payload={"event": alert.event, "target": target, "title": alert.title, "error": error})
 
     def _send(self, event: AlertEvent, message: str, **details: str) -> None:
         if not self.notifier.targets:
