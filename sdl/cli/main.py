@@ -28,6 +28,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
 def _print_version(value: bool) -> None:
     """``sdl --version``: the installed distribution's version (package metadata)."""
     if not value:
