@@ -14,6 +14,8 @@ Definitions (Liang et al. 2021, *npj Comput. Mater.* 7:188; Rohr et al. 2020, *C
 - Random search, analytic expectation (sampling without replacement): after ``i`` draws it has found
   ``i * M / N`` top designs on average (recall ``i / N``); it needs ``k (N + 1) / (M + 1)`` draws on
   average to find ``k`` of them.
+- Best of ``n`` random draws (without replacement) among ``N`` ranked values (1 = best): its rank
+  is ``(N + 1) / (n + 1)`` on average, and at most ``r`` with probability ``1 - C(N-r, n) / C(N, n)``.
 - Enhancement factor ``EF(i) = recall_strategy(i) / recall_random(i)`` with the analytic
   ``recall_random(i) = i / N``.
 - Acceleration factor ``AF(r) = n_random(r) / n_strategy(r)`` with the analytic
@@ -36,6 +38,8 @@ __all__ = [
     "best_so_far",
     "random_expected_recall",
     "random_expected_experiments",
+    "random_expected_best_rank",
+    "random_best_rank_at_most",
     "enhancement_factor",
     "acceleration_factor",
     "median_iqr",
@@ -120,6 +124,23 @@ def random_expected_experiments(k: int, pool_size: int, n_top: int) -> float:
     if not 0 <= k <= n_top:
         raise ValueError(f"k must be in [0, n_top], got {k=} {n_top=}")
     return k * (pool_size + 1) / (n_top + 1)
+
+
+def random_expected_best_rank(pool_size: int, n: int) -> float:
+    """Mean rank (1 = best) of the best of ``n`` random draws without replacement from ``N``: ``(N+1)/(n+1)``."""
+    if not 1 <= n <= pool_size:
+        raise ValueError(f"n must be in [1, pool_size], got {n=} {pool_size=}")
+    return (pool_size + 1) / (n + 1)
+
+
+def random_best_rank_at_most(pool_size: int, n: int, rank: int) -> float:
+    """Probability that the best of ``n`` random draws from ``N`` has rank ``<= rank``: ``1 - C(N-r, n)/C(N, n)``.
+
+    Why: "rank 4 of 400" is judged by how often random search, with the same budget, does as well.
+    """
+    if not 1 <= n <= pool_size or not 1 <= rank <= pool_size:
+        raise ValueError(f"need 1 <= n, rank <= pool_size, got {n=} {rank=} {pool_size=}")
+    return 1.0 - math.comb(pool_size - rank, n) / math.comb(pool_size, n)
 
 
 def enhancement_factor(recall: Sequence[float] | np.ndarray, pool_size: int) -> np.ndarray:

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -67,7 +68,9 @@ __all__ = [
     "SimulatorOptions",
     "StoppingRules",
     "campaign_json_schema",
+    "expand_env_vars",
     "load_campaign",
+    "missing_data_files",
     "validate_campaign_dict",
 ]
 
@@ -78,6 +81,7 @@ _SERIAL_SCHEMES = ("socket", "rfc2217", "loop", "spy", "alt", "hwgrep", "cp2110"
 _MAX_NODES = 100_000
 _UNION_TAGS = frozenset({"continuous", "integer", "categorical", "random", "gp", "gnn-ensemble"})
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_BLOCK_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class _Frozen(BaseModel):
@@ -95,6 +99,11 @@ def _base_dir(info: ValidationInfo) -> Path:
 def _resolve(path: Path, info: ValidationInfo) -> Path:
     path = Path(os.path.expanduser(str(path)))
     return path if path.is_absolute() else (_base_dir(info) / path).resolve()
+
+
+def _data_required(info: ValidationInfo) -> bool:
+    """False when only the schema is checked (``sdl validate`` of a campaign whose data live elsewhere)."""
+    return bool((info.context or {}).get("require_data", True))
 
 
 def _check_bounds(low: float, high: float, what: str) -> None:
@@ -197,12 +206,14 @@ class CandidateSet(_Frozen):
     @classmethod
     def _file_exists(cls, file: Path, info: ValidationInfo) -> Path:
         resolved = _resolve(file, info)
-        if not resolved.is_file():
+        if not resolved.is_file() and _data_required(info):
             raise ValueError(f"candidates file {str(file)!r} does not exist (looked for {str(resolved)!r})")
         return resolved
 
     @model_validator(mode="after")
     def _columns_exist(self) -> CandidateSet:
+        if not self.file.is_file():
+            return self  # only when the data are not required: nothing to read the columns from
         header = _csv_header(self.file)
         if header is None:
             return self
@@ -520,7 +531,7 @@ class Instrument(_Frozen):
         if world is None:
             return None
         resolved = _resolve(world, info)
-        if not resolved.is_file():
+        if not resolved.is_file() and _data_required(info):
             raise ValueError(f"world file {str(world)!r} does not exist (looked for {str(resolved)!r})")
         return resolved
 
@@ -535,6 +546,25 @@ class Instrument(_Frozen):
         if self.role == "characterization" and not self.measures:
             raise ValueError(f"characterization instrument {self.name!r} must list what it measures")
         return self
+
+
+def _notification_target(target: str) -> str:
+    """An apprise URL or a Prefect block slug (apprise is imported only when a campaign has alerts)."""
+    if "://" not in target:
+        if _BLOCK_SLUG.fullmatch(target):
+            return target
+        raise ValueError(f"{target!r} is neither an apprise URL (scheme://...) nor a Prefect notification "
+                         "block slug (block-type/block-name)")
+    try:
+        expanded = expand_env_vars(target)
+    except KeyError as exc:
+        raise ValueError(f"environment variable {exc.args[0]!r} is not set") from None
+    import apprise
+
+    if apprise.Apprise.instantiate(expanded) is None:
+        scheme = expanded.partition("://")[0]
+        raise ValueError(f"apprise cannot use a {scheme}:// URL like {target!r} (see its list of services)")
+    return target
 
 
 class Repository(_Frozen):
@@ -572,6 +602,13 @@ class CampaignConfig(_Frozen):
         "(then the campaign can be validated and benchmarked, not run).",
     )
     repository: Repository = Field(default_factory=Repository, description="The knowledge repository.")
+    notifications: list[Annotated[str, AfterValidator(_notification_target)]] = Field(
+        default_factory=list,
+        description="Where alerts go (campaign failed, instrument down past its window, goal reached, budget "
+        "spent, stopped): apprise URLs ('json://host:port/path', 'mailto://...', 'slack://...') or Prefect "
+        "notification block slugs ('slack-webhook/lab-alerts'). Secrets only as ${ENV_VAR}: checked at "
+        "load, expanded when an alert is sent, stored unexpanded.",
+    )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: Path | None = PrivateAttr(default=None)
@@ -645,11 +682,53 @@ class CampaignConfig(_Frozen):
         part of what the campaign does, and its URL may differ between machines)."""
         data = self.snapshot()
         data.pop("repository", None)
+        data.pop("notifications", None)  # who is told is no part of what the campaign does
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def _relative(self, path: Path) -> str:
         return Path(os.path.relpath(path, self._base_dir)).as_posix()
+
+
+def expand_env_vars(text: str) -> str:
+    """``text`` with ``${VAR}`` / ``${VAR:-default}`` replaced from the environment.
+
+    Raises:
+        KeyError: A variable without default is not set (its name is ``args[0]``).
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found is None:
+            if default is None:
+                raise KeyError(name)
+            return default
+        return found
+
+    return _ENV_PATTERN.sub(replace, text)
+
+
+def missing_data_files(cfg: CampaignConfig) -> list[tuple[str, int | None, Path]]:
+    """``(field path, line, resolved path)`` of each data file the campaign names that is not here.
+
+    Empty after a normal :func:`load_campaign` (which refuses missing data); with
+    ``require_data=False`` it lists what ``sdl run`` would need (e.g. a pool kept outside the repository).
+    """
+    found: list[tuple[_Path, Path]] = []
+    candidates = cfg.search_space.candidates
+    if candidates is not None and not candidates.file.is_file():
+        found.append((("search_space", "candidates", "file"), candidates.file))
+    for index, instrument in enumerate(cfg.instruments):
+        if instrument.world is not None and not instrument.world.is_file():
+            found.append((("instruments", index, "world"), instrument.world))
+    lines: dict[_Path, int] = {}
+    if found and cfg.source is not None:  # read again for the lines (the config keeps no YAML)
+        try:
+            lines = _compose(cfg.source.read_text(encoding="utf-8"), str(cfg.source))[1]
+        except (OSError, UnicodeDecodeError, CampaignConfigError):
+            lines = {}
+    return [(_format_path(path), _line_of(path, lines) if lines else None, file) for path, file in found]
 
 
 def campaign_json_schema() -> dict[str, Any]:
@@ -890,6 +969,7 @@ def validate_campaign_dict(
     file: str | Path | None = None,
     *,
     base_dir: str | Path | None = None,
+    require_data: bool = True,
     _lines: dict[_Path, int] | None = None,
 ) -> CampaignConfig:
     """Validate already-parsed campaign data (e.g. a snapshot read back from the repository).
@@ -898,6 +978,7 @@ def validate_campaign_dict(
         data: The mapping, as ``yaml.safe_load`` would return it.
         file: The file it came from, for error messages and as the base of relative paths.
         base_dir: Directory relative paths resolve against (default: the file's directory, else cwd).
+        require_data: False: data files that do not exist are no error (see :func:`missing_data_files`).
 
     Raises:
         CampaignConfigError: ``file:line field.path: message`` for the first problem.
@@ -908,21 +989,29 @@ def validate_campaign_dict(
         got = "an empty document" if data is None else f"a {type(data).__name__}"
         raise CampaignConfigError(f"a campaign must be a mapping of keys, got {got}", file=name,
                                   line=_line_of((), lines))
-    data = _expand_env(data, (), lines, name)
+    # Alerts keep their ${VAR} references (expanded when sent, never stored expanded); unset ones fail now.
+    notifications = data.get("notifications")
+    data = _expand_env({k: v for k, v in data.items() if k != "notifications"}, (), lines, name)
+    if notifications is not None:
+        _expand_env(notifications, ("notifications",), lines, name)
+        data["notifications"] = notifications
     if base_dir is None:
         base_dir = Path(file).resolve().parent if file is not None else Path.cwd()
-    context = {"base_dir": Path(base_dir), "source": Path(file).resolve() if file is not None else None}
+    context = {"base_dir": Path(base_dir), "source": Path(file).resolve() if file is not None else None,
+               "require_data": require_data}
     try:
         return CampaignConfig.model_validate(data, context=context)
     except ValidationError as exc:
         raise _config_error(exc, data, lines, name) from None
 
 
-def load_campaign(path: str | Path) -> CampaignConfig:
+def load_campaign(path: str | Path, *, require_data: bool = True) -> CampaignConfig:
     """Read and validate a campaign YAML file.
 
     Args:
         path: The YAML file; relative paths inside it resolve against its directory.
+        require_data: False: check the schema only; data files that do not exist here are listed by
+            :func:`missing_data_files` instead of being an error.
 
     Raises:
         CampaignConfigError: ``file:line field.path: message`` for the first problem found.
@@ -934,6 +1023,6 @@ def load_campaign(path: str | Path) -> CampaignConfig:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CampaignConfigError(f"cannot read the file: {reason}", file=name) from None
     data, lines = _compose(text, name)
-    config = validate_campaign_dict(data, name, _lines=lines)
+    config = validate_campaign_dict(data, name, require_data=require_data, _lines=lines)
     logger.debug("loaded campaign %r from %s (hash %s)", config.name, name, config.config_hash()[:12])
     return config

@@ -39,6 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from sdl.exceptions import CampaignFailed, InstrumentError
 from sdl.lab import Lab, Outcome, RoundReport, Ticket, drive, open_lab, run_experiment
+from sdl.lab.alerts import register_prefect_bridge
 from sdl.lab.simulation import world_best, world_rank
 
 __all__ = [
@@ -63,6 +64,33 @@ def artifact_key(campaign: str, what: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     slug = re.sub(r"[^a-z0-9-]+", "-", campaign.lower()).strip("-") or "campaign"
     return f"{slug}-{what}"
+
+
+class _PrefectAlerts:
+    """What alerts need of Prefect (``sdl.lab.alerts``): notification blocks by slug, the run's link."""
+
+    def send_to_block(self, slug: str, title: str, body: str) -> None:
+        from prefect.blocks.abstract import NotificationBlock
+        from prefect.blocks.core import Block
+
+        block = Block.load(slug)
+        if not isinstance(block, NotificationBlock):
+            raise TypeError(f"block {slug!r} is a {type(block).__name__}, not a notification block")
+        with block.raise_on_failure():
+            block.notify(body, subject=title)  # type: ignore[unused-coroutine] # sync here: returns None
+
+    def run_link(self) -> str | None:
+        from prefect.runtime import flow_run
+        from prefect.settings import get_current_settings
+
+        run_id = flow_run.id
+        if run_id is None:
+            return None
+        ui = get_current_settings().ui_url
+        return f"{ui.rstrip('/')}/runs/flow-run/{run_id}" if ui else f"flow run {run_id} (ephemeral Prefect)"
+
+
+register_prefect_bridge(_PrefectAlerts())
 
 
 def _instrument_fault(task: Any, task_run: Any, state: Any) -> bool:

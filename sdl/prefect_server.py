@@ -10,8 +10,11 @@ it runs ``python -m prefect server start`` as a subprocess.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "LOOPBACK",
     "PrefectServer",
+    "UnsafeHost",
     "free_port",
+    "resolve_ui_host",
     "server_environment",
     "prefect_quiet_environment",
     "prepare_client_environment",
@@ -40,6 +46,51 @@ QUIET_SETTINGS: dict[str, str] = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
+
+
+LOOPBACK = "127.0.0.1"
+#: Environment variables that may name the interface ``sdl ui`` listens on (first set wins).
+HOST_VARIABLES = ("SDL_UI_HOST", "PREFECT_SERVER_API_HOST")
+
+
+class UnsafeHost(ValueError):
+    """The environment asks the UI to listen beyond this machine, but ``--host`` did not say so."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_ui_host(cli_host: str | None, environ: dict[str, str] | None = None) -> str:
+    """The interface ``sdl ui`` listens on: ``--host``, else a loopback one from the environment.
+
+    Why so strict: the Prefect server has no login; anyone who reaches its port can read every
+    campaign and launch flow runs. Listening beyond this machine must be asked for on the command
+    line, where a person sees it, never inherited from an environment variable or a config file.
+
+    Raises:
+        UnsafeHost: ``SDL_UI_HOST`` / ``PREFECT_SERVER_API_HOST`` names a non-loopback interface
+            and ``--host`` was not given.
+    """
+    if cli_host:
+        return cli_host
+    env = os.environ if environ is None else environ
+    for name in HOST_VARIABLES:
+        value = (env.get(name) or "").strip()
+        if not value:
+            continue
+        if not _is_loopback(value):
+            raise UnsafeHost(
+                f"{name}={value} would open the Prefect UI and API (no login) beyond this machine; "
+                f"`sdl ui` does that only with an explicit --host {value}"
+            )
+        return value
+    return LOOPBACK
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -114,6 +165,11 @@ class PrefectServer:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach the server."""
+        return _is_loopback(self.host)
+
+    @property
     def api_url(self) -> str:
         """Value for ``PREFECT_API_URL`` in processes that should report to this server."""
         return f"{self.url}/api"
@@ -169,14 +225,22 @@ class PrefectServer:
         return self.process.wait()
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        if self.process is None or self.process.poll() is not None:
+        """Stop the server and everything it started: SIGTERM to its process group, SIGKILL after ``timeout`` s.
+
+        The server runs in its own session (a Ctrl-C in the terminal reaches ``sdl ui`` only, which
+        then stops it here), so its process group holds the server and any worker it spawned.
+        """
+        if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        group = self.process.pid  # start_new_session: the server leads its own group
+        if self.process.poll() is None:
+            _signal_group(group, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("Prefect server did not stop within %g s of SIGTERM: killing it", timeout)
+        _signal_group(group, signal.SIGKILL)  # leftovers of the group, if any
+        if self.process.poll() is None:
             self.process.wait(timeout=timeout)
 
     def __enter__(self) -> PrefectServer:
@@ -184,6 +248,11 @@ class PrefectServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _signal_group(group: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+        os.killpg(group, signum)
 
 
 def _tail(path: Path, chars: int = 2000) -> str:

@@ -60,7 +60,7 @@ def test_validate_accepts_every_shipped_campaign() -> None:
 
 def test_validate_rejects_each_malformed_file_with_one_line() -> None:
     files = [f"tests/data/campaigns/{p.name}" for p in MALFORMED]
-    result = sdl("validate", "campaigns/demo.yaml", *files)
+    result = sdl("validate", "--strict", "campaigns/demo.yaml", *files)  # strict: a missing data file too
     assert result.returncode == 1
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stdout.startswith("OK campaigns/demo.yaml")

@@ -67,7 +67,8 @@ def test_export_csv_json_parquet(filled: str, tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert [r["state"] for r in rows] == ["completed", "completed", "failed", "running", "proposed"]
-    assert [r["toughness"] for r in rows] == ["10.5", "30.25", "", "", ""]
+    assert [r["toughness [J]"] for r in rows] == ["10.5", "30.25", "", "", ""]  # the objective's unit
+    assert [r["predicted_mean [J]"] for r in rows] == ["1.0", "2.0", "3.0", "4.0", "5.0"]
     assert [r["param.theta"] for r in rows] == ["0.0", "0.5", "1.0", "1.5", "2.0"]
     assert rows[2]["failure_reason"] == "garbled reply" and rows[0]["finished_at"].endswith("+00:00")
 

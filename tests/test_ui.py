@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import urllib.request
 from collections.abc import Iterator
@@ -110,3 +111,89 @@ def test_prefect_ui_shows_the_campaign(server: PrefectServer, tmp_path: Path,
 
     pixels = mpimg.imread(shot)
     assert pixels.shape[0] >= 900 and pixels.std() > 0.05, "the screenshot is a blank page"
+
+
+# --------------------------------------------------------------------------- `sdl ui` as a service
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _proc_stats() -> list[tuple[int, int, int]]:
+    """``(pid, parent pid, process group)`` of every process (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if fields[0] != "Z":
+            out.append((int(entry.name), int(fields[1]), int(fields[2])))
+    return out
+
+
+def _answers(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _sdl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sdl.cli.main", *args]
+
+
+def test_sdl_ui_stops_its_server_and_every_child_on_sigterm(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from sdl.prefect_server import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_SERVER_API_HOST")}
+    proc = subprocess.Popen(_sdl("ui", "--port", str(port), "--home", str(tmp_path / "home")), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240  # a loaded 2-core machine: the server takes its time
+        server = PrefectServer(home=tmp_path / "home", port=port)
+        while not server.healthy():
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the server never answered"
+            time.sleep(1)
+        children = [pid for pid, parent, _ in _proc_stats() if parent == proc.pid]
+        assert children, "sdl ui started no server process"
+        groups = {group for pid, _, group in _proc_stats() if pid in children}
+        assert proc.pid not in groups  # the server runs in its own session: a Ctrl-C reaches sdl ui only
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output
+    assert "SIGTERM: stopping the Prefect server" in output
+    assert not _answers(port), "the Prefect server still answers on its port"
+    left = [pid for pid, _, group in _proc_stats() if group in groups or pid in children]
+    assert left == [], f"processes of the server remain: {left}"
+
+
+def test_sdl_ui_refuses_to_listen_beyond_loopback_unless_host_is_given(tmp_path: Path) -> None:
+    from sdl.prefect_server import UnsafeHost, resolve_ui_host
+
+    env = {**os.environ, "PREFECT_SERVER_API_HOST": "0.0.0.0", "COLUMNS": "60"}
+    result = subprocess.run(_sdl("ui", "--home", str(tmp_path / "home")), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        "error: PREFECT_SERVER_API_HOST=0.0.0.0 would open the Prefect UI and API (no login) beyond this machine; "
+        "`sdl ui` does that only with an explicit --host 0.0.0.0")
+    assert not (tmp_path / "home").exists()
+
+    assert resolve_ui_host(None, {}) == "127.0.0.1"
+    assert resolve_ui_host(None, {"SDL_UI_HOST": "::1"}) == "::1"
+    assert resolve_ui_host("0.0.0.0", {"PREFECT_SERVER_API_HOST": "0.0.0.0"}) == "0.0.0.0"
+    with pytest.raises(UnsafeHost, match=r"SDL_UI_HOST=192\.168\.1\.5"):
+        resolve_ui_host(None, {"SDL_UI_HOST": "192.168.1.5", "PREFECT_SERVER_API_HOST": "127.0.0.1"})

@@ -14,9 +14,15 @@ __all__ = ["register"]
 
 def validate(
     files: list[Path] = typer.Argument(..., help="Campaign YAML files to check.", show_default=False),
+    strict: bool = typer.Option(False, "--strict", help="A data file that is not here is an error (exit 1), "
+                                "as it is for `sdl run`."),
 ) -> None:
-    """Validate campaign YAML files: one line per file, exit 1 if any is invalid."""
-    from sdl.config import load_campaign
+    """Validate campaign YAML files: one line per file; exit 0 when all are valid, 1 if any is not.
+
+    A data file (candidate pool, simulator world) that is not in this checkout is a WARN line, not an
+    error: the campaign is valid and runs once its data are there (``--strict``: an error).
+    """
+    from sdl.config import load_campaign, missing_data_files
     from sdl.exceptions import CampaignConfigError
 
     out = Console(soft_wrap=True, highlight=False)
@@ -24,11 +30,16 @@ def validate(
     failed = 0
     for file in files:
         try:
-            cfg = load_campaign(file)
+            cfg = load_campaign(file, require_data=strict)
         except CampaignConfigError as exc:
             failed += 1
             err.print(Text.assemble(("ERROR ", "bold red"), str(exc)))
             continue
+        missing = missing_data_files(cfg)
+        for field, line, path in missing:
+            where = f"{file}:{line} {field}" if line else f"{file} {field}"
+            err.print(Text.assemble(("WARN ", "bold yellow"), f"{where}: data file not in this checkout "
+                                    f"(looked for {path}); `sdl run` needs it"))
         if cfg.search_space.candidates is not None:
             space = f"candidates from {cfg.search_space.candidates.file.name}"
         else:
@@ -39,6 +50,8 @@ def validate(
             f"model {cfg.model.name}, {cfg.acquisition.function} q={cfg.acquisition.batch_size}, "
             f"budget {cfg.budget.experiments}, {len(cfg.instruments)} instruments, hash {cfg.config_hash()[:12]}"
         )
+        if missing:
+            summary += f" (schema only: {len(missing)} data file{'s' if len(missing) > 1 else ''} missing)"
         out.print(Text.assemble(("OK ", "bold green"), summary))
     if failed:
         raise typer.Exit(code=1)

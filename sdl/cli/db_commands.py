@@ -22,7 +22,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     from sdl.repository import Store
 
-__all__ = ["register", "ExportFormat"]
+__all__ = ["register", "ExportFormat", "unit_headers"]
 
 DB_HELP = "Database URL (default: $SDL_DATABASE_URL, else sqlite:///sdl.db)."
 
@@ -78,6 +78,25 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def unit_headers(snapshot: dict[str, Any], prop: str | None, columns: list[str]) -> dict[str, str]:
+    """Column → header with its unit from the campaign's config, e.g. ``e_form`` → ``e_form [eV]``.
+
+    Why: a CSV opened in a spreadsheet months later must say what its numbers are. The objective's
+    unit goes on its column and on the predictions (``predicted_mean``, ``predicted_std``), each
+    parameter's ``unit`` on ``param.<name>``; columns without a unit keep their name.
+    """
+    objective = snapshot.get("objective") or {}
+    units: dict[str, str] = {}
+    if objective.get("unit"):
+        units["predicted_mean"] = units["predicted_std"] = str(objective["unit"])
+        if prop in (None, objective.get("property")):
+            units[str(objective.get("property"))] = str(objective["unit"])
+    for parameter in (snapshot.get("search_space") or {}).get("parameters") or []:
+        if parameter.get("unit"):
+            units[f"param.{parameter['name']}"] = str(parameter["unit"])
+    return {c: f"{c} [{units[c]}]" if c in units else c for c in columns}
 
 
 def upgrade(db: str | None = typer.Option(None, "--db", help=DB_HELP)) -> None:
@@ -165,6 +184,8 @@ def export(
     store = _open(db)
     try:
         rows = store.export_rows(campaign, objective)
+        record = store.get_campaign(campaign)
+        snapshot = record.config_snapshot if record is not None else {}
     except RepositoryError as exc:
         _die(str(exc))
     finally:
@@ -174,6 +195,10 @@ def export(
         if rows
         else ["experiment_id", "campaign", "state", "candidate_key", "material_id", "formula", "sample_uid"]
     )
+    if fmt is ExportFormat.csv:  # a CSV header says the units; JSON and Parquet keep plain names for code
+        headers = unit_headers(snapshot, objective, columns)
+        rows = [{headers[k]: v for k, v in row.items()} for row in rows]
+        columns = [headers[c] for c in columns]
     try:
         if fmt is ExportFormat.parquet:
             import pandas as pd

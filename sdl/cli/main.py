@@ -29,6 +29,29 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+def _print_version(value: bool) -> None:
+    """``sdl --version``: the installed distribution's version (package metadata)."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("sdl")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from sdl import __version__ as found
+    typer.echo(f"sdl {found}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Self-driving materials laboratory: run, watch and query closed-loop campaigns."""
+
+
 for _module in (
     config_commands,
     db_commands,

@@ -6,24 +6,39 @@ database in ephemeral mode, analytics off), because prefect reads its settings a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
+
+from sdl.steps import UPDATE
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from sdl.config import CampaignConfig
+    from sdl.lab.interrupts import Interrupts
 
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
 
 
+_LIVE: list[Console] = []  # the stderr console of a live progress row, while one is shown
+
+
 def _fail(message: str, code: int = 2) -> None:
     from rich.console import Console
-    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    console = _LIVE[-1] if _LIVE else Console(stderr=True)  # above a live row, not through it
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -46,12 +61,37 @@ def run(
     Ctrl-C once: the experiments in flight finish and nothing new starts; twice: they are aborted on
     the instruments and recorded as abandoned.
     """
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    _LIVE.append(err)
+    with _progress(err) as progress, contextlib.ExitStack() as stack:
+        stack.callback(_LIVE.remove, err)
+        bar = progress.add_task(file.stem, total=None, best="", step="")
+        steps = _StepDisplay(progress, bar)
+        with steps:
+            try:
+                summary, cfg, interrupts = _run_with_progress(file, db, budget, seed, time_scale, verbose, amend,
+                                                              progress, bar)
+            except typer.Exit:
+                progress.update(bar, visible=False)  # the error line says what happened
+                raise
+    _print_summary(Console(), cfg, summary)
+    if interrupts.exit_code:
+        Console().print(f"[yellow]interrupted ({interrupts.signal_name})[/]: rerun `sdl run {file}` to resume",
+                        highlight=False)
+        raise typer.Exit(interrupts.exit_code)
+
+
+def _run_with_progress(file: Path, db: str | None, budget: int | None, seed: int | None, time_scale: float | None,
+                       verbose: bool, amend: bool, progress: Progress, bar: TaskID,
+                       ) -> tuple[dict[str, Any], CampaignConfig, Interrupts]:
+    """The body of ``sdl run``: every slow step is announced (``sdl.steps``) while it happens."""
+    from sdl.steps import step
+
+    step("loading the campaign %s", file)
     from sdl.config import load_campaign
     from sdl.exceptions import CampaignConfigError, SDLError
-    from sdl.lab import state_dir_for
-    from sdl.lab.interrupts import handle_interrupts
-    from sdl.prefect_server import prepare_client_environment
-    from sdl.settings import resolve_database_url
 
     try:
         cfg = load_campaign(file)
@@ -59,50 +99,112 @@ def run(
         _fail(str(exc))
     if not cfg.instruments:
         _fail(f"{file}: instruments: the campaign lists no instruments, so it cannot be run")
+    total = budget or cfg.budget.experiments
+    progress.update(bar, description=cfg.name, total=total)
+    step("loading the lab (Bluesky, Ophyd, the repository)")
+    from sdl.lab import state_dir_for
+    from sdl.lab.interrupts import handle_interrupts
+    from sdl.prefect_server import prepare_client_environment
+    from sdl.settings import resolve_database_url
+
     url = resolve_database_url(db, cfg)
     mode = prepare_client_environment(state_dir_for(url))
     log_file = _log_to_file(state_dir_for(url) / f"{cfg.name}.log", verbose)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
-
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console()
-    console.print(f"[bold]{cfg.name}[/]: budget {budget or cfg.budget.experiments} experiments, "
-                  f"model {cfg.model.name}, repository {_safe(url)}, Prefect {mode}"
-                  + (f" ({os.environ['PREFECT_API_URL']})" if mode == "server" else ""), highlight=False)
+    # In a terminal the header goes above the live row (stdout would cut through it); piped, to stdout.
+    out = progress.console if progress.console.is_terminal else Console()
+    out.print(f"[bold]{cfg.name}[/]: budget {total} experiments, "
+                    f"model {cfg.model.name}, repository {_safe(url)}, Prefect {mode}"
+                    + (f" ({os.environ['PREFECT_API_URL']})" if mode == "server" else ""), highlight=False)
+    step("loading Prefect and the engine (torch, BoTorch)")
     from sdl.flows import run_campaign
 
     try:
-        _featurize_candidates(cfg, url, console)
+        _featurize_candidates(cfg, url, progress.console)
     except SDLError as exc:
         _fail(f"{file}: {exc}", code=1)
-    with Progress(
-        TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:
-        bar = progress.add_task(cfg.name, total=budget or cfg.budget.experiments, best="")
 
-        def on_progress(info: dict[str, Any]) -> None:
-            best = info.get("best_value")
-            text = "" if best is None else f"best {cfg.objective.property} = {best:.4g} ({info.get('best_candidate')})"
-            progress.update(bar, completed=info["done"], total=info["budget"], best=text)
+    def on_progress(info: dict[str, Any]) -> None:
+        best = info.get("best_value")
+        text = "" if best is None else f"best {cfg.objective.property} = {best:.4g} ({info.get('best_candidate')})"
+        last = info.get("last") or {}
+        progress.update(bar, completed=info["done"], total=info["budget"], best=text,
+                        step=f"last: {last.get('key')} {last.get('state')}" if last else "")
 
-        with handle_interrupts() as interrupts:
-            try:
-                summary = run_campaign(file, db_url=url, budget=budget, seed=seed, time_scale=time_scale,
-                                       on_progress=on_progress, amend=amend)
-            except (SDLError, OSError) as exc:
-                progress.stop()
-                logger.info("campaign %s did not finish", cfg.name, exc_info=exc)  # the traceback, for the log file
-                _fail(f"{file}: campaign {cfg.name}: {_one_line(exc)} (details: {log_file})", code=1)
-        progress.update(bar, completed=summary["counts"].get("completed", 0) + summary["counts"].get("failed", 0)
-                        + summary["counts"].get("abandoned", 0))
-    _print_summary(console, cfg, summary)
-    if interrupts.exit_code:
-        console.print(f"[yellow]interrupted ({interrupts.signal_name})[/]: rerun `sdl run {file}` to resume",
-                      highlight=False)
-        raise typer.Exit(interrupts.exit_code)
+    step("starting the Prefect flow run" + (" (an ephemeral Prefect server: its first start takes 10-20 s)"
+                                            if mode == "ephemeral" else ""))
+    with handle_interrupts() as interrupts:
+        try:
+            summary = run_campaign(file, db_url=url, budget=budget, seed=seed, time_scale=time_scale,
+                                   on_progress=on_progress, amend=amend)
+        except (SDLError, OSError) as exc:
+            progress.stop()
+            logger.info("campaign %s did not finish", cfg.name, exc_info=exc)  # the traceback, for the log file
+            _fail(f"{file}: campaign {cfg.name}: {_one_line(exc)} (details: {log_file})", code=1)
+    counts = summary["counts"]
+    progress.update(bar, completed=counts.get("completed", 0) + counts.get("failed", 0) + counts.get("abandoned", 0),
+                    step="")
+    return summary, cfg, interrupts
+
+
+def _progress(console: Console) -> Progress:
+    """One progress row on stderr (a terminal only): spinner, campaign, bar, best so far, the current step."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        SpinnerColumn(), TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("{task.fields[best]}"), TextColumn("[dim]{task.fields[step]}"),
+        console=console, transient=False, disable=not console.is_terminal,
+    )
+
+
+class _StepDisplay(logging.Handler):
+    """Shows the ``sdl.steps`` records: each new step as a line with its start time, updates in the row.
+
+    Why lines and not only the row: a step shorter than a refresh would never be seen, and the
+    lines say afterwards where the start-up time went.
+    """
+
+    def __init__(self, progress: Progress, bar: TaskID) -> None:
+        super().__init__(logging.INFO)
+        self.progress = progress
+        self.bar = bar
+        self.started = time.monotonic()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.progress.console.is_terminal:
+            return  # piped or captured: the log file has every step; stderr stays for what went wrong
+        try:
+            message = record.getMessage()
+            if not getattr(record, UPDATE, False):
+                self.progress.console.print(f"[dim]{time.monotonic() - self.started:6.1f} s[/]  {escape(message)}",
+                                            highlight=False)
+            self.progress.update(self.bar, step=message)
+        except Exception:  # noqa: BLE001 - a display problem must never stop a campaign
+            self.handleError(record)
+
+    def __enter__(self) -> _StepDisplay:
+        from sdl.steps import STEP_LOGGER
+
+        steps = logging.getLogger(STEP_LOGGER)
+        steps.addHandler(self)
+        steps.setLevel(logging.INFO)
+        for handler in logging.getLogger().handlers:  # the terminal's log handler shows warnings, not steps
+            handler.addFilter(_not_a_step)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from sdl.steps import STEP_LOGGER
+
+        logging.getLogger(STEP_LOGGER).removeHandler(self)
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(_not_a_step)
+
+
+def _not_a_step(record: logging.LogRecord) -> bool:
+    return not (record.name == "sdl.steps" and record.levelno < logging.WARNING)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -160,24 +262,32 @@ class _NoTraceback(logging.Formatter):
 
 
 def _featurize_candidates(cfg: Any, url: str, console: Any) -> None:
-    """Embed a crystal pool with the campaign's pretrained backbone first, with a progress bar.
+    """Embed a crystal pool with the campaign's pretrained backbone first, announcing its progress.
 
     The embeddings land in the store beside the repository, so the campaign's engine reads them
     back in about a second; only crystals never seen by this backbone version are computed.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from sdl.engine import Engine
     from sdl.engine.models.embedding_store import EmbeddingStore, default_store_path
+    from sdl.steps import step
 
     pretrained = cfg.model.name == "gnn-ensemble" and cfg.model.options.backbone != "scratch"
     if not pretrained or cfg.search_space.candidates is None:
         return
+    backbone = cfg.model.options.backbone
+    step("reading the candidate pool %s", cfg.search_space.candidates.file.name)
     engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(url)))
-    with Progress(TextColumn(f"featurising with {cfg.model.options.backbone}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("featurise", total=None)
-        engine.prepare(progress=lambda done, total: progress.update(task, completed=done, total=total))
+    size = len(engine.pool) if engine.pool is not None else 0
+    step("loading the %s backbone, featurising %d crystals (cached embeddings are read back)", backbone, size)
+    shown = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= 0.5 or done >= total:  # a few updates a second, not one per crystal
+            shown[0] = now
+            step("featurising %d crystals with %s: %d / %d", total, backbone, done, total, update=True)
+
+    engine.prepare(progress=report)
     if engine.excluded:
         console.print(f"[yellow]{cfg.search_space.candidates.file}: {len(engine.excluded)} candidate(s) excluded[/]: "
                       f"the backbone cannot featurise them "
@@ -199,9 +309,44 @@ def _print_summary(console: Any, cfg: Any, summary: dict[str, Any]) -> None:
                       f"({summary['true_best_candidate']})", highlight=False)
     if summary.get("best_world_rank"):
         rank, size = summary["best_world_rank"]
-        console.print(f"  rank of best found:  {rank} of {size} recorded values in the world", highlight=False)
+        for line in rank_against_random(rank, size, counts.get("completed", 0)):
+            console.print(f"  {line}", highlight=False)
     for what, path in summary.get("plots", {}).items():
         console.print(f"  plot {what}: {path}", highlight=False)
+
+
+def rank_against_random(rank: int, size: int, measured: int) -> list[str]:
+    """The best found's rank in the world, in words, beside random search's expectation for the same budget.
+
+    Why: "rank 4 of 400" means little until one knows that random search with 32 experiments
+    reaches rank ~12 on average (the analytic expectation, :mod:`sdl.benchmark_metrics`).
+    """
+    from sdl.benchmark_metrics import random_best_rank_at_most, random_expected_best_rank
+
+    share = 100.0 * rank / size
+    where = "the best recorded value" if rank == 1 else f"top {share:.2g} %"
+    lines = [f"rank of best found:  {rank} of {size} recorded values in the world ({where})"]
+    if 1 <= measured <= size:
+        expected = random_expected_best_rank(size, measured)
+        chance = 100.0 * random_best_rank_at_most(size, measured, rank)
+        shown = f"{expected:.0f}" if expected >= 10 else f"{expected:.1f}"
+        as_good = "rank 1" if rank == 1 else f"rank {rank} or better"
+        lines.append(f"random search:       with {measured} experiments, rank ~{shown} on average; "
+                     f"{as_good} in {_percent(chance)} of campaigns")
+        if rank < expected * 0.8:
+            verdict = f"better than random search's average (rank {rank} vs ~{shown})"
+        elif rank > expected * 1.25:
+            verdict = f"worse than random search's average (rank {rank} vs ~{shown})"
+        else:
+            verdict = f"about random search's average (rank {rank} vs ~{shown})"
+        lines.append(f"verdict:             {verdict}")
+    return lines
+
+
+def _percent(value: float) -> str:
+    if value >= 99.5:
+        return "over 99 %" if value < 100.0 else "100 %"
+    return f"{value:.0f} %" if value >= 10 else f"{value:.2g} %"
 
 
 def _safe(url: str) -> str:
@@ -211,30 +356,60 @@ def _safe(url: str) -> str:
 
 
 def ui(
-    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port on 127.0.0.1 (0: a free one)."),
+    host: str | None = typer.Option(None, "--host", help="Interface to listen on (default 127.0.0.1; anything "
+                                    "else only when given here: the Prefect UI and API have no login)."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port (0: a free one)."),
     home: Path = typer.Option(Path("sdl-runs/prefect-server"), "--home", help="PREFECT_HOME of the server."),
 ) -> None:
-    """Start a local Prefect server (UI and API) on 127.0.0.1 and print how to report to it."""
+    """Start a local Prefect server (UI and API) and print how to report to it; runs until stopped.
+
+    As a service (systemd, docker): SIGTERM or SIGINT stops the server and everything it started,
+    then exits 0. Exit codes: 1 the server did not start, 2 bad input (an unsafe host from the
+    environment).
+    """
+    import signal
+
     from rich.console import Console
 
-    from sdl.prefect_server import PrefectServer
+    from sdl.prefect_server import PrefectServer, UnsafeHost, resolve_ui_host
 
+    try:
+        listen = resolve_ui_host(host)
+    except UnsafeHost as exc:
+        _fail(str(exc))
     console = Console()
-    server = PrefectServer(home=home.resolve(), port=port or None)
+    server = PrefectServer(home=home.resolve(), port=port or None, host=listen)
+    if host and not server.loopback:
+        console.print(f"[yellow]warning:[/] listening on {host}: anyone who reaches this port can read and run "
+                      "campaigns (the Prefect server has no login)", highlight=False)
+
+    def stop_on(signum: int, frame: object) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop_on) for sig in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
     try:
-        server.start()
-    except RuntimeError as exc:
-        _fail(f"Prefect server: {exc}", code=1)
-    console.print(f"Prefect UI:  [link={server.url}]{server.url}[/link]", highlight=False)
-    console.print(f"Report to it from another shell:\n  export PREFECT_API_URL={server.api_url}\n"
-                  f"  sdl run campaigns/demo.yaml\nLaunch campaigns from the UI:  sdl serve", highlight=False)
-    try:
+        try:
+            server.start()
+        except RuntimeError as exc:
+            _fail(f"Prefect server: {exc}", code=1)
+        console.print(f"Prefect UI:  [link={server.url}]{server.url}[/link]", highlight=False)
+        console.print(f"Report to it from another shell:\n  export PREFECT_API_URL={server.api_url}\n"
+                      f"  sdl run campaigns/demo.yaml\nLaunch campaigns from the UI:  sdl serve", highlight=False)
         code = server.wait()
-    except KeyboardInterrupt:
-        code = 0
+    except _Stop as stop:
+        console.print(f"{stop}: stopping the Prefect server", highlight=False)
     finally:
+        for sig in previous:  # a second signal must not cut the stop short (it is bounded)
+            signal.signal(sig, signal.SIG_IGN)
         server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     raise typer.Exit(code)
+
+
+class _Stop(Exception):
+    """SIGTERM / SIGINT reached ``sdl ui``: stop the server (a normal end for a service)."""
 
 
 def serve(

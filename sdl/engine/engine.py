@@ -65,6 +65,7 @@ from sdl.engine.models.surrogate import (
 from sdl.engine.objectives import Objective
 from sdl.engine.space import CandidatePool, ParameterSpace
 from sdl.exceptions import EngineError
+from sdl.steps import step
 
 if TYPE_CHECKING:
     from sdl.engine.models.backbones import Backbone
@@ -779,6 +780,7 @@ class Engine:
         n = len(self._obs)
         if self.surrogate.fitted and n - self._n_at_fit < self.retrain_every:
             return
+        step("fitting the %s model on %d measurements", self.surrogate.name, n)
         self.surrogate.fit(self._training_data())
         self._n_at_fit = n
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdl.engine.objectives import Objective
 from sdl.exceptions import InstrumentError, MaterialFailure, SDLError
+from sdl.lab.alerts import CampaignAlerts
 from sdl.lab.instruments import (
     ROBOT,
     STATION,
@@ -56,6 +57,7 @@ from sdl.lab.instruments import (
 )
 from sdl.lab.ledger import HANDS, ExperimentLedger, StoppingPolicy, asked_by_hand
 from sdl.lab.runner import RunOutcome, run_plan
+from sdl.steps import step
 
 if TYPE_CHECKING:
     from sdl.config import CampaignConfig
@@ -247,6 +249,7 @@ class Lab:
         self.interrupted: str | None = None  # "drain" or "abort" once a signal asked the run to stop
         self.campaign_id = 0
         self._token = ""
+        self.alerts = CampaignAlerts(self)  # cfg.notifications: failed, instrument gone, goal, budget
 
     # ------------------------------------------------------------------ campaign and engine
     def start(self) -> None:
@@ -258,6 +261,7 @@ class Lab:
         record = self.load()
         if record.state != "running":
             self.store.set_campaign_state(record.id, "running", reason="sdl run (resume)")
+        self.alerts.started()
         from sdl.lab import interrupts
 
         interrupts.register(self)
@@ -336,6 +340,7 @@ class Lab:
     def _outage_event(self, instrument: str, what: str, message: str) -> None:
         level = "info" if what == "up" else "error"
         self.event(f"instrument.{what}", message, level=level, payload={"instrument": instrument})
+        self.alerts.instrument_event(instrument, what, message)
 
     def fault_callback(self, instrument: str) -> Callable[[str, str], None]:
         """``on_fault`` for an instrument's transport: every line fault goes to the event log."""
@@ -927,6 +932,7 @@ class Lab:
             reason = self.ledger.stop_reason or "nothing left to do"
             state = "completed" if reason.startswith("budget") and self.interrupted is None else "stopped"
         self.store.set_campaign_state(self.campaign_id, state, reason=reason)
+        self.alerts.ended(state, reason)
         return state
 
     # ------------------------------------------------------------------ waiting
@@ -941,10 +947,11 @@ class Lab:
             self._changed.wait(timeout)
 
     def close(self) -> None:
-        """Close the instruments' lines."""
+        """Close the instruments' lines; deliver the last alerts."""
         for device in self.pool.devices.values():
             with contextlib.suppress(Exception):
                 device.close()
+        self.alerts.close()
 
 
 def _as_lab_error(exc: BaseException | None, instrument: str) -> BaseException:
@@ -993,9 +1000,11 @@ def open_lab(
     drivers = {inst.name: load_driver(inst.driver, inst.role) for inst in cfg.instruments}  # bad names fail first
     state_dir = Path(state_dir) if state_dir else state_dir_for(database_url) / cfg.name
     state_dir.mkdir(parents=True, exist_ok=True)
+    step("opening the repository %s", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", database_url))
     store = Store.from_url(database_url, create=True)
     with contextlib.ExitStack() as stack:
         stack.callback(store.close)
+        step("building the %s engine over the search space", cfg.model.name)
         engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(database_url)))
         lab = Lab(cfg, store, engine, InstrumentPool({}), budget=budget, seed=cfg.seed, state_dir=state_dir,
                   amend=amend)
@@ -1006,6 +1015,7 @@ def open_lab(
         if existing is None:
             stack.enter_context(hold_lease(store, lab.campaign_id, holder=holder, on_lost=lab.lease_lost))
         fleet = stack.enter_context(SimulatorFleet(state_dir, cfg.name, time_scale=time_scale))
+        step("starting %d simulated instrument(s)", sum(1 for i in cfg.instruments if i.simulated))
         urls = fleet.start(cfg.instruments, seed=cfg.seed)
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads:
@@ -1013,6 +1023,7 @@ def open_lab(
 
             torch.set_num_threads(threads)
         engine.prepare(progress=_featurize_logger(cfg.name))
+        step("connecting to %d instrument(s)", len(cfg.instruments))
         devices: dict[str, tuple[str, InstrumentPort]] = {}
         stack.callback(lab.close)
         for inst in cfg.instruments:
@@ -1029,7 +1040,11 @@ def open_lab(
             lab.ledger.fail(str(exc))
             lab.finish()
             raise
-        yield lab
+        try:
+            yield lab
+        except Exception as exc:
+            lab.alerts.crashed(exc)
+            raise
 
 
 def _featurize_logger(campaign: str) -> Callable[[int, int], None]:
@@ -1037,9 +1052,9 @@ def _featurize_logger(campaign: str) -> Callable[[int, int], None]:
     last = [-1]
 
     def report(done: int, total: int) -> None:
-        step = int(10 * done / max(1, total))
-        if step != last[0]:
-            last[0] = step
-            logger.info("campaign %s: featurising candidates %d / %d", campaign, done, total)
+        tenth = int(10 * done / max(1, total))
+        if tenth != last[0]:
+            last[0] = tenth
+            step("campaign %s: featurising candidates %d / %d", campaign, done, total, update=done > 0)
 
     return report
