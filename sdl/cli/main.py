@@ -15,6 +15,7 @@ from sdl.cli import (
     benchmark_commands,
     config_commands,
     db_commands,
+    generate_commands,
     model_commands,
     run_commands,
     simulate_commands,
@@ -35,6 +36,7 @@ for _module in (
     model_commands,
     run_commands,
     benchmark_commands,
+    generate_commands,
 ):
     _module.register(app)
 
