@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         max_rows: int | None = typer.Option(None, "--max-rows", min=1, help="Read only the first rows of --from."),
     ) -> None:
         """Generate N charge-balanced, de-duplicated candidates ranked by CHGNet energy above the hull."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
         from sdl.generation import GenerationError
         from sdl.generation.pipeline import GenerationOptions, generate
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         if energy not in ("relax", "static", "none"):
             err.print(f"--energy: expected relax, static or none, got {energy!r}", markup=False)
             raise typer.Exit(1)
-        if out.parent and not out.parent.exists():
+        if not out.parent.exists():
             err.print(f"--out: folder {out.parent} does not exist", markup=False)
             raise typer.Exit(1)
         try:
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
                   "energy": f"CHGNet ({energy})", "known": "CHGNet (known phases)"}
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=False) as bar:
-            tasks: dict[str, int] = {}
+            tasks: dict[str, TaskID] = {}
 
             def progress(stage: str, advance: int, total: int) -> None:
                 if stage not in tasks:

@@ -73,7 +73,7 @@ class ConvexHull:
         diagram = self._diagram(system)
         entry = PDEntry(composition, energy_per_atom * composition.num_atoms)
         _, e_hull = diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
-        return float(e_hull)
+        return math.nan if e_hull is None else float(e_hull)
 
 
 class ElementCorrection:
@@ -90,7 +90,7 @@ class ElementCorrection:
                  ridge: float = 1e-3) -> None:
         rows = [i for i in range(len(compositions)) if math.isfinite(chgnet[i]) and math.isfinite(table[i])]
         self.elements = sorted({el.symbol for i in rows for el in compositions[i].elements})
-        self.shift: dict[str, float] = {el: 0.0 for el in self.elements}
+        self.shift: dict[str, float] = dict.fromkeys(self.elements, 0.0)
         if not rows:
             return
         col = {el: j for j, el in enumerate(self.elements)}

@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from sdl.generation.dedup import KnownStructures
 from sdl.generation.hull import ConvexHull, ElementCorrection
@@ -256,8 +256,7 @@ class _Runner:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def map(self, fn: Callable[[tuple[list[T], float, int]], list[R]] | Callable[..., list[R]],
-            items: Sequence[T], extra: tuple[object, ...], chunk: int,
+    def map(self, fn: Callable[[tuple[Any, ...]], list[R]], items: Sequence[T], extra: tuple[object, ...], chunk: int,
             progress: Callable[[int], None] | None = None) -> list[R]:
         chunks = [list(items[i:i + chunk]) for i in range(0, len(items), chunk)]
         out: list[R] = []

@@ -64,7 +64,7 @@ def read_known(
         raise GenerationError(f"{p}: file not found")
     try:
         frame = pd.read_csv(p, nrows=max_rows, dtype={id_column: str})
-    except Exception as exc:  # noqa: BLE001 - any reader failure is bad input
+    except Exception as exc:
         raise GenerationError(f"{p}: cannot read as CSV: {exc}") from exc
     for role, col in (("--structure-column", structure_column), ("--id-column", id_column),
                       ("--energy-column", energy_column)):

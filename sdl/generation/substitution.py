@@ -15,9 +15,9 @@ import functools
 import logging
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pymatgen.core import Species, Structure
@@ -69,14 +69,17 @@ class Substitution:
 def _model() -> SubstitutionProbability:
     from pymatgen.core.structure_prediction.substitution_probability import SubstitutionProbability
 
-    return SubstitutionProbability()
+    return SubstitutionProbability()  # type: ignore[no-untyped-call]
 
 
 @functools.cache
 def _row(source: Species) -> tuple[tuple[Species, float], ...]:
     """``(new species, cond_prob(source, new))`` for every species of the table, most likely first."""
     model = _model()
-    pairs = [(target, float(model.cond_prob(source, target))) for target in model.species]
+    pairs = [
+        (target, float(model.cond_prob(source, target)))  # type: ignore[no-untyped-call]
+        for target in model.species
+    ]
     pairs.sort(key=lambda item: -item[1])
     return tuple(pairs)
 
@@ -154,18 +157,19 @@ def apply_substitution(decorated: Structure, substitution: Substitution, *, resc
     """
     from pymatgen.core import Species
 
-    mapping: Mapping[Species, Species] = {
+    mapping: dict[Any, Any] = {
         Species.from_str(a): Species.from_str(b) for a, b in substitution.mapping
     }
     new = decorated.copy()
-    new.replace_species(dict(mapping))
+    new.replace_species(mapping)
     if rescale:
         try:
             from pymatgen.core.structure_prediction.volume_predictor import RLSVolumePredictor
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                new = RLSVolumePredictor(check_isostructural=False).get_predicted_structure(new, decorated)
+                new = RLSVolumePredictor(  # type: ignore[no-untyped-call]
+                    check_isostructural=False).get_predicted_structure(new, decorated)
         except Exception as exc:  # noqa: BLE001 - missing radii for some species: keep the parent volume
             logger.debug("volume not rescaled for %s: %s", substitution.formula, exc)
     new.remove_oxidation_states()
