@@ -172,8 +172,10 @@ def apply_substitution(decorated: Structure, substitution: Substitution, *, resc
                     check_isostructural=False).get_predicted_structure(new, decorated)
         except Exception as exc:  # noqa: BLE001 - missing radii for some species: keep the parent volume
             logger.debug("volume not rescaled for %s: %s", substitution.formula, exc)
-    new.remove_oxidation_states()
-    return new
+    from pymatgen.core import Structure
+
+    # A fresh structure: no oxidation states, and no site labels left over from the parent ("Ca2+").
+    return Structure(new.lattice, [site.specie.symbol for site in new], new.frac_coords)
 
 
 def species_labels(items: Sequence[tuple[str, str]]) -> str:
