@@ -201,5 +201,5 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list
 
 
 def test_read_known_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(GenerationError, match="nothing.csv: file not found"):
+    with pytest.raises(GenerationError, match=r"nothing\.csv: file not found"):
         read_known(tmp_path / "nothing.csv")
