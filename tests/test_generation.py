@@ -203,3 +203,26 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list
 def test_read_known_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(GenerationError, match=r"nothing\.csv: file not found"):
         read_known(tmp_path / "nothing.csv")
+
+
+def test_generate_in_yaml_needs_a_crystal_pool(tmp_path: Path) -> None:
+    from sdl.config import CampaignConfigError, validate_campaign_dict
+
+    table = tmp_path / "recipes.csv"
+    table.write_text("id,x,y\na,1,2\nb,2,3\n")
+    campaign = {
+        "name": "no-crystals",
+        "search_space": {"candidates": {"file": str(table), "parameter_columns": ["x"]}, "generate": {}},
+        "objective": {"property": "y", "unit": "", "goal": "maximize"}, "model": {"name": "random"},
+        "acquisition": {"function": "qucb"}, "budget": {"experiments": 2},
+        "initial_design": {"strategy": "random", "size": 1},
+        "instruments": [{"name": "r", "role": "synthesis", "url": "socket://127.0.0.1:9"},
+                        {"name": "s", "role": "characterization", "url": "socket://127.0.0.1:9", "measures": ["y"]}],
+    }
+    with pytest.raises(CampaignConfigError, match="generate: needs candidates with a structure_column"):
+        validate_campaign_dict(campaign)
+    campaign["search_space"]["candidates"] = {"file": str(DATA), "structure_column": "cif"}  # type: ignore[index]
+    campaign["search_space"]["generate"] = {"n_per_round": 4, "energy": "relax"}  # type: ignore[index]
+    cfg = validate_campaign_dict(campaign)
+    assert cfg.search_space.generate is not None and cfg.search_space.generate.n_per_round == 4
+    assert "generate" in cfg.snapshot()["search_space"]
