@@ -161,6 +161,7 @@ class GenerationResult:
         hull_scale: ``chgnet``, ``table`` or ``none`` (see :mod:`sdl.generation.hull`).
         seconds: Wall time.
         exhausted: True when every substitution was built (so no more candidates exist).
+        stage_seconds: Wall time per stage (``substitute``, ``build``, ``energy``, ``known``, ``hull``).
     """
 
     candidates: list[Candidate]
@@ -172,6 +173,7 @@ class GenerationResult:
     hull_scale: str = "none"
     seconds: float = 0.0
     exhausted: bool = False
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def shortfall(self) -> str | None:
@@ -301,6 +303,7 @@ def generate(
         return lambda k: progress(stage, k, total) if progress is not None else None
 
     skipped = dict(parents.skipped)
+    stages: dict[str, float] = {}
     subs: list[tuple[Structure, Substitution]] = []
     step = tick("substitute", len(parents))
     for pid, structure in zip(parents.ids, parents.structures, strict=True):
@@ -311,6 +314,7 @@ def generate(
             skipped[pid] = str(exc)
         step(1)
     subs.sort(key=lambda item: (-item[1].probability, item[1].formula, item[1].parent_id, item[1].mapping))
+    stages["substitute"] = time.perf_counter() - t0
     known_tables = [parents] + ([reference] if reference is not None else [])
     known = KnownStructures(s for t in known_tables for s in t.structures)
     limit = options.n_scored
@@ -333,14 +337,15 @@ def generate(
                     kept.append(Candidate(cid, sub, structure))
             build(len(kept) - before)
         exhausted = position >= len(subs)
+        stages["build"] = time.perf_counter() - t0 - stages["substitute"]
         scale = "none"
         if options.energy != "none" and kept:
-            scale = _score(kept, known_tables, options, runner, tick)
+            scale = _score(kept, known_tables, options, runner, tick, stages)
     kept.sort(key=_rank_key)
     result = GenerationResult(
         candidates=kept[: options.n], skipped=skipped, n_substitutions=len(subs), n_unique=len(kept),
         n_scored=sum(1 for c in kept if math.isfinite(c.energy_per_atom)), wanted=options.n,
-        hull_scale=scale, seconds=time.perf_counter() - t0, exhausted=exhausted,
+        hull_scale=scale, seconds=time.perf_counter() - t0, exhausted=exhausted, stage_seconds=stages,
     )
     logger.info("generated %d candidates (%d substitutions, %d unique, %d scored) in %.1f s",
                 len(result.candidates), result.n_substitutions, result.n_unique, result.n_scored, result.seconds)
@@ -358,8 +363,10 @@ def _score(
     options: GenerationOptions,
     runner: _Runner,
     tick: Callable[[str, int], Callable[[int], None]],
+    stages: dict[str, float],
 ) -> str:
     """CHGNet energies for the kept candidates and the hull's known phases; fills ``e_above_hull``."""
+    t = time.perf_counter()
     extra = (options.fmax, options.relax_steps)
     fn = _relax_chunk if options.energy == "relax" else _static_chunk
     energies = runner.map(fn, [c.structure for c in kept], extra, chunk=4 if options.energy == "relax" else 64,
@@ -368,6 +375,8 @@ def _score(
         c.structure, c.energy_per_atom, c.relax_steps = e.structure, e.energy_per_atom, e.steps
         if e.error:
             logger.info("candidate %s (%s) not scored: %s", c.id, c.substitution.formula, e.error)
+    stages["energy"] = time.perf_counter() - t
+    t = time.perf_counter()
     structures = [s for t in known_tables for s in t.structures]
     compositions = [s.composition for s in structures]
     on_table = all(t.energies is not None for t in known_tables)
@@ -377,6 +386,8 @@ def _score(
     chgnet_known = runner.map(_static_chunk, [structures[i] for i in relevant], extra, chunk=64,
                               progress=tick("known", len(relevant)))
     known_chgnet = [e.energy_per_atom for e in chgnet_known]
+    stages["known"] = time.perf_counter() - t
+    t = time.perf_counter()
     if on_table:
         correction = ElementCorrection(compositions, known_chgnet, table)
         hull = ConvexHull(compositions, table)
@@ -386,6 +397,7 @@ def _score(
         hull = ConvexHull([compositions[i] for i in relevant], known_chgnet)
     for c in kept:
         c.e_above_hull = hull.e_above_hull(c.structure.composition, c.energy_per_atom)
+    stages["hull"] = time.perf_counter() - t
     return "table" if on_table else "chgnet"
 
 
