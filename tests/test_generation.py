@@ -226,3 +226,31 @@ def test_generate_in_yaml_needs_a_crystal_pool(tmp_path: Path) -> None:
     cfg = validate_campaign_dict(campaign)
     assert cfg.search_space.generate is not None and cfg.search_space.generate.n_per_round == 4
     assert "generate" in cfg.snapshot()["search_space"]
+
+
+def test_engine_scores_generated_candidates_with_the_pretrained_backbone(tmp_path: Path) -> None:
+    from sdl.engine import Engine, Observation
+    from sdl.engine.models.embedding_store import EmbeddingStore
+    from sdl.engine.space import CandidatePool
+
+    frame = pd.read_csv(DATA)
+    pool = CandidatePool.from_frame(frame, structure_column="cif", formula_column="formula")
+    store = EmbeddingStore(tmp_path / "emb.sqlite")
+    engine = Engine(objective={"property": "formation_energy", "goal": "minimize"},
+                    model={"name": "gnn-ensemble", "options": {"head": "gp"}},
+                    acquisition={"function": "qucb", "batch_size": 2}, seed=0, pool=pool,
+                    initial_design={"strategy": "random", "size": 2}, embedding_store=store)
+    engine.prepare()
+    engine.observe([Observation(key=r.id, params={}, value=r.formation_energy) for r in frame.head(6).itertuples()])
+    engine.propose(q=2)
+    result = generate(read_known(DATA), GenerationOptions(n=3, energy="none"))
+    added = engine.extend_pool([c.id for c in result.candidates], [c.row()["cif"] for c in result.candidates],
+                               [c.substitution.formula for c in result.candidates])
+    assert added == 3 and engine.pool is not None and len(engine.pool) == 15
+    assert engine.extend_pool([result.candidates[0].id], ["x"], ["y"]) == 0  # already there
+    assert engine.n_observed == 6  # observations keep their rows
+    picks = engine.propose(q=2)
+    assert len(picks) == 2 and not {p.key for p in picks} & set(frame.head(6)["id"])
+    mean, std = engine.predict_pool()
+    assert all(math.isfinite(float(mean[i])) and float(std[i]) > 0 for i in range(12, 15))
+    assert engine.head_inputs is not None and engine.head_inputs.shape[0] == 15
