@@ -175,7 +175,7 @@ def test_cli_says_when_fewer_candidates_exist(tmp_path: Path, known: pd.DataFram
     src = _tiny_input(tmp_path, known)
     out = tmp_path / "all.csv.gz"
     res = CliRunner().invoke(app, ["generate", "--from", str(src), "--n", "100000", "--out", str(out),
-                                   "--energy", "none"])
+                                   "--energy", "none", "--workers", "2"])  # structures built in 2 processes
     assert res.exit_code == 0, res.output
     written = pd.read_csv(out)
     assert 0 < len(written) < 100000
