@@ -15,7 +15,6 @@ import functools
 import logging
 import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -177,7 +176,3 @@ def apply_substitution(decorated: Structure, substitution: Substitution, *, resc
     # A fresh structure: no oxidation states, and no site labels left over from the parent ("Ca2+").
     return Structure(new.lattice, [site.specie.symbol for site in new], new.frac_coords)
 
-
-def species_labels(items: Sequence[tuple[str, str]]) -> str:
-    """``a->b, c->d`` for a mapping written as pairs."""
-    return ", ".join(f"{a}->{b}" for a, b in items)
