@@ -60,6 +60,7 @@ __all__ = [
     "Instrument",
     "IntegerParameter",
     "ObjectiveSpec",
+    "PoolGeneration",
     "RandomModel",
     "RandomOptions",
     "Repository",
@@ -226,6 +227,36 @@ class CandidateSet(_Frozen):
         return self
 
 
+class PoolGeneration(_Frozen):
+    """Grow a crystal pool between rounds: ionic substitution into the best candidates measured so far.
+
+    The options mirror ``sdl generate`` (see :mod:`sdl.generation`); each new crystal is recorded as a
+    material with its provenance (parent, substitution, probability) and scored by the engine.
+    """
+
+    n_per_round: int = Field(default=8, ge=1, le=10_000, description="New candidates added per growth.")
+    max_pool_size: int | None = Field(
+        default=None, ge=1, description="Stop growing once the pool holds this many candidates (None: no cap)."
+    )
+    parents: int = Field(
+        default=4, ge=1, le=1_000, description="Best measured candidates (by the objective) substituted into."
+    )
+    every: int = Field(default=1, ge=1, le=1_000, description="Grow after every this many completed q-batches.")
+    energy: Literal["relax", "static", "none"] = Field(
+        default="static",
+        description="CHGNet work per candidate: 'relax' (StructOptimizer, seconds each on a CPU), 'static' "
+        "(one energy of the volume-rescaled cell) or 'none' (rank by substitution probability only).",
+    )
+    score_top: int | None = Field(
+        default=None, ge=1, description="Most probable unique candidates that get a CHGNet energy (default 2x n)."
+    )
+    threshold: float = Field(
+        default=1e-3, gt=0.0, lt=1.0, description="Lowest data-mined substitution probability considered."
+    )
+    relax_steps: int = Field(default=200, ge=1, le=10_000, description="Most optimiser steps per relaxation.")
+    workers: int = Field(default=1, ge=1, le=64, description="Processes for building and scoring candidates.")
+
+
 class SearchSpace(_Frozen):
     """Where the campaign searches: process parameters with bounds, OR a pool of candidates."""
 
@@ -233,6 +264,10 @@ class SearchSpace(_Frozen):
         default=None, min_length=1, description="Process parameters (continuous, integer, categorical)."
     )
     candidates: CandidateSet | None = Field(default=None, description="A fixed candidate pool read from a file.")
+    generate: PoolGeneration | None = Field(
+        default=None, description="Grow the crystal pool between rounds with generated candidates (needs candidates "
+        "with a structure_column in CIF)."
+    )
 
     @field_validator("parameters")
     @classmethod
@@ -248,6 +283,11 @@ class SearchSpace(_Frozen):
         if (self.parameters is None) == (self.candidates is None):
             got = "both" if self.parameters is not None else "neither"
             raise ValueError(f"give exactly one of 'parameters' or 'candidates' (got {got})")
+        if self.generate is not None and (
+            self.candidates is None or self.candidates.structure_column is None
+            or self.candidates.structure_format != "cif"
+        ):
+            raise ValueError("generate: needs candidates with a structure_column in CIF (it substitutes into crystals)")
         return self
 
 
@@ -667,6 +707,8 @@ class CampaignConfig(_Frozen):
         Relative paths keep the snapshot (and the hash) the same wherever the project is checked out.
         """
         data = self.model_dump(mode="json")
+        if data["search_space"].get("generate", 0) is None:
+            del data["search_space"]["generate"]  # absent, as before the option existed: old hashes hold
         candidates = data["search_space"].get("candidates")
         if candidates is not None:
             candidates["file"] = self._relative(self.search_space.candidates.file)  # type: ignore[union-attr]

@@ -15,6 +15,7 @@ from sdl.cli import (
     benchmark_commands,
     config_commands,
     db_commands,
+    generate_commands,
     manual_commands,
     model_commands,
     run_commands,
@@ -60,6 +61,7 @@ for _module in (
     run_commands,
     manual_commands,
     benchmark_commands,
+    generate_commands,
 ):
     _module.register(app)
 

@@ -537,6 +537,11 @@ class Engine:
         if self.extensive and (pool is None or not pool.is_crystal):
             raise EngineError("objective.extensive: only crystal pools have cells to scale by")
         self.model_options = _get(model, "options", None)
+        self._model_spec = model
+        self._acquisition_spec = acquisition
+        self._ensemble_factory = ensemble_factory
+        self._embedding_store = embedding_store
+        self._featurize_workers = max(1, int(featurize_workers))
         self.surrogate: Surrogate = build_surrogate(
             model, seed=self.seed, pool=pool, space=self.space if pool is None else None, extensive=self.extensive,
             ensemble_factory=ensemble_factory, backbone=backbone, embedding_store=embedding_store,
@@ -702,6 +707,46 @@ class Engine:
             EngineError: The backbone cannot be loaded, or no candidate could be featurised.
         """
         self.surrogate.prepare(progress)
+
+    def extend_pool(self, keys: Sequence[str], structure_texts: Sequence[str], formulas: Sequence[str],
+                    extra: Sequence[Mapping[str, Any]] | None = None) -> int:
+        """Append new crystal candidates (generated ones) to the pool; the next proposal scores them too.
+
+        Existing rows keep their index, so observations stay where they are; the surrogate is rebuilt
+        over the larger pool (a pretrained backbone and its embedding cache are reused, so only the new
+        crystals are featurised) and refitted at the next proposal. Keys already in the pool are skipped.
+
+        Returns:
+            How many candidates were added.
+
+        Raises:
+            EngineError: No crystal pool to grow.
+        """
+        if self.pool is None or self.pool.structure_column is None:
+            raise EngineError("extend_pool: only an engine over a crystal pool with structures can grow it")
+        fresh = [i for i, k in enumerate(keys) if k not in self.pool]
+        if not fresh:
+            return 0
+        prepared = self.surrogate.head_inputs is not None if isinstance(self.surrogate, PretrainedSurrogate) else False
+        try:
+            self.pool = self.pool.extended([keys[i] for i in fresh], [structure_texts[i] for i in fresh],
+                                           [formulas[i] for i in fresh],
+                                           [extra[i] for i in fresh] if extra is not None else None)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
+        old = self.surrogate
+        self.surrogate = build_surrogate(
+            self._model_spec, seed=self.seed, pool=self.pool, space=None, extensive=self.extensive,
+            ensemble_factory=self._ensemble_factory, backbone=getattr(old, "backbone", None),
+            embedding_store=getattr(old, "store", None) or self._embedding_store,
+            featurize_workers=self._featurize_workers,
+        )
+        self.selection = build_selection(self._acquisition_spec, self.surrogate, self.seed)
+        self._n_at_fit = -1
+        if prepared:
+            self.prepare()
+        logger.info("pool grown by %d candidates to %d", len(fresh), len(self.pool))
+        return len(fresh)
 
     # -- propose -----------------------------------------------------------------------------
     def propose(self, q: int | None = None, pending: Sequence[Any] = (), exclude: Sequence[Any] = ()) -> list[Proposal]:

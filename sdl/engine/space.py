@@ -577,6 +577,45 @@ class CandidatePool:
         """True when candidates are materials (structures or formulas) rather than recipes."""
         return not self.parameter_columns and (self.structure_column is not None or self.formula_column is not None)
 
+    def extended(self, keys: Sequence[str], structure_texts: Sequence[str], formulas: Sequence[str],
+                 extra: Sequence[Mapping[str, Any]] | None = None) -> CandidatePool:
+        """This crystal pool with new candidates appended (existing rows keep their index).
+
+        Args:
+            keys: A new, unique key per candidate.
+            structure_texts: Its structure, in this pool's ``structure_format``.
+            formulas: Its formula (written to the formula column when the pool has one).
+            extra: More columns per candidate (e.g. generation provenance); absent columns stay empty.
+
+        Raises:
+            ValueError: Not a crystal pool with a structure column, lengths differ, or a key exists.
+        """
+        if self.structure_column is None or self.parameter_columns:
+            raise ValueError(f"{self.source}: only a crystal pool with a structure column can grow")
+        if not len(keys) == len(structure_texts) == len(formulas):
+            raise ValueError("extended: keys, structure_texts and formulas differ in length")
+        clash = [k for k in keys if k in self._index]
+        if clash or len(set(keys)) != len(keys):
+            raise ValueError(f"{self.source}: candidate key(s) already in the pool: {clash[:3] or list(keys)[:3]}")
+        rows = []
+        for i, (text, formula) in enumerate(zip(structure_texts, formulas, strict=True)):
+            row: dict[str, Any] = dict(extra[i]) if extra is not None else {}
+            row[self.structure_column] = text
+            if self.formula_column:
+                row[self.formula_column] = formula
+            rows.append(row)
+        added = pd.DataFrame(rows)
+        n_src = len(self.source_frame)
+        pool = CandidatePool(
+            pd.concat([self.frame, added], ignore_index=True), [*self.keys, *keys],
+            [*self.replicates, *[[n_src + i] for i in range(len(keys))]],
+            pd.concat([self.source_frame, added], ignore_index=True),
+            parameter_columns=None, structure_column=self.structure_column, structure_format=self.structure_format,
+            formula_column=self.formula_column, space=None, source=self.source,
+        )
+        pool._parsed = self._parsed
+        return pool
+
     def tiled(self, copies: int) -> CandidatePool:
         """``copies`` copies of this pool with keys ``<key>~<c>`` (latency benchmarks only)."""
         frames, keys, reps = [], [], []

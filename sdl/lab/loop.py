@@ -132,6 +132,8 @@ def drive(
         running[submit(ticket)] = ticket
     while True:
         wanted = lab.wanted()
+        if wanted:
+            lab.grow_pool()  # between rounds: new generated candidates before the next proposal
         for ticket in propose(wanted) if wanted else []:
             running[submit(ticket)] = ticket
         done = [f for f in running if f.done()]
