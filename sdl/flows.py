@@ -227,7 +227,7 @@ class _Monitor:
             self.board.put(card)
         m = report.metrics
         self.log.info(
-            "round %d: %d/%d done, best %s = %s (%s); model MAE %s, miscalibration %s",
+            "round %d: %d/%d done, best %s = %s, %s; model MAE %s, miscalibration %s",
             report.round, report.done, report.budget, self.lab.property, self.page.value(report.best_value),
             self.page.named(report.best_candidate), _fmt(m.get("mae")), _fmt(m.get("miscalibration_area")),
         )
@@ -249,7 +249,7 @@ class _Monitor:
             "plots": {k: str(v) for k, v in report.plots.items()},
         }
         self.board.put(self.page.summary_card(state, report, rank))
-        self.log.info("campaign %s %s (%s): best %s = %s (%s)", self.name, state, self.lab.stop_reason,
+        self.log.info("campaign %s %s (%s): best %s = %s, %s", self.name, state, self.lab.stop_reason,
                       self.lab.property, self.page.value(report.best_value), self.page.named(report.best_candidate))
         return summary
 

@@ -130,9 +130,9 @@ class CampaignPage:
         """One line per proposed experiment: id, formula, prediction."""
         prediction = ""
         if ticket.predicted_mean is not None:
-            prediction = f", predicted {self.property} = {self.value(ticket.predicted_mean)}"
-            if ticket.predicted_std is not None:
-                prediction += f" ± {_fmt(ticket.predicted_std)}"
+            spread = "" if ticket.predicted_std is None else f" ± {ticket.predicted_std:.2g}"
+            prediction = f", predicted {self.property} = {_fmt(ticket.predicted_mean)}{spread}"
+            prediction += f" {self.unit}" if self.unit else ""
         return f"proposed {ticket.key}: {self.named(ticket.candidate_key)}{prediction}"
 
     def started_line(self, ticket: Ticket) -> str:
@@ -151,7 +151,7 @@ class CampaignPage:
     # ------------------------------------------------------------------ cards
     def progress_description(self) -> str:
         """Description of the progress card."""
-        return f"Progress — {self.name}: experiments in an end state / budget ({self.lab.budget})"
+        return f"Progress — {self.name}: experiments ended / budget ({self.lab.budget})"
 
     def round_cards(self, report: RoundReport) -> list[Card]:
         """Every card for the round just reported (plots, tables, the report itself)."""
@@ -164,11 +164,11 @@ class CampaignPage:
             cards.append(self._plot_card(report, what, path))
         proposals = self._proposal_rows(report)
         if proposals:
-            cards.append(Card("proposals", f"Proposals of round {report.round} — {self.name}, latest first",
+            cards.append(Card("proposals", f"Latest proposals, round {report.round} — {self.name} (newest first)",
                               table=proposals))
         if report.top:
-            cards.append(Card("best-candidates", f"Best candidates after round {report.round} — {self.name} "
-                              f"(ranked by {self.label}, goal {self.lab.objective.goal})",
+            cards.append(Card("best-candidates", f"Best candidates, round {report.round} — {self.name} "
+                              f"(by {self.label}, {self.lab.objective.goal})",
                               table=self._top_rows(report)))
         return cards
 
@@ -207,7 +207,8 @@ class CampaignPage:
             lines += ["", _image("best so far", report.plots["best_so_far"])]
         rows = self._proposal_rows(report)
         if rows:
-            lines += ["", f"## Proposals of round {report.round} (latest first)", "", *_markdown_table(rows)]
+            lines += ["", f"## Latest proposals, round {report.round} (newest first; `batch` groups each q-batch)",
+                      "", *_markdown_table(rows)]
         lines += [
             "", "## Model", "",
             f"Model version `{lab.engine.model_version}`, trained on {lab.engine.n_observed} measurements. "
@@ -229,9 +230,9 @@ class CampaignPage:
                       "|---|---|---|---|---|---|"]
             lines += [f"| {h.round} | {h.done} | {_fmt(h.best)} | {h.best_label} | {_fmt(h.mae)} | "
                       f"{_fmt(h.miscalibration)} |" for h in self.history[1:]]
-        description = (f"Round {report.round} report — {self.name}: best {self.property} = "
-                       f"{self.value(report.best_value)} ({self.named(report.best_candidate)}), "
-                       f"{report.done}/{report.budget} experiments")
+        description = (f"Round {report.round} report — best {self.value(report.best_value)}, "
+                       f"{self.formula(report.best_candidate) or report.best_candidate} · "
+                       f"{report.done}/{report.budget} · {self.name}")
         return Card("report", description, markdown="\n".join(lines) + "\n")
 
     def _plot_card(self, report: RoundReport, what: str, path: Path) -> Card:
@@ -270,8 +271,8 @@ class CampaignPage:
         if rank is not None:
             lines += ["", f"**Rank of the best found:** {rank[0]} of {rank[1]} recorded materials "
                       f"({rank[0] - 1} are better)"]
-        description = (f"Summary — {self.name} {state}: best {self.property} = {self.value(report.best_value)} "
-                       f"({self.named(report.best_candidate)})")
+        description = (f"Summary — {state}, best {self.value(report.best_value)}, "
+                       f"{self.formula(report.best_candidate) or report.best_candidate} · {self.name}")
         return Card("summary", description, markdown="\n".join(lines) + "\n")
 
 
