@@ -7,26 +7,30 @@ are tasks with retries that fire only for *instrument* faults: a retry is safe b
 (the experiment's idempotency key) makes the instrument answer with the job it already has. A
 material failure is not retried: it ends the experiment as ``failed``.
 
-Monitoring: a progress artifact (experiments in an end state / budget), a table of the best
-candidates, a markdown report per round (best so far, prospective model metrics, provenance of the
-latest proposals, links to the PNG plots written next to the database), and logs through Prefect's
-run logger (``sdl.*`` loggers are forwarded too).
+Monitoring: the campaign's page (:mod:`sdl.report.page`): a fixed set of artifacts, each created
+once per flow run and updated in place every round (the report, one card per plot with the image
+embedded, the round's proposals, the best candidates, progress, the summary), and one flow-run log
+line per experiment (proposed, started, measured / failed with id, formula and value). Prefect's
+own "Finished in state Completed()" line per task run is silenced for the campaign's tasks
+(``prefect.task_runs`` at WARNING while the flow runs; failures still show).
 
 Only this module and ``sdl/cli/run_commands.py`` import prefect.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import (
-    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -40,7 +44,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from sdl.exceptions import CampaignFailed, InstrumentError
 from sdl.lab import Lab, Outcome, RoundReport, Ticket, drive, open_lab, run_experiment
 from sdl.lab.alerts import register_prefect_bridge
-from sdl.lab.simulation import world_best, world_rank
+from sdl.lab.simulation import world_best, world_rank, world_values
+from sdl.report import CampaignPage, Card, random_best_of_n
 
 __all__ = [
     "INSTRUMENT_RETRIES",
@@ -105,13 +110,11 @@ def _instrument_fault(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(name="propose", cache_policy=NO_CACHE, persist_result=False)
-def propose_task(lab: Lab, n: int) -> list[Ticket]:
+def propose_task(lab: Lab, n: int, monitor: _Monitor) -> list[Ticket]:
     """Ask the engine for ``n`` experiments (pending = proposed + running) and commit them."""
     tickets = lab.propose(n)
-    if tickets:
-        get_run_logger().info(
-            "proposed %s", ", ".join(f"{t.key} → {t.candidate_key}" for t in tickets)
-        )
+    for ticket in tickets:
+        monitor.log.info(monitor.page.proposed_line(ticket))
     return tickets
 
 
@@ -145,31 +148,84 @@ def characterize_task(lab: Lab, ticket: Ticket) -> float:
 
 
 @task(name="experiment", task_run_name="experiment-{ticket.key}", cache_policy=NO_CACHE, persist_result=False)
-def experiment_task(lab: Lab, ticket: Ticket) -> Outcome:
-    """One experiment to its end state (synthesis → characterization → record)."""
-    outcome = run_experiment(lab, ticket, synthesize=lambda t: synthesize_task(lab, t),
-                             characterize=lambda t: characterize_task(lab, t))
-    log = get_run_logger()
+def experiment_task(lab: Lab, ticket: Ticket, monitor: _Monitor) -> Outcome:
+    """One experiment to its end state (synthesis → characterization → record), one log line per step."""
+    def synthesize(t: Ticket) -> str:
+        monitor.log.info(monitor.page.started_line(t))
+        return synthesize_task(lab, t)
+
+    outcome = run_experiment(lab, ticket, synthesize=synthesize, characterize=lambda t: characterize_task(lab, t))
+    line = monitor.page.outcome_line(outcome)
     if outcome.state == "completed":
-        log.info("%s (%s): %s = %.4g", ticket.key, ticket.candidate_key, lab.property, outcome.value)
+        monitor.log.info(line)
     else:
-        log.warning("%s (%s) %s: %s", ticket.key, ticket.candidate_key, outcome.state, outcome.reason)
+        monitor.log.warning(line)
     return outcome
 
 
+@contextlib.contextmanager
+def quiet_task_states() -> Iterator[None]:
+    """Silence Prefect's "Finished in state Completed()" line per task run while a campaign runs.
+
+    Prefect 3.8.8 logs it at INFO on ``prefect.task_runs`` (failures at ERROR, kept); the campaign
+    logs one line per experiment through the flow run logger instead.
+    """
+    task_logger = logging.getLogger("prefect.task_runs")
+    previous = task_logger.level
+    task_logger.setLevel(max(previous, logging.WARNING))
+    try:
+        yield
+    finally:
+        task_logger.setLevel(previous)
+
+
+class _Board:
+    """The page's artifacts: created once per flow run, then updated in place (one card per key)."""
+
+    def __init__(self, campaign: str) -> None:
+        self.campaign = campaign
+        self.ids: dict[str, UUID] = {}
+
+    def put(self, card: Card) -> None:
+        key = artifact_key(self.campaign, card.what)
+        try:
+            if key not in self.ids:
+                made = (create_table_artifact(card.table, key=key, description=card.description) if card.table
+                        else create_markdown_artifact(card.markdown, key=key, description=card.description))
+                self.ids[key] = cast(UUID, made)  # sync context: a UUID
+                return
+            from prefect.client.orchestration import get_client
+            from prefect.client.schemas.actions import ArtifactUpdate
+
+            data = _table_json(card.table) if card.table else card.markdown
+            with get_client(sync_client=True) as client:
+                client.update_artifact(self.ids[key], ArtifactUpdate(data=data, description=card.description))
+        except Exception:
+            logger.exception("could not write artifact %s", key)
+
+
+def _table_json(rows: list[dict[str, Any]]) -> str:
+    """A table artifact's data as Prefect stores it (JSON, NaN as null)."""
+    clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+    return json.dumps(clean)
+
+
 class _Monitor:
-    """Artifacts, logs and progress listeners of one flow run."""
+    """The flow run's page (artifacts), its per-experiment log lines and the progress listeners."""
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.name = lab.cfg.name
         self.log = get_run_logger()
         self.true_best = world_best(lab.cfg)
+        world = world_values(lab.cfg)
+        baseline = None if world is None else random_best_of_n(world[1], lab.objective.goal, lab.budget)
+        self.page = CampaignPage(lab, self.true_best, baseline)
+        self.board = _Board(self.name)
         self.progress_id: UUID = create_progress_artifact(  # type: ignore[assignment] # sync context: a UUID
             progress=self._percent(), key=artifact_key(self.name, "progress"),
-            description=f"{self.name}: experiments in an end state / budget ({lab.budget})",
+            description=self.page.progress_description(),
         )
-        self._linked: set[str] = set()
         self._last_reported = -1
 
     def _percent(self) -> float:
@@ -195,91 +251,34 @@ class _Monitor:
 
     def round(self, report: RoundReport) -> None:
         self._last_reported = report.n_observed
-        if report.top:
-            create_table_artifact(report.top, key=artifact_key(self.name, "best-candidates"),
-                                  description=f"{self.name}: best candidates after round {report.round}")
-        create_markdown_artifact(self.markdown(report), key=artifact_key(self.name, "round"),
-                                 description=f"{self.name}: round {report.round}")
-        for what, path in report.plots.items():
-            if what not in self._linked:  # a link artifact per plot; the file is rewritten each round
-                create_link_artifact(path.resolve().as_uri(), link_text=f"{self.name} {what} plot",
-                                     key=artifact_key(self.name, f"plot-{what.replace('_', '-')}"))
-                self._linked.add(what)
+        for card in self.page.round_cards(report):
+            self.board.put(card)
         m = report.metrics
         self.log.info(
-            "round %d: %d/%d done, best %s = %s (%s); model MAE %s, miscalibration %s",
-            report.round, report.done, report.budget, self.lab.property, report.best_value,
-            report.best_candidate, _fmt(m.get("mae")), _fmt(m.get("miscalibration_area")),
+            "round %d: %d/%d done, best %s = %s, %s; model MAE %s, miscalibration %s",
+            report.round, report.done, report.budget, self.lab.property, self.page.value(report.best_value),
+            self.page.named(report.best_candidate), _fmt(m.get("mae")), _fmt(m.get("miscalibration_area")),
         )
-
-    def markdown(self, report: RoundReport) -> str:
-        lab, unit = self.lab, self.lab.cfg.objective.unit or ""
-        counts = lab.counts()
-        lines = [
-            f"# {self.name} — round {report.round}",
-            "",
-            f"**Experiments:** {report.done} / {report.budget} "
-            f"(completed {counts['completed']}, failed {counts['failed']}, abandoned {counts['abandoned']}, "
-            f"in flight {counts['proposed'] + counts['running']})",
-            "",
-            f"**Best so far:** {lab.property} = {_fmt(report.best_value)} {unit} ({report.best_candidate}), "
-            f"goal: {lab.objective.goal}",
-        ]
-        if self.true_best:
-            lines += ["", f"**Best in the simulated world:** {_fmt(self.true_best[1])} {unit} ({self.true_best[0]})"]
-        m = report.metrics
-        lines += [
-            "",
-            "## Model",
-            "",
-            f"Model version `{lab.engine.model_version}`, trained on {lab.engine.n_observed} measurements. "
-            "Metrics are prospective: each prediction was made when the experiment was proposed, "
-            "before it was measured.",
-            "",
-            "| MAE | RMSE | Spearman(abs err, std) | miscalibration area | coverage 68 % | coverage 95 % | n |",
-            "|---|---|---|---|---|---|---|",
-            "| " + " | ".join(_fmt(m.get(k)) for k in ("mae", "rmse", "spearman_abs_error_std",
-                                                      "miscalibration_area", "coverage_68", "coverage_95", "n"))
-            + " |",
-            "",
-            "## Latest proposals (provenance)",
-            "",
-            "| experiment | candidate | state | model | acquisition | predicted | std | batch | measured |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for p in report.provenance:
-            lines.append("| " + " | ".join(_fmt(p.get(k)) for k in (
-                "experiment", "candidate", "state", "model", "acquisition", "predicted", "std", "batch",
-                "measured")) + " |")
-        if report.plots:
-            lines += ["", "## Plots", ""]
-            lines += [f"- [{what.replace('_', ' ')}]({path.resolve().as_uri()}) `{path}`"
-                      for what, path in report.plots.items()]
-        return "\n".join(lines) + "\n"
 
     def final(self, state: str) -> dict[str, Any]:
         report = self.lab.round_report(self.true_best[1] if self.true_best else None)
         if report.n_observed > self._last_reported:
             self.round(report)
         update_progress_artifact(self.progress_id, progress=self._percent())
+        rank = world_rank(self.lab.cfg, report.best_value)
         summary = {
             "campaign": self.name, "campaign_id": self.lab.campaign_id, "state": state,
             "stop_reason": self.lab.stop_reason, "budget": self.lab.budget, "counts": self.lab.counts(),
             "best_value": report.best_value, "best_candidate": report.best_candidate,
             "true_best_value": self.true_best[1] if self.true_best else None,
             "true_best_candidate": self.true_best[0] if self.true_best else None,
-            "best_world_rank": world_rank(self.lab.cfg, report.best_value),
+            "best_world_rank": rank,
             "interrupted": self.lab.interrupted,
             "plots": {k: str(v) for k, v in report.plots.items()},
         }
-        md = [f"# {self.name}: {state}", "", f"Stopped because: {self.lab.stop_reason}", "",
-              f"Best found: {self.lab.property} = {_fmt(report.best_value)} ({report.best_candidate})"]
-        if self.true_best:
-            md.append(f"\nBest in the simulated world: {_fmt(self.true_best[1])} ({self.true_best[0]})")
-        create_markdown_artifact("\n".join(md) + "\n", key=artifact_key(self.name, "summary"),
-                                 description=f"{self.name}: final summary")
-        self.log.info("campaign %s %s (%s): best %s = %s (%s)", self.name, state, self.lab.stop_reason,
-                      self.lab.property, report.best_value, report.best_candidate)
+        self.board.put(self.page.summary_card(state, report, rank))
+        self.log.info("campaign %s %s (%s): best %s = %s, %s", self.name, state, self.lab.stop_reason,
+                      self.lab.property, self.page.value(report.best_value), self.page.named(report.best_candidate))
         return summary
 
 
@@ -362,17 +361,18 @@ def campaign_flow(
     _tag_flow_run(cfg.name)
     log = get_run_logger()
     log.info("campaign %s: repository %s", cfg.name, re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
-    with open_lab(cfg, url, budget=budget, seed=seed, time_scale=time_scale, amend=amend) as lab:
+    with open_lab(cfg, url, budget=budget, seed=seed, time_scale=time_scale, amend=amend) as lab, \
+            quiet_task_states():
         monitor = _Monitor(lab)
 
         def submit(ticket: Ticket) -> _Pending:
-            return _Pending(experiment_task.submit(lab, ticket))
+            return _Pending(experiment_task.submit(lab, ticket, monitor))
 
         def on_done(ticket: Ticket, pending: _Pending) -> None:
             outcome = pending.future.result(raise_on_failure=True)
             monitor.outcome(outcome)
 
-        drive(lab, submit, on_done, propose=lambda n: propose_task(lab, n))
+        drive(lab, submit, on_done, propose=lambda n: propose_task(lab, n, monitor))
         state = lab.finish()
         summary = monitor.final(state)
         if state == "failed":

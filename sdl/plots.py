@@ -9,11 +9,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["plot_recall_curves", "plot_best_so_far_curves", "plot_best_so_far", "plot_parity", "plot_calibration"]
+if TYPE_CHECKING:
+    from sdl.report.baseline import RandomBaseline
+
+__all__ = [
+    "plot_recall_curves",
+    "plot_best_so_far_curves",
+    "plot_best_so_far",
+    "plot_parity",
+    "plot_calibration",
+    "png_data_url",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +37,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def _save(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=dpi)
     _pyplot().close(fig)
     logger.debug("wrote %s", out)
     return out
@@ -44,6 +54,7 @@ def plot_recall_curves(
     pool_size: int,
     n_top: int,
     title: str = "",
+    dpi: int = 120,
 ) -> Path:
     """Median recall of the top set vs experiments, IQR band per strategy, analytic random dashed.
 
@@ -53,6 +64,7 @@ def plot_recall_curves(
         pool_size: ``N`` (for the random expectation ``i / N``).
         n_top: ``M`` (shown in the axis label).
         title: Figure title.
+        dpi: Resolution of the PNG (the flow's page uses a modest one to keep artifacts small).
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -73,7 +85,7 @@ def plot_recall_curves(
     ax.legend(loc="lower right", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
 def plot_best_so_far_curves(
@@ -103,7 +115,16 @@ def plot_best_so_far_curves(
     return _save(fig, path)
 
 
-def plot_best_so_far(values: Sequence[float], goal: str, path: str | Path, *, ylabel: str = "value") -> Path:
+def plot_best_so_far(
+    values: Sequence[float],
+    goal: str,
+    path: str | Path,
+    *,
+    ylabel: str = "value",
+    baseline: RandomBaseline | None = None,
+    title: str = "",
+    dpi: int = 120,
+) -> Path:
     """One campaign's measurements in order with the running best (for flow artifacts).
 
     Args:
@@ -112,11 +133,22 @@ def plot_best_so_far(values: Sequence[float], goal: str, path: str | Path, *, yl
             is not defined, so only the points are drawn).
         path: PNG file to write.
         ylabel: Axis label (property and unit).
+        baseline: The best of ``n`` random draws from the same pool (expectation dashed, quantile
+            band shaded), when the pool's true values are known (a simulated world).
+        title: Figure title.
+        dpi: Resolution of the PNG.
     """
     plt = _pyplot()
     arr = np.asarray(values, dtype=float)
     x = np.arange(1, arr.size + 1)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if baseline is not None and arr.size:
+        n = min(max(arr.size, 2), baseline.mean.size)
+        bx = np.arange(1, n + 1)
+        lo, hi = baseline.quantiles
+        ax.fill_between(bx, baseline.low[:n], baseline.high[:n], color="0.6", alpha=0.3, lw=0,
+                        label=f"random, {lo:.0%}–{hi:.0%} of campaigns")
+        ax.plot(bx, baseline.mean[:n], color="0.35", ls="--", lw=1.2, label="random, expected best")
     ax.plot(x, arr, "o", ms=3, alpha=0.6, label="measured")
     g = goal.lower()
     if arr.size and g in ("max", "maximize", "min", "minimize"):
@@ -127,13 +159,21 @@ def plot_best_so_far(values: Sequence[float], goal: str, path: str | Path, *, yl
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path, dpi)
 
 
 def plot_parity(
-    y_true: Sequence[float], y_pred: Sequence[float], y_std: Sequence[float] | None, path: str | Path
+    y_true: Sequence[float],
+    y_pred: Sequence[float],
+    y_std: Sequence[float] | None,
+    path: str | Path,
+    *,
+    unit: str = "",
+    dpi: int = 120,
 ) -> Path:
-    """Predicted vs measured with ±1 std error bars and the y = x line."""
+    """Predicted vs measured with ±1 std error bars and the y = x line (``unit`` on both axes)."""
     plt = _pyplot()
     t = np.asarray(y_true, dtype=float)
     p = np.asarray(y_pred, dtype=float)
@@ -148,14 +188,15 @@ def plot_parity(
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         mae = float(np.mean(np.abs(t - p)))
         ax.set_title(f"parity (MAE {mae:.3g}, n = {t.size})", fontsize=10)
-    ax.set_xlabel("measured")
-    ax.set_ylabel("predicted")
+    suffix = f" ({unit})" if unit else ""
+    ax.set_xlabel(f"measured{suffix}")
+    ax.set_ylabel(f"predicted{suffix}")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
 def plot_calibration(
-    y_true: Sequence[float], mean: Sequence[float], std: Sequence[float], path: str | Path
+    y_true: Sequence[float], mean: Sequence[float], std: Sequence[float], path: str | Path, *, dpi: int = 120
 ) -> Path:
     """Observed vs expected fraction of truths inside central Gaussian intervals (miscalibration area shaded)."""
     from scipy.stats import norm
@@ -179,4 +220,16 @@ def plot_calibration(
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
+
+
+def png_data_url(path: str | Path) -> str:
+    """A PNG file as a ``data:image/png;base64,...`` URL.
+
+    Why: the Prefect UI (v1 and v2, 3.8.8) renders a markdown image whose source is a ``data:image/``
+    URL, while a ``file://`` link or a local path never opens in a browser.
+    """
+    import base64
+
+    data = Path(path).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")

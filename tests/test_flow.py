@@ -6,15 +6,19 @@ a task run per instrument step, and the progress / table / markdown / link artif
 
 from __future__ import annotations
 
+import base64
+import csv
+import gzip
+import json
 import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_lab import journal, world_values, write_campaign
+from test_lab import WORLD, journal, world_values, write_campaign
 
 for _key, _value in {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
@@ -85,20 +89,52 @@ def test_flow_runs_a_campaign_and_reports_it(harness: None, tmp_path: Path, data
         assert all(t.state.is_completed() for t in tasks)
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-    by_key = {}
+    by_key: dict[str, list] = {}
     for a in artifacts:
         by_key.setdefault(a.key, []).append(a)
-    assert {artifact_key(name, k) for k in ("progress", "best-candidates", "round", "summary",
-                                            "plot-best-so-far")} <= set(by_key)
+    page = {artifact_key(name, k) for k in ("progress", "report", "proposals", "best-candidates", "summary",
+                                            "plot-best-so-far", "plot-recall")}
+    assert page <= set(by_key), sorted(by_key)
+    assert all(len(v) == 1 for v in by_key.values()), "one card per key, updated in place every round"
     assert by_key[artifact_key(name, "progress")][0].data == 100.0
-    rounds = by_key[artifact_key(name, "round")]
-    assert len(rounds) == 2  # retrain.every = 2 with a budget of 4
-    assert any("Best so far" in a.data and "provenance" in a.data for a in rounds)
+    report = by_key[artifact_key(name, "report")][0]
+    # retrain.every = 2 with a budget of 4: the card shows round 2 first, round 1 below
+    assert report.data.index("round 2 (latest)") < report.data.index("Earlier rounds") and "Best so far" in report.data
+    assert report.description.startswith("Round 2 report") and " eV" in report.description
     table = by_key[artifact_key(name, "best-candidates")][0].data
-    assert "perov_" in str(table)
-    link = by_key[artifact_key(name, "plot-best-so-far")][0].data
-    match = re.search(r"\((file://[^)]+)\)", link)  # stored as markdown: [text](file:///...png)
-    assert match and Path(match.group(1).removeprefix("file://")).is_file()
+    rows = json.loads(table)
+    with gzip.open(WORLD, "rt", newline="") as handle:
+        formula_of = {row["id"]: row["formula"] for row in csv.DictReader(handle)}
+    assert {r["candidate"] for r in rows} == {e.candidate_key for e in experiments}
+    assert all(r["formula"] == formula_of[r["candidate"]] for r in rows) and "e_form (eV)" in rows[0]
+    plot = by_key[artifact_key(name, "plot-best-so-far")][0]
+    match = re.search(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", plot.data)
+    assert match and base64.b64decode(match.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in plot.description  # the thumbnail on the flow run's Artifacts tab
+
+    lines = _flow_run_logs(run.id, lambda got: sum("measured " in m for m in got) >= 4)
+    assert sum(m.startswith("proposed ") for m in lines) == 4 and sum(m.startswith("measured ") for m in lines) == 4
+    measured = next(m for m in lines if m.startswith(f"measured {name}:1: "))
+    key = measured.split("(")[1].split(")")[0]
+    assert measured == f"measured {name}:1: {formula_of[key]} ({key}): e_form = {truth[key]:.4g} eV", measured
+    assert not any(m.startswith("Finished in state Completed") for m in lines[1:-1]), "per-task state lines"
+
+
+def _flow_run_logs(flow_run_id: uuid.UUID, ready: Callable[[list[str]], bool]) -> list[str]:
+    """Messages of a flow run and its task runs, oldest first (polls: logs arrive in batches)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                    sort=LogSort.TIMESTAMP_ASC, limit=200)
+            messages = [log.message for log in logs]
+            if ready(messages) or time.monotonic() > deadline:
+                return messages
+            time.sleep(0.5)
 
 
 def test_flow_resumes_a_finished_campaign_without_new_experiments(harness: None, tmp_path: Path,

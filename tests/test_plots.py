@@ -48,3 +48,18 @@ def test_parity_and_calibration(tmp_path: Path) -> None:
 def test_parity_shape_mismatch(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="shape"):
         plots.plot_parity([1.0, 2.0], [1.0], None, tmp_path / "x.png")
+
+
+def test_best_so_far_with_random_band_and_data_url(tmp_path: Path) -> None:
+    from sdl.report.baseline import random_best_of_n
+
+    world = np.linspace(-2.0, 2.0, 41)
+    band = random_best_of_n(world, "minimize", 10)
+    assert band is not None
+    out = plots.plot_best_so_far([1.0, 0.5, -1.0], "minimize", tmp_path / "band.png", baseline=band, dpi=80)
+    assert _is_png(out)
+    url = plots.png_data_url(out)
+    assert url.startswith("data:image/png;base64,")
+    import base64
+
+    assert base64.b64decode(url.split(",", 1)[1]) == out.read_bytes()

@@ -1,5 +1,5 @@
 """End to end in headless Chromium: a local Prefect server (as ``sdl ui`` starts it), a campaign
-reporting to it, and the UI showing the campaign's flow run and its artifacts.
+reporting to it, and the UI showing the campaign's flow run and its artifacts, plots as images.
 
 Debian's ``chromium`` package is installed by ``.ci/run``; under CI the test fails (never skips)
 when it is missing. The screenshot is saved in the test's tmp directory (path printed).
@@ -50,6 +50,19 @@ def _browse(chromium: str, *args: str, timeout: float = 180) -> str:
     return result.stdout
 
 
+def _assert_png_image(dom: str, alt: str) -> None:
+    """The rendered DOM holds an ``<img>`` named ``alt`` whose ``data:`` URL decodes to a PNG."""
+    import base64
+    import re
+
+    images = re.findall(r"<img\b[^>]*>", dom)
+    named = [tag for tag in images if f'alt="{alt}"' in tag]
+    assert named, f"no <img alt={alt!r}> in the page; images: {[t[:80] for t in images]}"
+    match = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', named[0])
+    assert match, named[0][:200]
+    assert base64.b64decode(match.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _text(dom: str) -> str:
     import re
 
@@ -91,9 +104,11 @@ def test_prefect_ui_shows_the_campaign(server: PrefectServer, tmp_path: Path,
     runs = _api(server, "/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
     assert len(runs) == 1 and name in runs[0]["tags"]
     flow_run_id = runs[0]["id"]
-    keys = {a["key"] for a in _api(server, "/artifacts/filter",
-                                   {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})}
-    assert {artifact_key(name, k) for k in ("progress", "round", "best-candidates", "summary")} <= keys
+    cards = _api(server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    keys = {a["key"] for a in cards}
+    assert {artifact_key(name, k) for k in ("progress", "report", "best-candidates", "summary",
+                                            "plot-best-so-far")} <= keys
+    assert len(cards) == len(keys), "one card per key: rounds update the cards in place"
 
     page = f"{server.url}/runs/flow-run/{flow_run_id}"
     text = _text(_browse(chromium, "--dump-dom", page))
@@ -101,11 +116,18 @@ def test_prefect_ui_shows_the_campaign(server: PrefectServer, tmp_path: Path,
 
     artifacts = _text(_browse(chromium, "--dump-dom", f"{server.url}/artifacts"))
     assert f"{len(keys)} Artifacts" in artifacts, artifacts[:2000]  # the UI lists every keyed artifact
-    report = _text(_browse(chromium, "--dump-dom", f"{server.url}/artifacts/key/{artifact_key(name, 'round')}"))
-    assert artifact_key(name, "round") in report and f"{name}: round" in report, report[:2000]
+    report = _text(_browse(chromium, "--dump-dom", f"{server.url}/artifacts/key/{artifact_key(name, 'report')}"))
+    assert artifact_key(name, "report") in report and "Round 2 report" in report, report[:2000]
 
-    shot = tmp_path / "prefect-ui-flow-run.png"
-    _browse(chromium, f"--screenshot={shot}", page)
+    # The flow run's Artifacts tab (the default V2 UI): each plot's card shows its image.
+    tab = f"{server.url}/v2/runs/flow-run/{flow_run_id}?tab=Artifacts"
+    _assert_png_image(_browse(chromium, "--dump-dom", tab), "best so far")
+    # The report itself (V1 UI, as Prefect's "View at" link opens it): every plot inline.
+    report_id = next(a["id"] for a in cards if a["key"] == artifact_key(name, "report"))
+    _assert_png_image(_browse(chromium, "--dump-dom", f"{server.url}/artifacts/artifact/{report_id}"), "recall")
+
+    shot = tmp_path / "prefect-ui-flow-run-artifacts.png"
+    _browse(chromium, f"--screenshot={shot}", tab)
     print(f"screenshot: {shot}")
     import matplotlib.image as mpimg
 

@@ -896,7 +896,7 @@ class Lab:
 
     def round_report(self, true_best: float | None = None) -> RoundReport:
         """Best so far, model metrics, the latest proposals' provenance, and the plots."""
-        from sdl import plots
+        from sdl.report import RoundData, draw_round_plots
 
         pairs = self.ledger.values()
         self._reported = len(pairs)
@@ -905,20 +905,11 @@ class Lab:
         done = self.n_ended
         best = self.best()
         metrics = self.model_metrics()
-        plot_dir = self.state_dir / "plots"
-        paths: dict[str, Path] = {}
-        unit = f" ({self.cfg.objective.unit})" if self.cfg.objective.unit else ""
-        try:
-            paths["best_so_far"] = plots.plot_best_so_far(
-                values, self.objective.goal, plot_dir / "best_so_far.png", ylabel=f"{self.property}{unit}")
-            y, mu, sd = self._predictions()
-            if len(y) >= 2:
-                paths["parity"] = plots.plot_parity(y, mu, sd, plot_dir / "parity.png")
-                paths["calibration"] = plots.plot_calibration(y, mu, sd, plot_dir / "calibration.png")
-        except Exception:
-            logger.exception("could not draw the plots")
         experiments = self.store.experiments(self.campaign_id)
         measured = dict(pairs)
+        key_of = {e.id: e.candidate_key for e in experiments}
+        paths = draw_round_plots(self.cfg, self.objective.goal, RoundData(
+            [key_of.get(i, "") for i, _ in pairs], values, *self._predictions()), self.state_dir / "plots")
         ranked = sorted(
             (e for e in experiments if e.id in measured),
             key=lambda e: -float(self.objective.utility(measured[e.id])),

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sdl.engine.objectives import Objective
 from sdl.exceptions import InstrumentConnectionError
 
-__all__ = ["SimulatorFleet", "journal_path", "world_best", "world_rank"]
+__all__ = ["SimulatorFleet", "journal_path", "world_best", "world_rank", "world_values"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,3 +172,17 @@ def world_rank(cfg: Any, value: float | None) -> tuple[int, int] | None:
     utility = objective.utility(frame[cfg.objective.property].to_numpy(dtype=float))
     better = int((utility > float(objective.utility([value])[0]) + 1e-12).sum())
     return better + 1, len(utility)
+
+
+def world_values(cfg: Any) -> tuple[list[str] | None, np.ndarray] | None:
+    """The simulated world's recorded values of the objective (with their ids when it has them), or None.
+
+    Why: the page draws what random picks from the same world would find, and the recall of the
+    world's top set; a real lab has no such table.
+    """
+    found = _world_column(cfg)
+    if found is None:
+        return None
+    frame, _ = found
+    ids = [str(i) for i in frame["id"]] if "id" in frame.columns else None
+    return ids, frame[cfg.objective.property].to_numpy(dtype=float)
