@@ -58,6 +58,7 @@ from sdl.lab.ledger import ExperimentLedger, StoppingPolicy
 from sdl.lab.runner import RunOutcome, run_plan
 
 if TYPE_CHECKING:
+    from devices.phase_detector import XRDPhaseDetector
     from sdl.config import CampaignConfig
     from sdl.engine import Engine, Proposal
     from sdl.repository.store import BestRecord, ExperimentRecord, Store
@@ -245,6 +246,7 @@ class Lab:
         self._measure_jobs: dict[str, str] = {}  # measurement job id → station that has it
         self._recovered: set[str] = set()  # keys of experiments a previous process left unfinished
         self.interrupted: str | None = None  # "drain" or "abort" once a signal asked the run to stop
+        self.phase_detectors: dict[str, XRDPhaseDetector] = {}  # station → XRD phase identification
         self.campaign_id = 0
         self._token = ""
 
@@ -650,11 +652,13 @@ class Lab:
         measured again, up to ``max_measure_attempts`` times.
 
         Raises:
+            MaterialFailure: The station's phase identification says the target did not form.
             InstrumentError: An instrument fault, or no ``ok`` value after every attempt.
             InstrumentOutage: The station stayed unreachable for its outage window.
             Interrupted: The run is aborting.
         """
         from devices.plans import characterize
+        from sdl.lab.phases import phase_failure
 
         value = self.measured_value(ticket.experiment_id)
         if value is not None:
@@ -670,8 +674,10 @@ class Lab:
                 station = self._station_knowing(measure_job)
             with self.pool.lease(STATION, station) as (name, device):
                 self._measure_jobs[measure_job] = name
+                phases = self.phase_detectors.get(name)
                 outcome = self._run_on(name, device, ticket, measure_job,
-                                       characterize(device, recipe, md=self._md(ticket)))  # type: ignore[arg-type]
+                                       characterize(device, recipe, md=self._md(ticket),  # type: ignore[arg-type]
+                                                    phases=phases))
             if self.writer.pending:
                 self.writer.retry()
             if not outcome.ok:
@@ -681,6 +687,10 @@ class Lab:
                 if self.interrupted == "abort":
                     raise Interrupted(f"characterization aborted: {error}", aborted=True) from error
                 raise error
+            if phases is not None:
+                reason = phase_failure(self.store, ticket.experiment_id, outcome.run_uids, phases.key("summary"))
+                if reason is not None:
+                    raise MaterialFailure(reason, instrument=name)
             value = self.measured_value(ticket.experiment_id)
             if value is not None:
                 ticket.stage = "record"
@@ -875,8 +885,8 @@ class Lab:
             self._changed.wait(timeout)
 
     def close(self) -> None:
-        """Close the instruments' lines."""
-        for device in self.pool.devices.values():
+        """Close the instruments' lines (and the phase identification workers)."""
+        for device in [*self.pool.devices.values(), *self.phase_detectors.values()]:
             with contextlib.suppress(Exception):
                 device.close()
 
@@ -955,8 +965,12 @@ def open_lab(
                                           on_fault=lab.fault_callback(inst.name), **inst.options)
             if inst.role == STATION:
                 common["properties"] = list(inst.measures)
+                if inst.phase_identification is not None and inst.phase_identification.enabled:
+                    common["raw"] = True  # the phase identification reads the streamed pattern
             devices[inst.name] = (inst.role, drivers[inst.name](**common))
         lab.pool = InstrumentPool(devices, on_release=lab.notify, guard=lab.guard)
+        if any(i.phase_identification is not None and i.phase_identification.enabled for i in cfg.instruments):
+            lab.phase_detectors = _phase_detectors(cfg, engine, devices)
         try:
             lab.check_instruments()
         except SDLError as exc:  # dead at start: the campaign fails before it spends anything
@@ -964,6 +978,27 @@ def open_lab(
             lab.finish()
             raise
         yield lab
+
+
+def _phase_detectors(cfg: CampaignConfig, engine: Engine,
+                     devices: dict[str, tuple[str, InstrumentPort]]) -> dict[str, XRDPhaseDetector]:
+    """The XRD phase detectors of the stations that ask for one (targets from the engine's pool)."""
+    from devices.station import CharacterizationStation
+    from sdl.lab.phases import phase_detectors
+
+    pool = engine.pool
+    if pool is None or pool.structure_column is None:
+        raise SDLError(f"campaign {cfg.name!r}: phase_identification needs a crystal candidate pool")
+    stations = {name: dev for name, (role, dev) in devices.items()
+                if role == STATION and isinstance(dev, CharacterizationStation)}
+    missing = [i.name for i in cfg.instruments if i.phase_identification is not None and i.name not in stations]
+    if missing:
+        raise SDLError(f"phase_identification on {missing}: only the sdl-line CharacterizationStation streams "
+                       "the XRD pattern it needs")
+    try:
+        return phase_detectors(cfg, stations, lambda key: pool.structures([pool.index_of(key)])[0])
+    except ValueError as exc:  # PhaseTableError names the file
+        raise SDLError(f"campaign {cfg.name!r}: {exc}") from exc
 
 
 def _featurize_logger(campaign: str) -> Callable[[int, int], None]:
