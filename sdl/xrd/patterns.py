@@ -176,15 +176,17 @@ class ProfileGrid:
         from scipy.ndimage import gaussian_filter1d
 
         out = np.zeros((len(patterns), self.size), dtype=float)
-        for row, pattern in enumerate(patterns):
-            position = (pattern.two_theta - self.start) / self.step
+        if patterns:
+            rows = np.concatenate([np.full(p.two_theta.size, i) for i, p in enumerate(patterns)])
+            position = (np.concatenate([p.two_theta for p in patterns]) - self.start) / self.step
+            weight = np.concatenate([p.intensity for p in patterns])
             inside = (position >= 0) & (position <= self.size - 1)
-            position, weight = position[inside], pattern.intensity[inside]
+            rows, position, weight = rows[inside], position[inside], weight[inside]
             low = np.floor(position).astype(int)
             frac = position - low
             high = np.minimum(low + 1, self.size - 1)
-            np.add.at(out[row], low, weight * (1.0 - frac))
-            np.add.at(out[row], high, weight * frac)
+            np.add.at(out, (rows, low), weight * (1.0 - frac))
+            np.add.at(out, (rows, high), weight * frac)
         sigma = self.fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / self.step
         return np.asarray(gaussian_filter1d(out, sigma, axis=1, mode="constant"), dtype=float)
 

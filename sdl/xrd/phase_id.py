@@ -224,9 +224,7 @@ class PhaseIdentifier:
         target_area = profile / float(profile.sum())
         weights, _ = nnls(columns, target_area)
         for _ in range(self.refinements if len(refs) > 1 else 0):
-            for i, ref in enumerate(refs):
-                if weights[i] <= 0:
-                    continue
+            for i, ref in enumerate(refs):  # zero-weight phases too: a minority phase shows in the residual
                 rest = target_area - columns @ weights + weights[i] * columns[:, i]
                 strain, _, column = self._scan(ref.pattern, _unit(np.clip(rest, 0.0, None)))
                 strains[i], columns[:, i] = strain, column
