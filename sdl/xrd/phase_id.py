@@ -148,7 +148,7 @@ class PhaseIdentifier:
         min_fit: Smallest cosine similarity of fit and measurement for the pattern to count as explained.
         grid: The 2θ grid and peak width both patterns are broadened to.
         max_strain: Largest isotropic lattice strain a reference may be stretched by (0.01 = 1 %).
-        strain_step: Step of the strain scan.
+        strain_step: Step of the strain scan (refined ten times finer around its best point).
         refinements: Rounds of per-phase strain refinement after the first fit.
     """
 
@@ -176,6 +176,7 @@ class PhaseIdentifier:
         self.max_strain = max_strain
         n = round(max_strain / strain_step)
         self.strains = strain_step * np.arange(-n, n + 1, dtype=float)
+        self.strain_step = strain_step
         self.refinements = refinements
 
     def __repr__(self) -> str:
@@ -184,12 +185,16 @@ class PhaseIdentifier:
 
     def _scan(self, pattern: StickPattern, against: FloatArray) -> tuple[float, float, FloatArray]:
         """Best strain of ``pattern`` against a unit profile: (strain, cosine, unit-area profile)."""
-        profiles = self.grid.broaden([pattern.strained(float(s)) for s in self.strains])
-        scores = _unit(profiles) @ against
-        best = int(np.argmax(scores))
-        profile = profiles[best]
+        strains = self.strains
+        for _ in range(2):  # the grid, then ten times finer around its best point
+            profiles = self.grid.broaden([pattern.strained(float(s)) for s in strains])
+            scores = _unit(profiles) @ against
+            best = int(np.argmax(scores))
+            strain, score, profile = float(strains[best]), float(scores[best]), profiles[best]
+            step = self.strain_step / 10.0
+            strains = np.clip(strain + step * np.arange(-9, 10, dtype=float), -self.max_strain, self.max_strain)
         area = float(profile.sum())
-        return float(self.strains[best]), float(scores[best]), profile / area if area > 0 else profile
+        return strain, score, profile / area if area > 0 else profile
 
     def identify(
         self,
