@@ -188,3 +188,16 @@ def test_campaign_with_a_seeded_impurity_rate_completes_through_the_flow(
         assert runs[0].state.is_failed()
     finally:
         store.close()
+
+
+def test_demo_xrd_campaign_parses_and_its_snapshot_keeps_relative_paths() -> None:
+    from sdl.config import load_campaign
+
+    cfg = load_campaign(ROOT / "campaigns" / "demo-xrd.yaml")
+    station = next(i for i in cfg.instruments if i.role == "characterization")
+    assert station.phase_identification is not None and station.phase_identification.threshold == 0.5
+    assert station.simulator.impurity_rate == 0.2 and station.impurity_phases == PHASES.resolve()
+    dumped = next(i for i in cfg.snapshot()["instruments"] if i["name"] == station.name)
+    expected = "../simulators/worlds/competing_phases_demo.csv.gz"
+    assert dumped["phase_identification"]["competing_phases"] == expected
+    assert dumped["simulator"]["impurity_phases"] == expected
