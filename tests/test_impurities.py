@@ -113,6 +113,14 @@ def test_simulator_refuses_impurity_options_it_cannot_honour(args: list[str], wo
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], done.stderr
 
 
+def test_sdl_simulate_passes_the_impurity_options_on() -> None:
+    done = subprocess.run([sys.executable, "-m", "sdl.cli.main", "simulate", "--world", str(WORLD),
+                           "--impurity-rate", "0.3"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "error: --impurity-rate needs --impurity-phases (the competing phases to draw from)"
+
+
 def test_noisy_patterns_stay_physical(world_cifs: dict[str, str], table: PhaseTable) -> None:
     model = ImpurityModel(table, rate=1.0, seed=2, intensity_noise=0.2)
     phases = model.phases_of("perov_74", world_cifs["perov_74"], "sample-x")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sdl.xrd.patterns import CU_KA, TWO_THETA_RANGE, PatternCache, ProfileGrid, StickPattern, mix, simulate_pattern
 from sdl.xrd.phase_id import UNIDENTIFIED, PhaseAnalysis, PhaseIdentifier, Reference, ReferenceLibrary
-from sdl.xrd.phases import Phase, PhaseTable, PhaseTableError, reduced_formula
+from sdl.xrd.phases import Phase, PhaseTable, PhaseTableError, parse_cif, reduced_formula
 
 __all__ = [
     "PhaseIdentifier",
@@ -22,6 +22,7 @@ __all__ = [
     "PhaseTable",
     "PhaseTableError",
     "reduced_formula",
+    "parse_cif",
     "StickPattern",
     "ProfileGrid",
     "PatternCache",

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pymatgen.core import Structure
 
-__all__ = ["Phase", "PhaseTable", "PhaseTableError", "reduced_formula"]
+__all__ = ["Phase", "PhaseTable", "PhaseTableError", "parse_cif", "reduced_formula"]
 
 logger = logging.getLogger(__name__)
 
