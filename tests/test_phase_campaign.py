@@ -201,3 +201,22 @@ def test_demo_xrd_campaign_parses_and_its_snapshot_keeps_relative_paths() -> Non
     expected = "../simulators/worlds/competing_phases_demo.csv.gz"
     assert dumped["phase_identification"]["competing_phases"] == expected
     assert dumped["simulator"]["impurity_phases"] == expected
+
+
+def test_a_bad_phase_table_stops_the_campaign_before_anything_is_written(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdl.config import load_campaign
+    from sdl.exceptions import SDLError
+    from sdl.lab import open_lab
+
+    monkeypatch.setenv("SDL_STATE_DIR", str(tmp_path / "state"))
+    bad = tmp_path / "phases.csv"
+    bad.write_text("id,formula\nperov_1,SrTiO3\n")
+    path = write_campaign(tmp_path, name="bad-table", budget=2, impurity_rate=0.0)
+    path.write_text(path.read_text().replace(str(PHASES), str(bad)))
+    db = tmp_path / "never.db"
+    with pytest.raises(SDLError) as info, open_lab(load_campaign(path), f"sqlite:///{db}"):
+        pass
+    message = str(info.value)
+    assert message == f"{bad}: phase table needs column 'cif' (has ['id', 'formula'])"
+    assert not db.exists()

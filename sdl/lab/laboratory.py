@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from sdl.config import CampaignConfig
     from sdl.engine import Engine, Proposal
     from sdl.repository.store import BestRecord, ExperimentRecord, Store
+    from sdl.xrd import PhaseTable
 
 __all__ = [
     "Interrupted",
@@ -935,6 +936,7 @@ def open_lab(
     if not cfg.instruments:
         raise SDLError(f"campaign {cfg.name!r} lists no instruments: it can be validated and benchmarked, not run")
     drivers = {inst.name: load_driver(inst.driver, inst.role) for inst in cfg.instruments}  # bad names fail first
+    tables = _phase_tables(cfg)  # so do bad phase tables: nothing is written yet
     state_dir = Path(state_dir) if state_dir else state_dir_for(database_url) / cfg.name
     state_dir.mkdir(parents=True, exist_ok=True)
     store = Store.from_url(database_url, create=True)
@@ -970,7 +972,7 @@ def open_lab(
             devices[inst.name] = (inst.role, drivers[inst.name](**common))
         lab.pool = InstrumentPool(devices, on_release=lab.notify, guard=lab.guard)
         if any(i.phase_identification is not None and i.phase_identification.enabled for i in cfg.instruments):
-            lab.phase_detectors = _phase_detectors(cfg, engine, devices)
+            lab.phase_detectors = _phase_detectors(cfg, engine, devices, tables)
         try:
             lab.check_instruments()
         except SDLError as exc:  # dead at start: the campaign fails before it spends anything
@@ -980,25 +982,34 @@ def open_lab(
         yield lab
 
 
-def _phase_detectors(cfg: CampaignConfig, engine: Engine,
-                     devices: dict[str, tuple[str, InstrumentPort]]) -> dict[str, XRDPhaseDetector]:
+def _phase_tables(cfg: CampaignConfig) -> dict[str, PhaseTable]:
+    """The campaign's phase tables, loaded (and so checked) before anything is written."""
+    from sdl.lab.phases import load_phase_tables
+    from sdl.xrd import PhaseTableError
+
+    try:
+        return load_phase_tables(cfg)
+    except PhaseTableError as exc:  # names the file (and row or column)
+        raise SDLError(str(exc)) from exc
+
+
+def _phase_detectors(cfg: CampaignConfig, engine: Engine, devices: dict[str, tuple[str, InstrumentPort]],
+                     tables: dict[str, PhaseTable]) -> dict[str, XRDPhaseDetector]:
     """The XRD phase detectors of the stations that ask for one (targets from the engine's pool)."""
     from devices.station import CharacterizationStation
     from sdl.lab.phases import phase_detectors
 
     pool = engine.pool
     if pool is None or pool.structure_column is None:
-        raise SDLError(f"campaign {cfg.name!r}: phase_identification needs a crystal candidate pool")
+        raise SDLError("phase_identification needs a crystal candidate pool (search_space.candidates)")
     stations = {name: dev for name, (role, dev) in devices.items()
                 if role == STATION and isinstance(dev, CharacterizationStation)}
-    missing = [i.name for i in cfg.instruments if i.phase_identification is not None and i.name not in stations]
+    missing = [i.name for i in cfg.instruments
+               if i.phase_identification is not None and i.phase_identification.enabled and i.name not in stations]
     if missing:
         raise SDLError(f"phase_identification on {missing}: only the sdl-line CharacterizationStation streams "
                        "the XRD pattern it needs")
-    try:
-        return phase_detectors(cfg, stations, lambda key: pool.structures([pool.index_of(key)])[0])
-    except ValueError as exc:  # PhaseTableError names the file
-        raise SDLError(f"campaign {cfg.name!r}: {exc}") from exc
+    return phase_detectors(cfg, stations, lambda key: pool.structures([pool.index_of(key)])[0], tables)
 
 
 def _featurize_logger(campaign: str) -> Callable[[int, int], None]:

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from devices.station import CharacterizationStation
     from sdl.config import CampaignConfig
     from sdl.repository.store import Store
+    from sdl.xrd import PhaseTable
 
-__all__ = ["TARGET_FORMED", "TARGET_FRACTION", "phase_detectors", "phase_failure"]
+__all__ = ["TARGET_FORMED", "TARGET_FRACTION", "load_phase_tables", "phase_detectors", "phase_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,35 @@ TARGET_FRACTION = "target_phase_fraction"
 """Measurement property of the target's share of the diffracted intensity."""
 
 
+def load_phase_tables(cfg: CampaignConfig) -> dict[str, PhaseTable]:
+    """Every phase table the campaign names (phase identification, simulated impurities), by path.
+
+    Called before anything is written, so that a table without its columns or with a bad formula
+    stops the campaign in one line naming the file and the row.
+
+    Raises:
+        PhaseTableError: A table cannot be read.
+    """
+    from sdl.xrd import PhaseTable
+
+    tables: dict[str, PhaseTable] = {}
+    for inst in cfg.instruments:
+        wanted = []
+        if inst.phase_identification is not None and inst.phase_identification.enabled:
+            wanted.append(inst.phase_identification.competing_phases)
+        if inst.simulated and inst.simulator.impurity_rate > 0 and inst.impurity_phases is not None:
+            wanted.append(inst.impurity_phases)
+        for path in wanted:
+            if str(path) not in tables:
+                tables[str(path)] = PhaseTable.load(path)
+    return tables
+
+
 def phase_detectors(
     cfg: CampaignConfig,
     stations: dict[str, CharacterizationStation],
     structure_of: Callable[[str], Structure],
+    tables: dict[str, PhaseTable] | None = None,
 ) -> dict[str, XRDPhaseDetector]:
     """An :class:`~devices.phase_detector.XRDPhaseDetector` per station with ``phase_identification`` on.
 
@@ -45,6 +71,7 @@ def phase_detectors(
         cfg: The campaign.
         stations: Connected stations by instrument name (built with ``raw=True`` where needed).
         structure_of: Candidate id → its structure (the pool's).
+        tables: Tables already loaded (:func:`load_phase_tables`); others are loaded here.
 
     Raises:
         PhaseTableError: A competing-phases file cannot be read (the message names it).
@@ -52,6 +79,7 @@ def phase_detectors(
     from devices.phase_detector import XRDPhaseDetector
     from sdl.xrd import PhaseIdentifier, PhaseTable, ProfileGrid, Reference, ReferenceLibrary
 
+    loaded = dict(tables or {})
     libraries: dict[str, ReferenceLibrary] = {}
     out: dict[str, XRDPhaseDetector] = {}
     for inst in cfg.instruments:
@@ -60,7 +88,8 @@ def phase_detectors(
             continue
         path = str(options.competing_phases)
         if path not in libraries:
-            libraries[path] = ReferenceLibrary(PhaseTable.load(options.competing_phases))
+            table = loaded.get(path) or PhaseTable.load(options.competing_phases)
+            libraries[path] = ReferenceLibrary(table)
         library = libraries[path]
 
         def references(candidate: str, library: ReferenceLibrary = library) -> tuple[Reference, list[Reference]]:
