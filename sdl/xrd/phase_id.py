@@ -226,14 +226,14 @@ class PhaseIdentifier:
         strains = [s for s, _, _ in scanned]
         similarities = {ref.phase_id: round(c, 6) for ref, (_, c, _) in zip(refs, scanned, strict=True)}
         columns = np.stack([p for _, _, p in scanned], axis=1)  # [grid, n_refs], unit area each
-        target_area = profile / float(profile.sum())
-        weights, _ = nnls(columns, target_area)
+        measured_area = profile / float(profile.sum())
+        weights, _ = nnls(columns, measured_area)
         for _ in range(self.refinements if len(refs) > 1 else 0):
             for i, ref in enumerate(refs):  # zero-weight phases too: a minority phase shows in the residual
-                rest = target_area - columns @ weights + weights[i] * columns[:, i]
+                rest = measured_area - columns @ weights + weights[i] * columns[:, i]
                 strain, _, column = self._scan(ref.pattern, _unit(np.clip(rest, 0.0, None)))
                 strains[i], columns[:, i] = strain, column
-            weights, _ = nnls(columns, target_area)
+            weights, _ = nnls(columns, measured_area)
         total = float(weights.sum())
         fractions = {ref.phase_id: (float(w) / total if total > 0 else 0.0)
                      for ref, w in zip(refs, weights, strict=True)}
