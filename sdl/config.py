@@ -60,6 +60,7 @@ __all__ = [
     "Instrument",
     "IntegerParameter",
     "ObjectiveSpec",
+    "PhaseIdentification",
     "PoolGeneration",
     "RandomModel",
     "RandomOptions",
@@ -516,6 +517,68 @@ class SimulatorOptions(_Frozen):
         gt=0.0,
         description="Fault injection: how long the outage lasts (none: for good).",
     )
+    impurity_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Characterization station on a crystal world: probability that a sample holds a competing "
+        "phase of the target's composition (real structure from `impurity_phases`) as its majority phase; "
+        "its XRD pattern shows it and the experiment fails as a material failure.",
+    )
+    impurity_phases: Path | None = Field(
+        default=None,
+        description="CSV(.gz) of competing phases (id, formula, cif) the impurities are drawn from, relative to "
+        "this YAML file; default: this instrument's phase_identification.competing_phases.",
+    )
+    xrd_strain: float = Field(
+        default=0.0, ge=0.0, le=0.05,
+        description="Largest isotropic lattice strain of a measured sample against its recorded structure "
+        "(seeded per sample), e.g. 0.005.",
+    )
+    xrd_intensity_noise: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Relative noise on each XRD reflection's intensity (seeded per sample), e.g. 0.05.",
+    )
+
+    @field_validator("impurity_phases")
+    @classmethod
+    def _impurity_phases_exist(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
+        resolved = _resolve(path, info)
+        if not resolved.is_file():
+            raise ValueError(f"impurity phases file {str(path)!r} does not exist (looked for {str(resolved)!r})")
+        return resolved
+
+
+class PhaseIdentification(_Frozen):
+    """XRD phase identification at a characterization station: did the synthesis make the target?"""
+
+    enabled: bool = Field(default=True, description="Analyse every XRD pattern the station streams.")
+    competing_phases: Path = Field(
+        description="CSV(.gz) of known phases (id, cif; formula and space_group optional), relative to this YAML "
+        "file: the phases of a target's composition other than the target are its competitors.",
+    )
+    threshold: float = Field(
+        default=0.5, gt=0.0, le=1.0,
+        description="Smallest target share of the diffracted intensity for the target to count as formed.",
+    )
+    min_fit: float = Field(
+        default=0.8, gt=0.0, le=1.0,
+        description="Smallest cosine similarity of the fitted phase mixture and the measured pattern; below it "
+        "the pattern is unidentified and the target counts as not formed.",
+    )
+    fwhm_deg: float = Field(default=0.15, gt=0.0, le=2.0, description="Gaussian peak width (FWHM), degrees 2θ.")
+    max_strain: float = Field(
+        default=0.01, ge=0.0, le=0.1,
+        description="Largest isotropic lattice strain a reference may be stretched by to match (0.01 = 1 %).",
+    )
+
+    @field_validator("competing_phases")
+    @classmethod
+    def _phases_exist(cls, path: Path, info: ValidationInfo) -> Path:
+        resolved = _resolve(path, info)
+        if not resolved.is_file():
+            raise ValueError(f"competing phases file {str(path)!r} does not exist (looked for {str(resolved)!r})")
+        return resolved
 
 
 class Instrument(_Frozen):
@@ -547,6 +610,11 @@ class Instrument(_Frozen):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Driver-specific options (e.g. baudrate).")
     simulator: SimulatorOptions = Field(default_factory=SimulatorOptions, description="Simulator behaviour.")
+    phase_identification: PhaseIdentification | None = Field(
+        default=None,
+        description="Characterization only: identify the phases of each streamed XRD pattern; a sample in which "
+        "the target did not form fails the experiment as a material failure.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -585,7 +653,24 @@ class Instrument(_Frozen):
             raise ValueError(f"instrument {self.name!r}: give url, or simulated: true with a world file")
         if self.role == "characterization" and not self.measures:
             raise ValueError(f"characterization instrument {self.name!r} must list what it measures")
+        if self.role != "characterization" and self.phase_identification is not None:
+            raise ValueError(f"instrument {self.name!r}: phase_identification is for characterization instruments")
+        sim = self.simulator
+        if sim.impurity_rate > 0 or sim.xrd_strain > 0 or sim.xrd_intensity_noise > 0:
+            if self.role != "characterization":
+                raise ValueError(f"instrument {self.name!r}: simulator.impurity_rate and xrd_* act where the "
+                                 "sample's phases show (its XRD pattern): set them on the characterization instrument")
+            if sim.impurity_rate > 0 and self.impurity_phases is None:
+                raise ValueError(f"instrument {self.name!r}: simulator.impurity_rate needs simulator.impurity_phases "
+                                 "or phase_identification.competing_phases (the phases an impurity is drawn from)")
         return self
+
+    @property
+    def impurity_phases(self) -> Path | None:
+        """The table the simulator draws impurities from (its own, else the phase identification's)."""
+        if self.simulator.impurity_phases is not None:
+            return self.simulator.impurity_phases
+        return self.phase_identification.competing_phases if self.phase_identification is not None else None
 
 
 def _notification_target(target: str) -> str:
@@ -699,6 +784,12 @@ class CampaignConfig(_Frozen):
                 f"no characterization instrument measures the objective {objective.property!r} "
                 f"(measured: {sorted(measured)})"
             )
+        space = info.data.get("search_space")
+        crystals = space is not None and space.candidates is not None and space.candidates.structure_column
+        for inst in instruments:
+            if inst.phase_identification is not None and inst.phase_identification.enabled and not crystals:
+                raise ValueError(f"instrument {inst.name!r}: phase_identification needs a crystal candidate pool "
+                                 "(search_space.candidates with structure_column)")
         return instruments
 
     def snapshot(self) -> dict[str, Any]:
@@ -715,6 +806,11 @@ class CampaignConfig(_Frozen):
         for dumped, instrument in zip(data["instruments"], self.instruments, strict=False):
             if instrument.world is not None:
                 dumped["world"] = self._relative(instrument.world)
+            if instrument.simulator.impurity_phases is not None:
+                dumped["simulator"]["impurity_phases"] = self._relative(instrument.simulator.impurity_phases)
+            if instrument.phase_identification is not None:
+                phases = instrument.phase_identification.competing_phases
+                dumped["phase_identification"]["competing_phases"] = self._relative(phases)
         if data["repository"]["url"]:
             data["repository"]["url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", data["repository"]["url"])
         return data

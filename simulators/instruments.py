@@ -23,7 +23,8 @@ from typing import Any
 
 from devices.protocol import PROTOCOL_VERSION, Command, FrameError, format_busy, format_data, format_ok, seal
 from simulators.faults import FaultInjector
-from simulators.worlds import World, WorldError
+from simulators.impurities import ImpurityModel, SamplePhases
+from simulators.worlds import CrystalWorld, World, WorldError
 
 __all__ = ["Job", "Journal", "SimulatedInstruments", "SYNTH_SECONDS", "MEASURE_SECONDS"]
 
@@ -129,6 +130,8 @@ class SimulatedInstruments:
         serial: Serial number in the identity.
         synth_seconds: Unscaled synthesis duration.
         measure_seconds: Unscaled measurement duration.
+        impurities: Which phases each measured sample holds (crystal worlds only); its XRD
+            pattern then comes from those phases. ``None``: every sample is its pure target.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class SimulatedInstruments:
         serial: str = "SIM-0001",
         synth_seconds: float = SYNTH_SECONDS,
         measure_seconds: float = MEASURE_SECONDS,
+        impurities: ImpurityModel | None = None,
     ) -> None:
         if time_scale < 0:
             raise ValueError(f"time_scale={time_scale} must be >= 0")
@@ -159,6 +163,9 @@ class SimulatedInstruments:
         self.serial = serial
         self.synth_seconds = synth_seconds
         self.measure_seconds = measure_seconds
+        if impurities is not None and not isinstance(world, CrystalWorld):
+            raise ValueError(f"impurities need a crystal world, not {world.name}")
+        self.impurities = impurities
         self.jobs: dict[str, Job] = {}
         self._lock = threading.RLock()
         self._replay(self.journal.load())
@@ -248,7 +255,13 @@ class SimulatedInstruments:
                 "quality": quality,
                 "note": m.note,
             }
-            self._log("finished", job, result=measured)
+            try:
+                truth = self.sample_phases(job)
+            except ValueError as exc:  # a CIF of the phase table that does not parse: RAW will say so
+                logger.warning("measurement %s: phases of its sample unknown: %s", job.job_id, exc)
+                truth = None
+            extra = {"phases": truth.as_record()} if truth is not None else {}
+            self._log("finished", job, result=measured, **extra)  # the truth stays in the instrument log
             job.state, job.result = "done", measured
         job.ended_at = now
 
@@ -313,10 +326,29 @@ class SimulatedInstruments:
         # Raw data (an XRD pattern) may take a while the first time: compute it outside the lock
         # so that the other instrument served by this process keeps answering.
         try:
-            _, rows = self.world.raw(self.world.resolve(recipe))
+            phases = self.sample_phases(job)
+            if phases is not None and isinstance(self.world, CrystalWorld) and self.impurities is not None:
+                rows: list[tuple[float, ...]] = list(
+                    self.impurities.pattern(phases, self.world.cif(self.world.resolve(recipe))))
+            else:
+                _, rows = self.world.raw(self.world.resolve(recipe))
         except WorldError as exc:
             raise FrameError(exc.code, exc.message) from None
+        except ValueError as exc:  # a phase table's CIF that does not parse
+            raise FrameError("INTERNAL", f"no XRD pattern for job {job.job_id}: {exc}") from None
         return [format_ok(f"DATA {len(rows)}"), *(format_data(r) for r in rows), format_ok_end()]
+
+    def sample_phases(self, job: Job) -> SamplePhases | None:
+        """The phases of the sample a measurement job looked at (``None`` without an impurity model).
+
+        The sample is the recipe's ``sample`` (the robot's sample id, passed on by the lab), or
+        the measurement job itself when the recipe names none.
+        """
+        if self.impurities is None or job.kind != "measure" or not isinstance(self.world, CrystalWorld):
+            return None
+        point = self.world.resolve(job.recipe)
+        sample = str(job.recipe.get("sample") or job.job_id)
+        return self.impurities.phases_of(point.key, self.world.cif(point), sample)
 
     def _job(self, job_id: str | None, kind: str | None) -> Job:
         job = self.jobs.get(job_id or "")

@@ -25,13 +25,15 @@ from typing import Any, TextIO
 
 from devices.protocol import MAX_LINE, FrameError, format_busy, format_err, parse_command
 from simulators.faults import FaultInjector, FaultRates
+from simulators.impurities import ImpurityModel
 from simulators.instruments import MEASURE_SECONDS, SYNTH_SECONDS, Journal, SimulatedInstruments
-from simulators.worlds import CrystalWorld, WorldError, load_world
+from simulators.worlds import CrystalWorld, World, WorldError, load_world
 
 __all__ = [
     "ServerOptions",
     "build_parser",
     "build_lab",
+    "build_impurities",
     "serve_tcp",
     "serve_pty",
     "main",
@@ -64,6 +66,10 @@ class ServerOptions:
     outage_s: float | None = None
     synth_seconds: float = SYNTH_SECONDS
     measure_seconds: float = MEASURE_SECONDS
+    impurity_rate: float = 0.0
+    impurity_phases: Path | None = None
+    xrd_strain: float = 0.0
+    xrd_intensity_noise: float = 0.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outage-s", type=float, default=None, metavar="S",
                    help="fault injection: answer again after S seconds of outage (default: never)")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
+    p.add_argument("--impurity-rate", type=float, default=0.0, metavar="RATE",
+                   help="crystal world: probability that a sample holds a competing phase instead of the target")
+    p.add_argument("--impurity-phases", type=Path, default=None, metavar="CSV",
+                   help="table of competing phases (id, formula, cif) the impurities are drawn from")
+    p.add_argument("--xrd-strain", type=float, default=0.0, metavar="STRAIN",
+                   help="largest isotropic lattice strain of a measured sample (e.g. 0.005)")
+    p.add_argument("--xrd-intensity-noise", type=float, default=0.0, metavar="SD",
+                   help="relative noise on each XRD reflection's intensity (e.g. 0.05)")
     for name in ("timeout", "garbled", "drop", "busy", "failed-synthesis", "drift"):
         p.add_argument(f"--fault-{name}", type=float, default=0.0, metavar="RATE",
                        help=f"probability of a {name} fault")
@@ -127,13 +141,43 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         outage_s=args.outage_s,
         synth_seconds=args.synth_seconds,
         measure_seconds=args.measure_seconds,
+        impurity_rate=args.impurity_rate,
+        impurity_phases=args.impurity_phases,
+        xrd_strain=args.xrd_strain,
+        xrd_intensity_noise=args.xrd_intensity_noise,
     )
+
+
+def build_impurities(options: ServerOptions, world: World) -> ImpurityModel | None:
+    """The impurity model of a crystal world's station, or None when no option asks for one.
+
+    Raises:
+        ValueError: Impurity or XRD options on a world without crystal structures, or a rate
+            without a phase table (the message names the option).
+    """
+    if not (options.impurity_rate or options.xrd_strain or options.xrd_intensity_noise):
+        return None
+    if not isinstance(world, CrystalWorld):
+        raise ValueError(f"--impurity-rate/--xrd-* need a crystal world (id, cif columns), not {world.name}")
+    table = None
+    if options.impurity_phases is not None:
+        from sdl.xrd.phases import PhaseTable, PhaseTableError
+
+        try:
+            table = PhaseTable.load(options.impurity_phases)
+        except PhaseTableError as exc:
+            raise ValueError(f"--impurity-phases: {exc}") from None
+    elif options.impurity_rate:
+        raise ValueError("--impurity-rate needs --impurity-phases (the competing phases to draw from)")
+    return ImpurityModel(table, rate=options.impurity_rate, seed=options.seed, strain=options.xrd_strain,
+                         intensity_noise=options.xrd_intensity_noise)
 
 
 def build_lab(options: ServerOptions) -> SimulatedInstruments:
     """Load the world and the journal and build the instrument state machines."""
     world = load_world(options.world, properties=options.properties, off_table=options.off_table)  # type: ignore[arg-type]
     instruments = frozenset({"robot", "station"} if options.instrument == "both" else {options.instrument})
+    impurities = build_impurities(options, world) if "station" in instruments else None
     return SimulatedInstruments(
         world,
         instruments=instruments,
@@ -146,6 +190,7 @@ def build_lab(options: ServerOptions) -> SimulatedInstruments:
         serial=options.serial,
         synth_seconds=options.synth_seconds,
         measure_seconds=options.measure_seconds,
+        impurities=impurities,
     )
 
 

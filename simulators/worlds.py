@@ -304,6 +304,10 @@ class CrystalWorld(World):
         """Standard deviation of a property over the pool."""
         return self._scale[prop]
 
+    def cif(self, point: Point) -> str:
+        """The candidate's structure as CIF text."""
+        return self._cif[point.key]
+
     def raw(self, point: Point) -> tuple[str, list[tuple[float, ...]]]:
         """Powder XRD (Cu K-alpha) of the candidate: rows of (two_theta_deg, intensity_percent)."""
         with self._xrd_lock:

@@ -44,6 +44,16 @@ def register(app: typer.Typer) -> None:
             0.0, "--fault-failed-synthesis", help="Probability that a synthesis loses its sample."
         ),
         fault_drift: float = typer.Option(0.0, "--fault-drift", help="Probability of a drifted measurement."),
+        impurity_rate: float = typer.Option(
+            0.0, "--impurity-rate", help="Crystal world: probability that a sample holds a competing phase."
+        ),
+        impurity_phases: Path | None = typer.Option(
+            None, "--impurity-phases", help="CSV(.gz) of competing phases (id, formula, cif) impurities come from."
+        ),
+        xrd_strain: float = typer.Option(0.0, "--xrd-strain", help="Largest lattice strain of a measured sample."),
+        xrd_intensity_noise: float = typer.Option(
+            0.0, "--xrd-intensity-noise", help="Relative noise on each XRD reflection's intensity."
+        ),
         log_level: str = typer.Option("WARNING", "--log-level", help="Logging level on stderr."),
     ) -> None:
         """Serve simulated instruments; the first line printed says where (e.g. socket://127.0.0.1:PORT)."""
@@ -66,6 +76,11 @@ def register(app: typer.Typer) -> None:
             argv += ["--journal", str(journal)]
         if exit_with_parent:
             argv.append("--exit-with-parent")
+        if impurity_rate or xrd_strain or xrd_intensity_noise:
+            argv += ["--impurity-rate", str(impurity_rate), "--xrd-strain", str(xrd_strain),
+                     "--xrd-intensity-noise", str(xrd_intensity_noise)]
+        if impurity_phases:
+            argv += ["--impurity-phases", str(impurity_phases)]
         try:
             code = serve(argv)
         except SystemExit as exc:  # argparse rejected a value; it already said which

@@ -275,13 +275,16 @@ class RepositoryWriter:
                 {"run_uid": run_uid, "event_uid": event.get("uid"), "keys": present},
             )
             return []
-        quality = "ok"
-        if run.quality_key is not None:
-            flag = data.get(run.quality_key)
-            quality = str(flag) if flag not in (None, "") else "ok"
         rows = []
         for key in present:
             spec = run.measurements[key]
+            # A measurement may name its own quality key (``None``: always ok), e.g. a value judged
+            # by the phase identification of the same event; otherwise the run's key applies.
+            quality_key = spec.get("quality_key", run.quality_key)
+            quality = "ok"
+            if isinstance(quality_key, str):
+                flag = data.get(quality_key)
+                quality = str(flag) if flag not in (None, "") else "ok"
             raw = data[key]
             value = _number(raw)
             if value is None:

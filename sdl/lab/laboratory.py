@@ -60,10 +60,14 @@ from sdl.lab.runner import RunOutcome, run_plan
 from sdl.steps import step
 
 if TYPE_CHECKING:
+    from pymatgen.core import Structure
+
+    from devices.phase_detector import XRDPhaseDetector
     from sdl.config import CampaignConfig
     from sdl.engine import Engine, Proposal
     from sdl.generation.growth import PoolGrowth
     from sdl.repository.store import BestRecord, CampaignRecord, ExperimentRecord, Store
+    from sdl.xrd import PhaseTable
 
 __all__ = [
     "Interrupted",
@@ -248,6 +252,7 @@ class Lab:
         self._measure_jobs: dict[str, str] = {}  # measurement job id → station that has it
         self._recovered: set[str] = set()  # keys of experiments a previous process left unfinished
         self.interrupted: str | None = None  # "drain" or "abort" once a signal asked the run to stop
+        self.phase_detectors: dict[str, XRDPhaseDetector] = {}  # station → XRD phase identification
         self.campaign_id = 0
         self._token = ""
         self.alerts = CampaignAlerts(self)  # cfg.notifications: failed, instrument gone, goal, budget
@@ -745,11 +750,13 @@ class Lab:
         measured again, up to ``max_measure_attempts`` times.
 
         Raises:
+            MaterialFailure: The station's phase identification says the target did not form.
             InstrumentError: An instrument fault, or no ``ok`` value after every attempt.
             InstrumentOutage: The station stayed unreachable for its outage window.
             Interrupted: The run is aborting.
         """
         from devices.plans import characterize
+        from sdl.lab.phases import phase_failure
 
         value = self.measured_value(ticket.experiment_id)
         if value is not None:
@@ -765,8 +772,10 @@ class Lab:
                 station = self._station_knowing(measure_job)
             with self.pool.lease(STATION, station) as (name, device):
                 self._measure_jobs[measure_job] = name
+                phases = self.phase_detectors.get(name)
                 outcome = self._run_on(name, device, ticket, measure_job,
-                                       characterize(device, recipe, md=self._md(ticket)))  # type: ignore[arg-type]
+                                       characterize(device, recipe, md=self._md(ticket),  # type: ignore[arg-type]
+                                                    phases=phases))
             if self.writer.pending:
                 self.writer.retry()
             if not outcome.ok:
@@ -776,6 +785,10 @@ class Lab:
                 if self.interrupted == "abort":
                     raise Interrupted(f"characterization aborted: {error}", aborted=True) from error
                 raise error
+            if phases is not None:
+                reason = phase_failure(self.store, ticket.experiment_id, outcome.run_uids, phases.key("summary"))
+                if reason is not None:
+                    raise MaterialFailure(reason, instrument=name)
             value = self.measured_value(ticket.experiment_id)
             if value is not None:
                 ticket.stage = "record"
@@ -967,8 +980,8 @@ class Lab:
             self._changed.wait(timeout)
 
     def close(self) -> None:
-        """Close the instruments' lines; deliver the last alerts."""
-        for device in self.pool.devices.values():
+        """Close the instruments' lines and the phase identification workers; deliver the last alerts."""
+        for device in [*self.pool.devices.values(), *self.phase_detectors.values()]:
             with contextlib.suppress(Exception):
                 device.close()
         self.alerts.close()
@@ -1018,6 +1031,7 @@ def open_lab(
     if not cfg.instruments:
         raise SDLError(f"campaign {cfg.name!r} lists no instruments: it can be validated and benchmarked, not run")
     drivers = {inst.name: load_driver(inst.driver, inst.role) for inst in cfg.instruments}  # bad names fail first
+    tables = _phase_tables(cfg)  # so do bad phase tables: nothing is written yet
     state_dir = Path(state_dir) if state_dir else state_dir_for(database_url) / cfg.name
     state_dir.mkdir(parents=True, exist_ok=True)
     step("opening the repository %s", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", database_url))
@@ -1052,8 +1066,12 @@ def open_lab(
                                           on_fault=lab.fault_callback(inst.name), **inst.options)
             if inst.role == STATION:
                 common["properties"] = list(inst.measures)
+                if inst.phase_identification is not None and inst.phase_identification.enabled:
+                    common["raw"] = True  # the phase identification reads the streamed pattern
             devices[inst.name] = (inst.role, drivers[inst.name](**common))
         lab.pool = InstrumentPool(devices, on_release=lab.notify, guard=lab.guard)
+        if any(i.phase_identification is not None and i.phase_identification.enabled for i in cfg.instruments):
+            lab.phase_detectors = _phase_detectors(cfg, engine, devices, tables)
         try:
             lab.check_instruments()
         except SDLError as exc:  # dead at start: the campaign fails before it spends anything
@@ -1065,6 +1083,41 @@ def open_lab(
         except Exception as exc:
             lab.alerts.crashed(exc)
             raise
+
+
+def _phase_tables(cfg: CampaignConfig) -> dict[str, PhaseTable]:
+    """The campaign's phase tables, loaded (and so checked) before anything is written."""
+    from sdl.lab.phases import load_phase_tables
+    from sdl.xrd import PhaseTableError
+
+    try:
+        return load_phase_tables(cfg)
+    except PhaseTableError as exc:  # names the file (and row or column)
+        raise SDLError(str(exc)) from exc
+
+
+def _phase_detectors(cfg: CampaignConfig, engine: Engine, devices: dict[str, tuple[str, InstrumentPort]],
+                     tables: dict[str, PhaseTable]) -> dict[str, XRDPhaseDetector]:
+    """The XRD phase detectors of the stations that ask for one (targets from the engine's pool)."""
+    from devices.station import CharacterizationStation
+    from sdl.lab.phases import phase_detectors
+
+    pool = engine.pool
+    if pool is None or pool.structure_column is None:
+        raise SDLError("phase_identification needs a crystal candidate pool (search_space.candidates)")
+    stations = {name: dev for name, (role, dev) in devices.items()
+                if role == STATION and isinstance(dev, CharacterizationStation)}
+    missing = [i.name for i in cfg.instruments
+               if i.phase_identification is not None and i.phase_identification.enabled and i.name not in stations]
+    if missing:
+        raise SDLError(f"phase_identification on {missing}: only the sdl-line CharacterizationStation streams "
+                       "the XRD pattern it needs")
+
+    def structure_of(key: str) -> Structure:  # the engine's pool now: it may have grown (search_space.generate)
+        current = engine.pool or pool
+        return current.structures([current.index_of(key)])[0]
+
+    return phase_detectors(cfg, stations, structure_of, tables)
 
 
 def _featurize_logger(campaign: str) -> Callable[[int, int], None]:

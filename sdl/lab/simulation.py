@@ -89,6 +89,10 @@ class SimulatorFleet:
                         faults=sim.faults.model_dump(),
                         outage_after_s=sim.outage_after_s,
                         outage_s=sim.outage_s,
+                        impurity_rate=sim.impurity_rate or None,
+                        impurity_phases=inst.impurity_phases if sim.impurity_rate else None,
+                        xrd_strain=sim.xrd_strain or None,
+                        xrd_intensity_noise=sim.xrd_intensity_noise or None,
                         log_level="INFO",  # the log then lists every injected fault: an audit trail
                         log_path=log,
                     )
