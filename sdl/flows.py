@@ -335,6 +335,9 @@ def campaign_flow(
     log = get_run_logger()
     log.info("campaign %s: repository %s", cfg.name, re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
     with open_lab(cfg, url, budget=budget, seed=seed, time_scale=time_scale, amend=amend) as lab:
+        from sdl import prefect_control
+
+        prefect_control.attach(lab)  # the UI's Cancel button, the approval form (issue 11)
         monitor = _Monitor(lab)
 
         def submit(ticket: Ticket) -> _Pending:

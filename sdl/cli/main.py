@@ -14,6 +14,7 @@ import typer
 from sdl.cli import (
     benchmark_commands,
     config_commands,
+    control_commands,
     db_commands,
     model_commands,
     run_commands,
@@ -35,6 +36,7 @@ for _module in (
     model_commands,
     run_commands,
     benchmark_commands,
+    control_commands,
 ):
     _module.register(app)
 

@@ -42,7 +42,8 @@ def run(
     """Run a campaign to its end; rerunning the same campaign on the same database resumes it.
 
     Exit codes: 0 completed or stopped by a rule, 1 the campaign failed or could not start,
-    2 bad input, 130 / 143 interrupted by SIGINT / SIGTERM (rerun to resume).
+    2 bad input, 3 cancelled (sdl cancel, the Prefect UI), 130 / 143 interrupted by SIGINT / SIGTERM
+    (rerun to resume in every case).
     Ctrl-C once: the experiments in flight finish and nothing new starts; twice: they are aborted on
     the instruments and recorded as abandoned.
     """
@@ -99,6 +100,9 @@ def run(
         progress.update(bar, completed=summary["counts"].get("completed", 0) + summary["counts"].get("failed", 0)
                         + summary["counts"].get("abandoned", 0))
     _print_summary(console, cfg, summary)
+    if summary.get("state") == "cancelled" and not interrupts.exit_code:  # sdl cancel, the Prefect UI
+        console.print(f"[yellow]cancelled[/]: rerun `sdl run {file}` to resume", highlight=False)
+        raise typer.Exit(3)
     if interrupts.exit_code:
         console.print(f"[yellow]interrupted ({interrupts.signal_name})[/]: rerun `sdl run {file}` to resume",
                       highlight=False)

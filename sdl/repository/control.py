@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from sdl.exceptions import RepositoryError
 from sdl.repository.schema import APPROVAL_DECISIONS, CONTROL_STATES, Approval, Campaign, CampaignControl, utcnow
@@ -98,7 +99,7 @@ def control_of(store: Store, campaign_id: int) -> ControlRecord | None:
         return None if row is None else _control(row)
 
 
-def _row(s: Any, campaign_id: int) -> CampaignControl:
+def _row(s: Session, campaign_id: int) -> CampaignControl:
     row = s.get(CampaignControl, campaign_id, with_for_update=True)
     if row is None:
         row = CampaignControl(campaign_id=campaign_id, state="running", requested_by="", reason="",
@@ -238,3 +239,25 @@ def supersede_pending(store: Store, campaign_id: int, why: str) -> int:
             Store._event(s, "approval.superseded", f"{len(rows)} pending proposal(s) superseded: {why}",
                          campaign_id=campaign_id)
         return len(rows)
+
+
+def control_states(store: Store) -> dict[int, str]:
+    """What ``sdl status`` shows beyond the campaign state: paused, awaiting approval, cancelling, cancelled.
+
+    ``cancelled`` only while the campaign is stopped (a new run resets the row); ``paused`` and
+    ``awaiting approval`` only while it runs.
+    """
+    with store._tx("control_states") as s:
+        states = dict(s.execute(sa.select(Campaign.id, Campaign.state)).tuples().all())
+        controls = dict(s.execute(sa.select(CampaignControl.campaign_id, CampaignControl.state)).tuples().all())
+        waiting = set(s.scalars(sa.select(Approval.campaign_id).where(Approval.decision == "pending").distinct()))
+    shown: dict[int, str] = {}
+    for campaign_id, state in states.items():
+        control = controls.get(campaign_id)
+        if control == "cancelled" and state == "stopped":
+            shown[campaign_id] = "cancelled"
+        elif state == "running" and control in ("paused", "cancelling"):
+            shown[campaign_id] = control
+        elif state == "running" and campaign_id in waiting:
+            shown[campaign_id] = "awaiting approval"
+    return shown
