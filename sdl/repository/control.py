@@ -248,8 +248,9 @@ def control_states(store: Store) -> dict[int, str]:
     ``awaiting approval`` only while it runs.
     """
     with store._tx("control_states") as s:
-        states: dict[int, str] = dict(s.execute(sa.select(Campaign.id, Campaign.state)))
-        controls: dict[int, str] = dict(s.execute(sa.select(CampaignControl.campaign_id, CampaignControl.state)))
+        states: dict[int, str] = dict(s.execute(sa.select(Campaign.id, Campaign.state)).all())
+        controls: dict[int, str] = dict(
+            s.execute(sa.select(CampaignControl.campaign_id, CampaignControl.state)).all())
         waiting = set(s.scalars(sa.select(Approval.campaign_id).where(Approval.decision == "pending").distinct()))
     shown: dict[int, str] = {}
     for campaign_id, state in states.items():
