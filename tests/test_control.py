@@ -256,6 +256,7 @@ def test_pause_resume_then_cancel_from_another_terminal_and_resume_to_budget(tmp
 def test_prefect_cancel_button_ends_the_campaign_cleanly(tmp_path: Path, prefect_api: str) -> None:
     """The UI's Cancel: the flow run is set Cancelling through the API, as the button does."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelling
 
     yaml = write_campaign(tmp_path, name="ctl-ui-cancel", budget=6, batch_size=2)
@@ -265,12 +266,9 @@ def test_prefect_cancel_button_ends_the_campaign_cleanly(tmp_path: Path, prefect
     proc = _sdl_run(yaml, url, env)
     _until("an experiment running", lambda: "running" in _states(url, "ctl-ui-cancel"), proc=proc)
     flow_run_id = _until("the flow run id", lambda: _flow_run_id(url, "ctl-ui-cancel"), proc=proc)
-    os.environ["PREFECT_API_URL"] = prefect_api
-    try:
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(flow_run_id, Cancelling(message="Cancel button"))
-    finally:
-        del os.environ["PREFECT_API_URL"]
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
+        result = client.set_flow_run_state(flow_run_id, Cancelling(message="Cancel button"))
+    assert result.state is not None and result.state.is_cancelling(), result
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err.decode()[-3000:]
     store, campaign = _campaign(url, "ctl-ui-cancel")
@@ -286,6 +284,7 @@ def test_prefect_cancel_button_ends_the_campaign_cleanly(tmp_path: Path, prefect
 def test_approval_through_sdl_approve_and_the_prefect_form(tmp_path: Path, prefect_api: str) -> None:
     """Batches wait; one is approved with a drop from the terminal, one through the form with an edit."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from test_lab import world_values
 
     name = "ctl-approve"
@@ -319,13 +318,10 @@ def test_approval_through_sdl_approve_and_the_prefect_form(tmp_path: Path, prefe
            proc=proc)
     taken = {a.candidate_key for a in [*first, *second]}
     instead = next(k for k in sorted(world_values()) if k not in taken)
-    os.environ["PREFECT_API_URL"] = prefect_api
-    try:
-        with get_client(sync_client=True) as client:  # what the UI's Resume form sends
-            client.resume_flow_run(flow_run_id, run_input={
-                "approved_by": "bo", "drop": [], "replace": {str(second[0].id): instead}})
-    finally:
-        del os.environ["PREFECT_API_URL"]
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
+        resumed = client.resume_flow_run(flow_run_id, run_input={  # what the UI's Resume form sends
+            "approved_by": "bo", "drop": [], "replace": {str(second[0].id): instead}})
+    assert resumed.status.value == "ACCEPT", resumed
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-3000:]
 
