@@ -341,3 +341,48 @@ def test_approval_through_sdl_approve_and_the_prefect_form(tmp_path: Path, prefe
     listing = _sdl("approvals", name, "--db", url, "--json", env=env)
     assert listing.returncode == 0 and '"via": "prefect-ui"' in listing.stdout
     store.close()
+
+
+def test_cancel_of_a_served_deployment_run_records_its_jobs_abandoned(tmp_path: Path, prefect_api: str) -> None:
+    """``sdl serve``: Prefect's runner kills the run's process with SIGTERM; the campaign still ends cleanly."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    name = "ctl-served"
+    yaml = write_campaign(tmp_path, name=name, budget=6, batch_size=2)
+    yaml.write_text(yaml.read_text().replace("time_scale: 0.002", "time_scale: 0.05"))
+    url = f"sqlite:///{tmp_path / 'lab.db'}"
+    env = {**_env(prefect_api), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    serve = subprocess.Popen([sys.executable, "-m", "sdl.cli.main", "serve", "--name", "ctl-served"], env=env,
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
+            deployment = _until("the deployment", lambda: _deployment(client, "sdl-campaign/ctl-served"), proc=serve)
+            run = client.create_flow_run_from_deployment(deployment, parameters={
+                "config_path": str(yaml), "db_url": url})
+            _until("an experiment running", lambda: "running" in _states(url, name), proc=serve)
+            client.set_flow_run_state(run.id, Cancelling(message="Cancel button"))
+            _until("the flow run to end Cancelled",
+                   lambda: client.read_flow_run(run.id).state_type.value in ("CANCELLED", "CRASHED", "FAILED"),
+                   proc=serve)
+            assert client.read_flow_run(run.id).state_type.value == "CANCELLED"
+        store, campaign = _campaign(url, name)
+        _until("the lease released", lambda: store.lease(campaign.id) is None)
+        states = [e.state for e in store.experiments(campaign.id)]
+        assert "running" not in states and "abandoned" in states, states
+        assert store.get_campaign(campaign.id).state == "stopped"
+        row = control_of(store, campaign.id)
+        assert row is not None and row.state == "cancelled"
+        store.close()
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+
+
+def _deployment(client: Any, name: str) -> Any:
+    try:
+        return client.read_deployment_by_name(name).id
+    except Exception:  # noqa: BLE001 - not registered yet
+        return None

@@ -144,14 +144,14 @@ def drive(
             if not done:
                 lab.wait_for_change(poll)
     except BaseException as exc:  # Prefect's TerminationSignal (a runner's cancel), KeyboardInterrupt
-        if not running or isinstance(exc, Exception):
+        if isinstance(exc, Exception):
             raise
         _abort_in_flight(lab, running, exc)
         raise
 
 
 def _abort_in_flight(lab: Lab, running: dict[F, Ticket], exc: BaseException, wait_s: float = 60.0) -> None:
-    """The process is being torn down: abort the jobs in flight and wait until each is recorded."""
+    """The process is being torn down: abort the jobs in flight, wait until each is recorded, record the end."""
     logger.warning("campaign %s: %s: aborting %d experiment(s) in flight", lab.cfg.name, type(exc).__name__,
                    len(running))
     if lab.control is not None:
@@ -161,6 +161,10 @@ def _abort_in_flight(lab: Lab, running: dict[F, Ticket], exc: BaseException, wai
     deadline = time.monotonic() + wait_s
     while any(not f.done() for f in running) and time.monotonic() < deadline:
         lab.wait_for_change(0.2)
+    try:
+        lab.finish()
+    except Exception:
+        logger.exception("campaign %s: could not record how it ended", lab.cfg.name)
 
 
 def run_plain(lab: Lab, *, on_outcome: Callable[[Outcome], None] | None = None, retries: int = 3) -> str:
