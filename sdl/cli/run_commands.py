@@ -137,11 +137,12 @@ def _log_to_file(path: Path, verbose: bool) -> Path:
     return path
 
 
-_TOLD_AT_WARNING = ("sdl.lab.instruments", "sdl.lab.interrupts")
+_TOLD_AT_WARNING = ("sdl.lab.instruments", "sdl.lab.interrupts", "sdl.lab.control", "sdl.lab.approval")
 
 
 def _for_people(record: logging.LogRecord) -> bool:
-    """The warnings a person must act on (an instrument down, an interrupt) and our own errors.
+    """The warnings a person must act on (an instrument down, an interrupt, a pause, a batch to approve)
+    and our own errors.
 
     Prefect's and the transport's records stay in the log file: the failure itself is said once, at
     the end, by the command.
