@@ -477,7 +477,8 @@ class Lab:
         """Ask the engine for ``n`` experiments as one q-batch and commit each as ``proposed``.
 
         Pending for the engine: proposed and running experiments. Failed and abandoned candidates
-        are excluded from the pool, not pending.
+        are excluded from the pool, not pending. With ``acquisition.approval: required`` the batch
+        first waits for a person (:mod:`sdl.lab.approval`); only what they accept is committed.
         """
         from sdl.exceptions import EngineError
 
