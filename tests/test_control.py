@@ -64,13 +64,29 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(autouse=True)
+def _no_orphans() -> Iterator[None]:
+    """A failing test must not leave its ``sdl run`` behind (it would wait, paused, for ever)."""
+    yield
+    for proc in _SPAWNED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    _SPAWNED.clear()
+
+
+_SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
 def _env(api: str) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
 def _sdl_run(yaml: Path, url: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "sdl.cli.main", "run", str(yaml), "--db", url],
+    proc = subprocess.Popen([sys.executable, "-m", "sdl.cli.main", "run", str(yaml), "--db", url],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    _SPAWNED.append(proc)
+    return proc
 
 
 def _sdl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -51,6 +51,7 @@ class LabControl:
         self.paused_by: str | None = None
         self.cancelled_by: str | None = None
         self._checks: list[CancelCheck] = []
+        self._failing: set[int] = set()
         self._last = 0.0
         reset_control(lab.store, lab.campaign_id, older_than=started_at)
 
@@ -74,9 +75,14 @@ class LabControl:
         for check in self._checks:
             try:
                 who = check()
-            except Exception:
-                logger.warning("cancel check %r failed", check, exc_info=True)
+            except Exception as exc:
+                if id(check) not in self._failing:  # say it once: a Prefect server away for a while
+                    logger.warning("campaign %s: cannot ask %r whether it was cancelled: %s", self.lab.cfg.name,
+                                   check, exc)
+                    self._failing.add(id(check))
+                logger.debug("cancel check %r failed", check, exc_info=True)
                 continue
+            self._failing.discard(id(check))
             if who:
                 self.cancel(who)
                 return
