@@ -433,6 +433,11 @@ class Acquisition(_Frozen):
         "ended; asynchronous: propose one experiment whenever a robot is free, the others in flight as pending.",
     )
     beta: float = Field(default=2.0, gt=0.0, description="Exploration weight of qUCB (mean + sqrt(beta)·std).")
+    approval: Literal["none", "required"] = Field(
+        default="none",
+        description="none (default): proposals run at once; required: each proposed batch waits for a person "
+        "(sdl approve CAMPAIGN [--drop ID], or the paused flow run's form in the Prefect UI).",
+    )
 
 
 class InitialDesign(_Frozen):

@@ -363,6 +363,9 @@ def campaign_flow(
     log.info("campaign %s: repository %s", cfg.name, re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
     with open_lab(cfg, url, budget=budget, seed=seed, time_scale=time_scale, amend=amend) as lab, \
             quiet_task_states():
+        from sdl import prefect_control
+
+        prefect_control.attach(lab)  # the UI's Cancel button, the approval form (issue 11)
         monitor = _Monitor(lab)
 
         def submit(ticket: Ticket) -> _Pending:

@@ -15,6 +15,7 @@ from sdl.repository.store import alembic_config
 EXPECTED_TABLES = {
     "campaigns", "materials", "experiments", "samples", "measurements", "bluesky_runs",
     "bluesky_documents", "model_versions", "events", "campaign_leases", "sdl_alembic_version",
+    "campaign_controls", "approvals",
 }
 
 
@@ -79,7 +80,7 @@ def test_0001_database_with_data_upgrades_to_0002_and_back(database_url: str) ->
         conn.execute(sa.text(
             "INSERT INTO campaigns (name, description, config_snapshot, config_hash, state, created_at, updated_at) "
             "VALUES ('old', '', '{}', 'h', 'running', :t, :t)"), {"t": "2026-11-30 10:00:00"})
-    store.upgrade()
+    store.upgrade("0002")
     assert store.current_revision() == "0002"
     campaign = store.get_campaign("old")
     assert campaign is not None

@@ -123,10 +123,13 @@ def status(
 ) -> None:
     """Campaigns in the repository: state, budget, experiments per state, best value."""
     from sdl.exceptions import RepositoryError
+    from sdl.repository.control import control_states
 
     store = _open(db)
     try:
         summaries = store.campaign_summaries()
+        shown = control_states(store)  # paused, awaiting approval, cancelled (sdl/repository/control.py)
+        summaries = [{**s, "state": shown.get(s["id"], s["state"]), "stored_state": s["state"]} for s in summaries]
     except RepositoryError as exc:
         _die(str(exc))
     finally:
@@ -147,7 +150,8 @@ def status(
     table.add_column("best", justify="right", no_wrap=True)
     table.add_column("objective")
     table.add_column("meas", justify="right")
-    colours = {"running": "cyan", "completed": "green", "stopped": "yellow", "failed": "red"}
+    colours = {"running": "cyan", "completed": "green", "stopped": "yellow", "failed": "red", "paused": "yellow",
+               "cancelled": "magenta", "cancelling": "magenta", "awaiting approval": "yellow"}
     goals = {"maximize": "max", "minimize": "min", "target": "target"}
     for s in summaries:
         table.add_row(

@@ -14,6 +14,7 @@ import typer
 from sdl.cli import (
     benchmark_commands,
     config_commands,
+    control_commands,
     db_commands,
     generate_commands,
     manual_commands,
@@ -62,6 +63,7 @@ for _module in (
     manual_commands,
     benchmark_commands,
     generate_commands,
+    control_commands,
 ):
     _module.register(app)
 

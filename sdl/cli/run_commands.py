@@ -57,7 +57,8 @@ def run(
     """Run a campaign to its end; rerunning the same campaign on the same database resumes it.
 
     Exit codes: 0 completed or stopped by a rule, 1 the campaign failed or could not start,
-    2 bad input, 130 / 143 interrupted by SIGINT / SIGTERM (rerun to resume).
+    2 bad input, 3 cancelled (sdl cancel, the Prefect UI), 130 / 143 interrupted by SIGINT / SIGTERM
+    (rerun to resume in every case).
     Ctrl-C once: the experiments in flight finish and nothing new starts; twice: they are aborted on
     the instruments and recorded as abandoned.
     """
@@ -77,6 +78,9 @@ def run(
                 progress.update(bar, visible=False)  # the error line says what happened
                 raise
     _print_summary(Console(), cfg, summary)
+    if summary.get("state") == "cancelled" and not interrupts.exit_code:  # sdl cancel, the Prefect UI
+        Console().print(f"[yellow]cancelled[/]: rerun `sdl run {file}` to resume", highlight=False)
+        raise typer.Exit(3)
     if interrupts.exit_code:
         Console().print(f"[yellow]interrupted ({interrupts.signal_name})[/]: rerun `sdl run {file}` to resume",
                         highlight=False)
@@ -235,11 +239,12 @@ def _log_to_file(path: Path, verbose: bool) -> Path:
     return path
 
 
-_TOLD_AT_WARNING = ("sdl.lab.instruments", "sdl.lab.interrupts")
+_TOLD_AT_WARNING = ("sdl.lab.instruments", "sdl.lab.interrupts", "sdl.lab.control", "sdl.lab.approval")
 
 
 def _for_people(record: logging.LogRecord) -> bool:
-    """The warnings a person must act on (an instrument down, an interrupt) and our own errors.
+    """The warnings a person must act on (an instrument down, an interrupt, a pause, a batch to approve)
+    and our own errors.
 
     Prefect's and the transport's records stay in the log file: the failure itself is said once, at
     the end, by the command.

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from sdl.engine.objectives import Objective
 from sdl.exceptions import InstrumentError, MaterialFailure, SDLError
 from sdl.lab.alerts import CampaignAlerts
+from sdl.lab.approval import ApprovalChannel, wait_for_approval
 from sdl.lab.instruments import (
     ROBOT,
     STATION,
@@ -57,6 +58,8 @@ from sdl.lab.instruments import (
 )
 from sdl.lab.ledger import HANDS, ExperimentLedger, StoppingPolicy, asked_by_hand
 from sdl.lab.runner import RunOutcome, run_plan
+from sdl.repository.control import link_approval
+from sdl.repository.schema import utcnow
 from sdl.steps import step
 
 if TYPE_CHECKING:
@@ -66,6 +69,7 @@ if TYPE_CHECKING:
     from sdl.config import CampaignConfig
     from sdl.engine import Engine, Proposal
     from sdl.generation.growth import PoolGrowth
+    from sdl.lab.control import LabControl
     from sdl.repository.store import BestRecord, CampaignRecord, ExperimentRecord, Store
     from sdl.xrd import PhaseTable
 
@@ -253,6 +257,9 @@ class Lab:
         self._recovered: set[str] = set()  # keys of experiments a previous process left unfinished
         self.interrupted: str | None = None  # "drain" or "abort" once a signal asked the run to stop
         self.phase_detectors: dict[str, XRDPhaseDetector] = {}  # station → XRD phase identification
+        self.control: LabControl | None = None  # pause / resume / cancel requests (sdl/lab/control.py)
+        self.approval_channels: list[ApprovalChannel] = []  # where else a batch may be approved (Prefect UI)
+        self._opened_at = utcnow()
         self.campaign_id = 0
         self._token = ""
         self.alerts = CampaignAlerts(self)  # cfg.notifications: failed, instrument gone, goal, budget
@@ -276,6 +283,7 @@ class Lab:
         from sdl.lab import interrupts
 
         interrupts.register(self)
+        self._start_control()
         counts = self.ledger.counts()
         logger.info(
             "campaign %r (id %d): %d completed, %d failed, %d abandoned, %d pending; budget %d",
@@ -324,6 +332,26 @@ class Lab:
                 self.ledger.track(e.id, e.candidate_key, e.state, e.batch_id, by_hand=True)
         self._reported = len(observations)
         return record
+
+    def _start_control(self) -> None:
+        """Pause / cancel requests of this run; dropped proposals stay out; stale approvals go."""
+        from sdl.lab.control import LabControl
+        from sdl.repository.control import approvals, supersede_pending
+
+        self.control = LabControl(self, started_at=self._opened_at)
+        supersede_pending(self.store, self.campaign_id, "a new run proposes again")
+        for dropped in approvals(self.store, self.campaign_id, decision="dropped"):
+            self.ledger.exclude(dropped.candidate_key)
+
+    def poll_control(self) -> None:
+        """Act on pause / resume / cancel requests (the loop calls it every turn; reads ~1/s)."""
+        if self.control is not None:
+            self.control.poll()
+
+    @property
+    def paused(self) -> bool:
+        """Paused by ``sdl pause``: nothing new is proposed or started until ``sdl resume``."""
+        return self.control is not None and self.control.paused
 
     def check_instruments(self) -> None:
         """Ask every instrument whether it is there before any experiment is proposed.
@@ -394,13 +422,13 @@ class Lab:
         return self.ledger.counts()
 
     def wanted(self) -> int:
-        """How many experiments to propose now (see :meth:`ExperimentLedger.wanted`).
+        """How many experiments to propose now (see :meth:`ExperimentLedger.wanted`); none while paused.
 
         Results told by hand since the last look are learnt first (:meth:`sync_hands`), so the
         next proposal and the stopping rules know them.
         """
         self.sync_hands()
-        return self.ledger.wanted(self.pool.count(ROBOT))
+        return 0 if self.paused else self.ledger.wanted(self.pool.count(ROBOT))
 
     def sync_hands(self) -> int:
         """Learn what ``sdl tell`` recorded, while this run went on, for experiments asked by hand.
@@ -541,7 +569,9 @@ class Lab:
         """Ask the engine for ``n`` experiments as one q-batch and commit each as ``proposed``.
 
         Pending for the engine: proposed and running experiments. Failed and abandoned candidates
-        are excluded from the pool, not pending.
+        are excluded from the pool, not pending. With ``acquisition.approval: required`` the batch
+        first waits for a person (:mod:`sdl.lab.approval`); only what they accept is committed (a
+        batch asked by hand is approved by the person who asked it).
 
         Args:
             n: Batch size.
@@ -571,8 +601,11 @@ class Lab:
             self.ledger.stop(f"expected improvement {ei:.3g} below {threshold}")
             self.event("campaign.stopping", str(self.stop_reason))
             return []
+        chosen: list[tuple[Proposal, int | None]] = [(p, None) for p in proposals]
+        if self.cfg.acquisition.approval == "required" and asked_by is None:
+            chosen = list(wait_for_approval(self, proposals, self.approval_channels))
         tickets = []
-        for p in proposals:
+        for p, approval_id in chosen:
             key = f"{self.cfg.name}:{self.ledger.n_total + 1}"
             exp_id = self.store.propose_experiment(
                 self.campaign_id, idempotency_key=key, candidate_key=p.key, params=p.params,
@@ -586,6 +619,8 @@ class Lab:
                 },
             )
             self.ledger.track(exp_id, p.key, "proposed", p.batch_id, new=True, by_hand=asked_by is not None)
+            if approval_id is not None:
+                link_approval(self.store, approval_id, exp_id)
             record = self.store.get_experiment(exp_id)
             assert record is not None
             ticket = self._ticket(record)
@@ -949,7 +984,7 @@ class Lab:
         )
 
     def finish(self) -> str:
-        """Record how the campaign ended; returns the state (completed, stopped or failed).
+        """Record how the campaign ended; returns the state (completed, stopped, failed or cancelled).
 
         Budget reached: ``completed``; a failure (instrument gone, failure budget spent): ``failed``;
         any other rule or an interrupt: ``stopped`` (the next ``sdl run`` resumes it).
@@ -965,6 +1000,10 @@ class Lab:
             reason = self.ledger.stop_reason or "nothing left to do"
             state = "completed" if reason.startswith("budget") and self.interrupted is None else "stopped"
         self.store.set_campaign_state(self.campaign_id, state, reason=reason)
+        if self.control is not None:
+            self.control.finished()
+            if self.control.cancelled_by is not None:
+                state = "cancelled"
         self.alerts.ended(state, reason)
         return state
 

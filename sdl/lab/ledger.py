@@ -169,6 +169,11 @@ class ExperimentLedger:
                 self._excluded.add(candidate_key)
             self.check_rules()
 
+    def exclude(self, candidate_key: str) -> None:
+        """Never propose ``candidate_key`` again (a person dropped it at approval)."""
+        with self._lock:
+            self._excluded.add(candidate_key)
+
     def released(self, experiment_id: int) -> None:
         """Forget an experiment in flight that stays in its state for the next run (an interrupt)."""
         with self._lock:

@@ -128,21 +128,45 @@ def drive(
     """
     propose = propose or lab.propose
     running: dict[F, Ticket] = {}
-    for ticket in lab.recover():
-        running[submit(ticket)] = ticket
-    while True:
-        wanted = lab.wanted()
-        if wanted:
-            lab.grow_pool()  # between rounds: new generated candidates before the next proposal
-        for ticket in propose(wanted) if wanted else []:
+    try:
+        for ticket in lab.recover():
             running[submit(ticket)] = ticket
-        done = [f for f in running if f.done()]
-        for future in done:
-            on_done(running.pop(future), future)
-        if not running and lab.wanted() == 0:
-            break
-        if not done:
-            lab.wait_for_change(poll)
+        while True:
+            lab.poll_control()  # sdl pause / resume / cancel, the Prefect UI's Cancel
+            wanted = lab.wanted()
+            if wanted:
+                lab.grow_pool()  # between rounds: new generated candidates before the next proposal
+            for ticket in propose(wanted) if wanted else []:
+                running[submit(ticket)] = ticket
+            done = [f for f in running if f.done()]
+            for future in done:
+                on_done(running.pop(future), future)
+            if not running and lab.wanted() == 0 and not lab.paused:
+                break
+            if not done:
+                lab.wait_for_change(poll)
+    except BaseException as exc:  # Prefect's TerminationSignal (a runner's cancel), KeyboardInterrupt
+        if isinstance(exc, Exception):
+            raise
+        _abort_in_flight(lab, running, exc)
+        raise
+
+
+def _abort_in_flight(lab: Lab, running: dict[F, Ticket], exc: BaseException, wait_s: float = 60.0) -> None:
+    """The process is being torn down: abort the jobs in flight, wait until each is recorded, record the end."""
+    logger.warning("campaign %s: %s: aborting %d experiment(s) in flight", lab.cfg.name, type(exc).__name__,
+                   len(running))
+    if lab.control is not None:
+        lab.control.cancel(f"{type(exc).__name__} (a Prefect cancellation or a signal)")
+    else:
+        lab.interrupt("abort", type(exc).__name__)
+    deadline = time.monotonic() + wait_s
+    while any(not f.done() for f in running) and time.monotonic() < deadline:
+        lab.wait_for_change(0.2)
+    try:
+        lab.finish()
+    except Exception:
+        logger.exception("campaign %s: could not record how it ended", lab.cfg.name)
 
 
 def run_plain(lab: Lab, *, on_outcome: Callable[[Outcome], None] | None = None, retries: int = 3) -> str:

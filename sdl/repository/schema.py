@@ -34,6 +34,10 @@ __all__ = [
     "BlueskyDocument",
     "ModelVersion",
     "Event",
+    "CONTROL_STATES",
+    "APPROVAL_DECISIONS",
+    "CampaignControl",
+    "Approval",
 ]
 
 CAMPAIGN_STATES = ("running", "completed", "stopped", "failed")
@@ -288,3 +292,56 @@ class Event(Base):
     level: Mapped[str] = mapped_column(sa.String(20), default="info")
     message: Mapped[str] = mapped_column(sa.Text)
     payload: Mapped[dict[str, Any] | None]
+
+
+CONTROL_STATES = ("running", "paused", "cancelling", "cancelled")
+APPROVAL_DECISIONS = ("pending", "accepted", "dropped", "edited", "superseded")
+
+
+class CampaignControl(Base):
+    """What a person asked of a running campaign (pause, resume, cancel): one row per campaign.
+
+    Written by ``sdl pause/resume/cancel`` (any process, any host), polled by the runner, which
+    also records here the Prefect flow run it reports to (so that others can find it).
+    """
+
+    __tablename__ = "campaign_controls"
+    __table_args__ = (sa.CheckConstraint(_in("state", CONTROL_STATES), name="state"),)
+
+    campaign_id: Mapped[int] = mapped_column(sa.ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True)
+    state: Mapped[str] = mapped_column(sa.String(20), default="running")
+    requested_by: Mapped[str] = mapped_column(sa.String(200), default="")
+    reason: Mapped[str] = mapped_column(sa.Text, default="")
+    flow_run_id: Mapped[str | None] = mapped_column(sa.String(64))
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Approval(Base):
+    """One proposal that waited for a person, and what they decided (who, when, through what).
+
+    ``pending`` rows are the batch waiting now; an accepted or edited proposal becomes the
+    experiment ``experiment_id``; a dropped one never becomes an experiment and its candidate is
+    never proposed again.
+    """
+
+    __tablename__ = "approvals"
+    __table_args__ = (
+        sa.CheckConstraint(_in("decision", APPROVAL_DECISIONS), name="decision"),
+        sa.Index("ix_approvals_campaign_id_decision", "campaign_id", "decision"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(sa.ForeignKey("campaigns.id", ondelete="CASCADE"))
+    batch_id: Mapped[str | None] = mapped_column(sa.String(100))
+    candidate_key: Mapped[str] = mapped_column(sa.String(512))
+    params: Mapped[dict[str, Any]]
+    predicted_mean: Mapped[float | None]
+    predicted_std: Mapped[float | None]
+    decision: Mapped[str] = mapped_column(sa.String(20), default="pending")
+    edited_candidate_key: Mapped[str | None] = mapped_column(sa.String(512))
+    edited_params: Mapped[dict[str, Any] | None]
+    decided_by: Mapped[str | None] = mapped_column(sa.String(200))
+    via: Mapped[str | None] = mapped_column(sa.String(50))
+    experiment_id: Mapped[int | None] = mapped_column(sa.ForeignKey("experiments.id"))
+    proposed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    decided_at: Mapped[dt.datetime | None]
