@@ -46,6 +46,7 @@ from sdl.lab import Lab, Outcome, RoundReport, Ticket, drive, open_lab, run_expe
 from sdl.lab.alerts import register_prefect_bridge
 from sdl.lab.simulation import world_best, world_rank, world_values
 from sdl.report import CampaignPage, Card, random_best_of_n
+from sdl.report.page import format_cell
 
 __all__ = [
     "INSTRUMENT_RETRIES",
@@ -257,7 +258,8 @@ class _Monitor:
         self.log.info(
             "round %d: %d/%d done, best %s = %s, %s; model MAE %s, miscalibration %s",
             report.round, report.done, report.budget, self.lab.property, self.page.value(report.best_value),
-            self.page.named(report.best_candidate), _fmt(m.get("mae")), _fmt(m.get("miscalibration_area")),
+            self.page.named(report.best_candidate), format_cell(m.get("mae")),
+            format_cell(m.get("miscalibration_area")),
         )
 
     def final(self, state: str) -> dict[str, Any]:
@@ -280,14 +282,6 @@ class _Monitor:
         self.log.info("campaign %s %s (%s): best %s = %s, %s", self.name, state, self.lab.stop_reason,
                       self.lab.property, self.page.value(report.best_value), self.page.named(report.best_candidate))
         return summary
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _flow_run_name() -> str:

@@ -122,7 +122,7 @@ class CampaignPage:
 
     def value(self, value: float | None) -> str:
         """A value with the objective's unit: ``"-1.23 eV"``."""
-        text = _fmt(value)
+        text = format_cell(value)
         return f"{text} {self.unit}" if self.unit and value is not None else text
 
     # ------------------------------------------------------------------ log lines
@@ -131,7 +131,7 @@ class CampaignPage:
         prediction = ""
         if ticket.predicted_mean is not None:
             spread = "" if ticket.predicted_std is None else f" ± {ticket.predicted_std:.2g}"
-            prediction = f", predicted {self.property} = {_fmt(ticket.predicted_mean)}{spread}"
+            prediction = f", predicted {self.property} = {format_cell(ticket.predicted_mean)}{spread}"
             prediction += f" {self.unit}" if self.unit else ""
         return f"proposed {ticket.key}: {self.named(ticket.candidate_key)}{prediction}"
 
@@ -196,7 +196,7 @@ class CampaignPage:
         i = min(n, self.baseline.mean.size) - 1
         lo, hi = self.baseline.quantiles
         return (f"**Random, same {n} experiments:** expected best {self.value(float(self.baseline.mean[i]))}; "
-                f"{lo:.0%}–{hi:.0%} of random campaigns between {_fmt(float(self.baseline.low[i]))} and "
+                f"{lo:.0%}–{hi:.0%} of random campaigns between {format_cell(float(self.baseline.low[i]))} and "
                 f"{self.value(float(self.baseline.high[i]))} (exact, over the world's "
                 f"{self.baseline.pool_size} recorded values)")
 
@@ -216,7 +216,7 @@ class CampaignPage:
             "before it was measured.", "",
             "| MAE | RMSE | Spearman(abs err, std) | miscalibration area | coverage 68 % | coverage 95 % | n |",
             "|---|---|---|---|---|---|---|",
-            "| " + " | ".join(_fmt(m.get(k)) for k in ("mae", "rmse", "spearman_abs_error_std",
+            "| " + " | ".join(format_cell(m.get(k)) for k in ("mae", "rmse", "spearman_abs_error_std",
                                                       "miscalibration_area", "coverage_68", "coverage_95", "n"))
             + " |",
         ]
@@ -228,8 +228,8 @@ class CampaignPage:
             lines += ["", "## Earlier rounds (latest first)", "",
                       f"| round | experiments | best {self.label} | best candidate | MAE | miscalibration |",
                       "|---|---|---|---|---|---|"]
-            lines += [f"| {h.round} | {h.done} | {_fmt(h.best)} | {h.best_label} | {_fmt(h.mae)} | "
-                      f"{_fmt(h.miscalibration)} |" for h in self.history[1:]]
+            lines += [f"| {h.round} | {h.done} | {format_cell(h.best)} | {h.best_label} | {format_cell(h.mae)} | "
+                      f"{format_cell(h.miscalibration)} |" for h in self.history[1:]]
         description = (f"Round {report.round} report — best {self.value(report.best_value)}, "
                        f"{self.formula(report.best_candidate) or report.best_candidate} · "
                        f"{report.done}/{report.budget} · {self.name}")
@@ -283,11 +283,12 @@ def _image(alt: str, path: Path) -> str:
 def _markdown_table(rows: Sequence[TableRow]) -> list[str]:
     header = list(rows[0])
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_fmt(r.get(h)) for h in header) + " |" for r in rows]
+    out += ["| " + " | ".join(format_cell(r.get(h)) for h in header) + " |" for r in rows]
     return out
 
 
-def _fmt(value: object) -> str:
+def format_cell(value: object) -> str:
+    """A table or report cell: four significant digits, an en dash for nothing."""
     if value is None:
         return "–"
     if isinstance(value, float):
