@@ -79,7 +79,7 @@ def test_one_engine_per_key_lets_instruments_work_at_once(tmp_path) -> None:
     from devices.plans import characterize, synthesize
     from sdl.lab.runner import get_run_engine
 
-    with simulator(CRYSTAL_WORLD, tmp_path, time_scale=0.02) as sim:  # synthesis 1.2 s, measurement 0.4 s
+    with simulator(CRYSTAL_WORLD, tmp_path, time_scale=0.1) as sim:  # synthesis 6 s, measurement 2 s: a margin under load
         robot, station = _devices(sim.url)
         finished: list[str] = []
 
@@ -95,6 +95,8 @@ def test_one_engine_per_key_lets_instruments_work_at_once(tmp_path) -> None:
         while robot.state.get() != "running" and time.monotonic() < deadline:
             time.sleep(0.01)
         run("station", characterize(station, {"job_id": "keyed-1", "candidate": "perov_33"}))
-        slow.join(30)
+        robot_still_busy = slow.is_alive()
+        slow.join(60)
         assert finished == ["station", "robot"]  # the measurement did not wait for the synthesis
+        assert robot_still_busy
         assert get_run_engine("robot") is not get_run_engine("station")
