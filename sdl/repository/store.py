@@ -2469,8 +2469,8 @@ class Store:
         ids = sorted({v["experiment_id"] for v in values})
         campaign_of: dict[int, int] = {}
         for chunk in _chunks(ids):
-            campaign_of.update(s.execute(sa.select(Experiment.id, Experiment.campaign_id)
-                                         .where(Experiment.id.in_(chunk))).tuples().all())
+            found = s.execute(sa.select(Experiment.id, Experiment.campaign_id).where(Experiment.id.in_(chunk)))
+            campaign_of.update(dict(found.all()))
         runs = sorted({v["run_uid"] for v in values if v["run_uid"] is not None})
         known_runs: set[str] = set()
         for run_chunk in _chunks(runs):
@@ -2478,8 +2478,9 @@ class Store:
         stored: set[tuple[str | None, str]] = set()
         event_uids = sorted({v["event_uid"] for v in values if v["event_uid"] is not None})
         for uid_chunk in _chunks(event_uids):
-            stored.update(s.execute(sa.select(Measurement.event_uid, Measurement.property)
-                                    .where(Measurement.event_uid.in_(uid_chunk))).tuples().all())
+            for event_uid, prop in s.execute(sa.select(Measurement.event_uid, Measurement.property)
+                                             .where(Measurement.event_uid.in_(uid_chunk))):
+                stored.add((event_uid, prop))
         name = self._campaign_name(s, campaign_id) if campaign_id is not None else None
         counts: dict[int, int] = {}
         for v in values:
@@ -2509,9 +2510,9 @@ class Store:
         """Each experiment's latest sample id (what :meth:`_link_samples` finds), in one query per chunk."""
         latest: dict[int, int] = {}
         for chunk in _chunks(sorted(set(experiment_ids))):
-            latest.update(s.execute(sa.select(Sample.experiment_id, sa.func.max(Sample.id))
-                                    .where(Sample.experiment_id.in_(chunk))
-                                    .group_by(Sample.experiment_id)).tuples().all())
+            found = s.execute(sa.select(Sample.experiment_id, sa.func.max(Sample.id))
+                              .where(Sample.experiment_id.in_(chunk)).group_by(Sample.experiment_id))
+            latest.update(dict(found.all()))
         return latest
 
 
