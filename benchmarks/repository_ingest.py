@@ -13,6 +13,8 @@ Figures, per backend:
   measurements each, one transaction per page (Bluesky bulk streams).
 * told results/s: ``Store.record_hand_results_bulk`` (``sdl tell --csv``), one file of
   ``--tell`` results in one transaction (each result is two state changes and a measurement).
+* legacy event page measurements/s, legacy told results/s: the same pages and file through the
+  paths they took before the bulk ones (``record_document``, ``record_hand_results``).
 
 Usage::
 
@@ -99,6 +101,15 @@ def bench(url: str, args: argparse.Namespace) -> dict[str, float]:
                 for j, uid in enumerate(uids) for prop in ("y", "z")]
         store.record_event_page("run-page", page, measurements=rows)
     t_page = time.perf_counter() - t0
+    # the same pages through the per-document path they took before (ORM objects, record_document)
+    t0 = time.perf_counter()
+    for p in range(n_pages):
+        uids = [f"old-{p}-{j}" for j in range(args.page)]
+        rows = [(ids[1], {"property": prop, "value": float(j), "run_uid": "run-page", "event_uid": uid,
+                          "quality": "ok"})
+                for j, uid in enumerate(uids) for prop in ("y", "z")]
+        store.record_document("run-page", "event_page", {"descriptor": "d2", "uid": uids}, measurements=rows)
+    t_page_legacy = time.perf_counter() - t0
 
     # sdl tell --csv: proposed experiments told in one file
     tell_ids = [store.propose_experiment(c.id, idempotency_key=f"t:{i}", candidate_key=f"t{i}", params={"t": i},
@@ -108,6 +119,14 @@ def bench(url: str, args: argparse.Namespace) -> dict[str, float]:
     t0 = time.perf_counter()
     store.record_hand_results_bulk(c.id, results, by="bench", property="y", unit="eV")
     t_tell = time.perf_counter() - t0
+    # the same file through the one-row-at-a-time path it took before
+    tell_ids = [store.propose_experiment(c.id, idempotency_key=f"o:{i}", candidate_key=f"o{i}", params={"o": i},
+                                         provenance={"source": "hands"})
+                for i in range(args.tell)]
+    results = [HandResult(eid, value=0.25 * i, origin=f"old.csv line {i + 2}") for i, eid in enumerate(tell_ids)]
+    t0 = time.perf_counter()
+    store.record_hand_results(c.id, results, by="bench", property="y", unit="eV")
+    t_tell_legacy = time.perf_counter() - t0
     store.close()
     return {
         "experiments_per_s": n_exp / t_exp,
@@ -116,6 +135,8 @@ def bench(url: str, args: argparse.Namespace) -> dict[str, float]:
         "measurements_per_s": args.bulk / t_bulk,
         "event_page_measurements_per_s": n_pages * args.page * 2 / t_page,
         "told_results_per_s": args.tell / t_tell,
+        "legacy_event_page_measurements_per_s": n_pages * args.page * 2 / t_page_legacy,
+        "legacy_told_results_per_s": args.tell / t_tell_legacy,
     }
 
 
@@ -152,7 +173,9 @@ def main() -> None:
           f"documents, {args.bulk} bulk measurements in batches of {args.batch}, pages of {args.page} events, "
           f"{args.tell} told results")
     for backend, figures in results.items():
-        print(f"  {backend:9s} " + "  ".join(f"{v:9.1f} {k.removesuffix('_per_s')}/s" for k, v in figures.items()))
+        print(f"  {backend}")
+        for k, v in figures.items():
+            print(f"    {v:10.1f} {k.removesuffix('_per_s').replace('_', ' ')}/s")
     if args.json is not None:
         flat: dict[str, object] = {f"{backend}_{k}": round(v, 1) for backend, figures in results.items()
                                    for k, v in figures.items()}
