@@ -110,7 +110,8 @@ def test_bulk_measurements_round_trip_and_link_samples(store: Store) -> None:
     assert len(obs) == 25
 
 
-@pytest.mark.parametrize("bad", ["nan", "text", "unknown experiment", "other campaign", "twice", "no run"])
+@pytest.mark.parametrize("bad", ["nan", "text", "unknown experiment", "other campaign", "twice", "no run",
+                                 "naive time", "long unit"])
 def test_one_bad_row_writes_nothing_and_is_named(store: Store, bad: str) -> None:
     cid, ids = _campaign(store, "bulk", 20)
     _, other = _campaign(store, "other", 1)
@@ -132,6 +133,10 @@ def test_one_bad_row_writes_nothing_and_is_named(store: Store, bad: str) -> None
         eid = other[0]
     elif bad == "twice":
         fields["event_uid"] = "ev-7"
+    elif bad == "naive time":
+        fields["timestamp"] = dt.datetime(2026, 1, 5, 10, 0)  # naive: the mistake under test
+    elif bad == "long unit":
+        fields["unit"] = "J" * 51
     else:
         fields["run_uid"] = "run-never"
     rows[2499] = (eid, fields)
@@ -142,7 +147,8 @@ def test_one_bad_row_writes_nothing_and_is_named(store: Store, bad: str) -> None
     assert message.startswith("old.csv line 2501: ") and "\n" not in message
     expected = {"nan": "not finite", "text": "not a number", "unknown experiment": "no experiment with id=999999",
                 "other campaign": f"has no experiment {other[0]}", "twice": "of event ev-7 is already stored",
-                "no run": "no Bluesky run 'run-never'"}[bad]
+                "no run": "no Bluesky run 'run-never'", "naive time": "is not a timezone-aware datetime",
+                "long unit": "unit 'JJJ"}[bad]
     assert expected in message
     assert (_count(store, "measurements"), _count(store, "events")) == before
 
