@@ -111,7 +111,7 @@ def test_bulk_measurements_round_trip_and_link_samples(store: Store) -> None:
 
 
 @pytest.mark.parametrize("bad", ["nan", "text", "unknown experiment", "other campaign", "twice", "no run",
-                                 "naive time", "long unit"])
+                                 "naive time", "long unit", "unknown sample"])
 def test_one_bad_row_writes_nothing_and_is_named(store: Store, bad: str) -> None:
     cid, ids = _campaign(store, "bulk", 20)
     _, other = _campaign(store, "other", 1)
@@ -137,6 +137,8 @@ def test_one_bad_row_writes_nothing_and_is_named(store: Store, bad: str) -> None
         fields["timestamp"] = dt.datetime(2026, 1, 5, 10, 0)  # naive: the mistake under test
     elif bad == "long unit":
         fields["unit"] = "J" * 51
+    elif bad == "unknown sample":
+        fields["sample_id"] = store.add_sample(ids[0], instrument="robot", sample_uid="S-0")  # another experiment's
     else:
         fields["run_uid"] = "run-never"
     rows[2499] = (eid, fields)
@@ -148,7 +150,7 @@ def test_one_bad_row_writes_nothing_and_is_named(store: Store, bad: str) -> None
     expected = {"nan": "not finite", "text": "not a number", "unknown experiment": "no experiment with id=999999",
                 "other campaign": f"has no experiment {other[0]}", "twice": "of event ev-7 is already stored",
                 "no run": "no Bluesky run 'run-never'", "naive time": "is not a timezone-aware datetime",
-                "long unit": "unit 'JJJ"}[bad]
+                "long unit": "unit 'JJJ", "unknown sample": "has no sample with id="}[bad]
     assert expected in message
     assert (_count(store, "measurements"), _count(store, "events")) == before
 

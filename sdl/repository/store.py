@@ -2388,7 +2388,7 @@ class Store:
                 if value is not None:
                     values.append(value)
             if values:
-                s.execute(sa.insert(_MEASUREMENTS), values)
+                self._insert_rows(s, values)
         return outcomes
 
     def _tell_bulk_one(
@@ -2476,6 +2476,11 @@ class Store:
         known_runs: set[str] = set()
         for run_chunk in _chunks(runs):
             known_runs.update(s.scalars(sa.select(BlueskyRun.uid).where(BlueskyRun.uid.in_(run_chunk))))
+        wanted_samples = sorted({v["sample_id"] for v in values if v["sample_id"] is not None})
+        sample_of: dict[int, int] = {}
+        for sample_chunk in _chunks(wanted_samples):
+            found_samples = s.execute(sa.select(Sample.id, Sample.experiment_id).where(Sample.id.in_(sample_chunk)))
+            sample_of.update(dict(found_samples.all()))
         stored: set[tuple[str | None, str]] = set()
         event_uids = sorted({v["event_uid"] for v in values if v["event_uid"] is not None})
         for uid_chunk in _chunks(event_uids):
@@ -2491,6 +2496,8 @@ class Store:
                 raise RepositoryError(f"{origin}: no experiment with id={eid}")
             if campaign_id is not None and cid != campaign_id:
                 raise RepositoryError(f"{origin}: campaign {name!r} has no experiment {eid}")
+            if v["sample_id"] is not None and sample_of.get(v["sample_id"]) != eid:
+                raise RepositoryError(f"{origin}: experiment {eid} has no sample with id={v['sample_id']}")
             if v["run_uid"] is not None and v["run_uid"] not in known_runs:
                 raise RepositoryError(f"{origin}: no Bluesky run {v['run_uid']!r}")
             if v["event_uid"] is not None:
@@ -2503,8 +2510,31 @@ class Store:
         for v in values:
             if v["sample_id"] is None:
                 v["sample_id"] = samples.get(v["experiment_id"])
-        s.execute(sa.insert(_MEASUREMENTS), [{k: v[k] for k in _MEASUREMENT_COLUMNS} for v in values])
+        self._insert_rows(s, values)
         return counts
+
+    @staticmethod
+    def _insert_rows(s: Session, values: Sequence[Mapping[str, Any]]) -> None:
+        """Insert checked measurement rows in the session's transaction: COPY on PostgreSQL, else executemany.
+
+        psycopg's executemany still sends one statement per row; ``COPY ... FROM STDIN`` streams
+        the batch, which keeps PostgreSQL within reach of SQLite's in-process executemany.
+        """
+        raw = s.connection().connection.driver_connection
+        if s.get_bind().dialect.name != "postgresql" or not _is_psycopg(raw):
+            s.execute(sa.insert(_MEASUREMENTS), [{k: v[k] for k in _MEASUREMENT_COLUMNS} for v in values])
+            return
+        import psycopg
+
+        assert isinstance(raw, psycopg.Connection)
+        columns = ", ".join(_MEASUREMENT_COLUMNS)
+        try:
+            with raw.cursor() as cursor, cursor.copy(f"COPY measurements ({columns}) FROM STDIN") as copy:
+                for v in values:
+                    copy.write_row(tuple(v[k] for k in _MEASUREMENT_COLUMNS))
+        except psycopg.Error as exc:
+            raise RepositoryError(f"bulk insert of {len(values)} measurement(s) failed: "
+                                  f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
     @staticmethod
     def _latest_samples(s: Session, experiment_ids: Sequence[int]) -> dict[int, int]:
@@ -2530,6 +2560,15 @@ _MEASUREMENTS: Final[sa.Table] = Measurement.metadata.tables["measurements"]
 
 BULK_CHUNK: Final = 900
 """Ids per ``IN (...)`` list: below every backend's bound-parameter limit."""
+
+
+def _is_psycopg(connection: object) -> bool:
+    """Whether a DBAPI connection is psycopg 3's (the driver that can COPY rows in)."""
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(connection, psycopg.Connection)
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
