@@ -17,6 +17,7 @@ from sdl.cli import (
     control_commands,
     db_commands,
     generate_commands,
+    import_commands,
     manual_commands,
     model_commands,
     run_commands,
@@ -64,6 +65,7 @@ for _module in (
     benchmark_commands,
     generate_commands,
     control_commands,
+    import_commands,
 ):
     _module.register(app)
 

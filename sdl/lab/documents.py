@@ -328,7 +328,8 @@ class RepositoryWriter:
         rows: list[tuple[int, dict[str, Any]]] = []
         for event in unpack_event_page(doc):  # type: ignore[arg-type] # a validated event_page document
             rows.extend(self._measurements_of(run_uid, event))
-        self.store.record_document(run_uid, "event_page", doc, measurements=rows)
+        # A page is a bulk stream's unit: the document and all its measurements in one transaction.
+        self.store.record_event_page(run_uid, doc, measurements=rows)
 
     def _on_stop(self, doc: dict[str, Any]) -> None:
         run_uid = self._run_of("stop", doc)

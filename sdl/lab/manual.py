@@ -352,7 +352,7 @@ def tell(
     Raises:
         HandInputError: Unknown campaign.
         CampaignLocked: ``sdl run`` (or another ask/tell) holds the campaign now.
-        RepositoryError: A result cannot be recorded (see :meth:`Store.record_hand_results`);
+        RepositoryError: A result cannot be recorded (see :meth:`Store.record_hand_results_bulk`);
             nothing was written.
     """
     from sdl.repository import CampaignLocked, Store, hold_lease
@@ -371,8 +371,8 @@ def tell(
                 stack.enter_context(hold_lease(store, record.id, holder=f"sdl tell ({by})"))
             except CampaignLocked as locked:
                 return _tell_beside_a_run(store, record, objective, results, by=by, amend=amend, locked=locked)
-            outcomes = store.record_hand_results(record.id, results, by=by, property=objective.property,
-                                                 unit=objective.unit, amend=amend)
+            outcomes = store.record_hand_results_bulk(record.id, results, by=by, property=objective.property,
+                                                      unit=objective.unit, amend=amend)
             state, reason, pending = _settle(store, record, objective)
         return TellResult(record.name, objective.property, objective.unit, outcomes, state, reason, pending)
     finally:
@@ -398,8 +398,8 @@ def _tell_beside_a_run(
     from sdl.repository import CampaignLocked
 
     try:
-        outcomes = store.record_hand_results(record.id, results, by=by, property=objective.property,
-                                             unit=objective.unit, amend=amend, source=HANDS)
+        outcomes = store.record_hand_results_bulk(record.id, results, by=by, property=objective.property,
+                                                  unit=objective.unit, amend=amend, source=HANDS)
     except RepositoryError as exc:
         if "another process runs the campaign" not in str(exc):
             raise
