@@ -21,6 +21,7 @@ from sdl.cli import (
     model_commands,
     run_commands,
     simulate_commands,
+    workpool_commands,
 )
 
 app = typer.Typer(
@@ -64,6 +65,7 @@ for _module in (
     benchmark_commands,
     generate_commands,
     control_commands,
+    workpool_commands,
 ):
     _module.register(app)
 
