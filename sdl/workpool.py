@@ -231,7 +231,8 @@ def _alive(pid: int) -> bool:
 
 
 def submit_campaign(config_path: Path, *, db_url: str | None, deployment: str = DEFAULT_DEPLOYMENT,
-                    budget: int | None = None, campaign: str | None = None) -> QueuedCampaign:
+                    budget: int | None = None, time_scale: float | None = None,
+                    campaign: str | None = None) -> QueuedCampaign:
     """Queue a flow run of the campaign deployment for ``config_path`` (already validated by the caller).
 
     The parameters are the YAML's absolute path (workers read it there: one machine or a shared
@@ -257,6 +258,8 @@ def submit_campaign(config_path: Path, *, db_url: str | None, deployment: str = 
     parameters: dict[str, object] = {"config_path": str(config_path.resolve()), "db_url": db_url}
     if budget is not None:
         parameters["budget"] = budget
+    if time_scale is not None:
+        parameters["time_scale"] = time_scale
     run = run_deployment(full_name, parameters=parameters, timeout=0, flow_run_name=campaign,
                          tags=[campaign] if campaign else None)
     ui = get_current_settings().ui_url

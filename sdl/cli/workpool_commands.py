@@ -94,6 +94,8 @@ def submit(
     db: str | None = typer.Option(None, "--db", help="Repository URL (default: SDL_DATABASE_URL, the YAML's)."),
     deployment: str = typer.Option("sdl-workpool", "--deployment", help="Deployment made by `sdl deploy`."),
     budget: int | None = typer.Option(None, "--budget", min=1, help="Overrides budget.experiments."),
+    time_scale: float | None = typer.Option(None, "--time-scale", min=0.0,
+                                            help="Simulators' time scale (overrides the YAML)."),
 ) -> None:
     """Validate a campaign and queue it as a flow run on the work pool; any worker picks it up.
 
@@ -128,7 +130,8 @@ def submit(
 
     prepare_client_environment(Path("sdl-runs"))
     try:
-        queued = submit_campaign(file, db_url=url, deployment=deployment, budget=budget, campaign=cfg.name)
+        queued = submit_campaign(file, db_url=url, deployment=deployment, budget=budget, time_scale=time_scale,
+                                 campaign=cfg.name)
     except WorkpoolError as exc:
         _fail(str(exc), 1)
     Console().print(f"queued [bold]{escape(cfg.name)}[/]: flow run {queued.flow_run_id} of {queued.deployment}"
