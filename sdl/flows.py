@@ -320,9 +320,9 @@ def _tag_flow_run(name: str) -> None:
 
 def _lease_holder() -> str:
     """Who holds the campaign's lease, as a refused second runner is told: a worker's flow run or ``sdl run``."""
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment, flow_run
 
-    if flow_run.deployment_id is None:
+    if deployment.id is None:
         return "sdl run"
     return f"flow run {flow_run.name} ({flow_run.id}) of a worker"[:200]
 

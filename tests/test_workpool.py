@@ -144,6 +144,7 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+@pytest.mark.timeout(480)
 def test_two_workers_four_campaigns_one_lease_and_a_killed_worker_resumed(
         server: PrefectServer, fresh_postgres_url: str, tmp_path: Path) -> None:
     api, db = server.api_url, fresh_postgres_url
@@ -173,7 +174,13 @@ def test_two_workers_four_campaigns_one_lease_and_a_killed_worker_resumed(
 
         first = _queued_id(_sdl("submit", str(kept), "--db", db, env=env, cwd=tmp_path))
         runs = {p.stem: _queued_id(_sdl("submit", str(p), "--db", db, env=env, cwd=tmp_path)) for p in quick[:2]}
-        _until("the long campaign measuring", lambda: _ended(db, "wp-killed") >= 2)
+
+        def measuring() -> bool:
+            state = _flow_run(api, first)["state_type"]
+            assert state in ("SCHEDULED", "PENDING", "RUNNING"), _flow_run(api, first)["state"]
+            return _ended(db, "wp-killed") >= 2
+
+        _until("the long campaign measuring", measuring)
         run = _flow_run(api, first)
         assert run["state_type"] == "RUNNING", run["state"]
         flow_pid = int(run["infrastructure_pid"])
