@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 from uuid import UUID
 
 from sdl.exceptions import SDLError
@@ -158,16 +159,17 @@ def deploy_campaign_flow(pool: str, name: str = DEFAULT_DEPLOYMENT) -> UUID:
     The entrypoint is the module path, so any worker with ``sdl`` installed runs it; redeploying
     updates the deployment in place.
     """
-    from prefect.deployments.runner import EntrypointType
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.types.entrypoint import EntrypointType
 
     from sdl.flows import campaign_flow
 
     ensure_work_pool(pool)
-    deployment = campaign_flow.to_deployment(
+    deployment = cast(RunnerDeployment, campaign_flow.to_deployment(  # sync context: not a coroutine
         name=name, work_pool_name=pool, tags=["sdl"], entrypoint_type=EntrypointType.MODULE_PATH,
         description="Run or resume a campaign from its YAML path (queued by `sdl submit`).",
-    )
-    deployment_id: UUID = deployment.apply(work_pool_name=pool)
+    ))
+    deployment_id = cast(UUID, deployment.apply(work_pool_name=pool))
     logger.info("deployment %s/%s on pool %s: %s", FLOW_NAME, name, pool, deployment_id)
     return deployment_id
 
@@ -242,6 +244,7 @@ def submit_campaign(config_path: Path, *, db_url: str | None, deployment: str = 
         WorkpoolError: The deployment does not exist (run ``sdl deploy`` first).
     """
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import get_current_settings
@@ -260,8 +263,8 @@ def submit_campaign(config_path: Path, *, db_url: str | None, deployment: str = 
         parameters["budget"] = budget
     if time_scale is not None:
         parameters["time_scale"] = time_scale
-    run = run_deployment(full_name, parameters=parameters, timeout=0, flow_run_name=campaign,
-                         tags=[campaign] if campaign else None)
+    run = cast(FlowRun, run_deployment(full_name, parameters=parameters, timeout=0,  # sync: a FlowRun
+                                       flow_run_name=campaign, tags=[campaign] if campaign else None))
     ui = get_current_settings().ui_url
     link = f"{ui.rstrip('/')}/runs/flow-run/{run.id}" if ui else None
     return QueuedCampaign(flow_run_id=run.id, flow_run_name=run.name, deployment=full_name, ui_url=link)
