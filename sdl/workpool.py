@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ __all__ = [
     "ensure_work_pool",
     "mark_stale_runs_crashed",
     "submit_campaign",
-    "worker_command",
+    "run_worker",
     "worker_environment",
 ]
 
@@ -280,6 +279,7 @@ def worker_environment(db_url: str | None, state_dir: Path) -> dict[str, str]:
 
     env = prefect_quiet_environment()
     env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sdl,devices")
+    env.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # the worker's own lines stay local
     env["SDL_STATE_DIR"] = str(state_dir.resolve())
     if db_url:
         env["SDL_DATABASE_URL"] = db_url
@@ -287,11 +287,28 @@ def worker_environment(db_url: str | None, state_dir: Path) -> dict[str, str]:
     return env
 
 
-def worker_command(pool: str, name: str | None = None, limit: int | None = None) -> list[str]:
-    """``prefect worker start`` for the process pool (by this interpreter, so it finds ``sdl``)."""
-    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
-    if name:
-        command += ["--name", name]
-    if limit is not None:
-        command += ["--limit", str(limit)]
-    return command
+def run_worker(pool: str, name: str, limit: int | None = None) -> None:
+    """Run a Prefect process worker for ``pool`` in this process until SIGTERM or SIGINT.
+
+    Why not ``prefect worker start``: its SIGTERM handler only sends SIGINT to itself, which a
+    process started in the background of a shell ignores (measured: still running minutes after
+    SIGTERM). Here SIGINT gets Python's default handler back and SIGTERM becomes a Ctrl-C, which
+    cancels the worker's loops; flow runs in flight run in their own sessions and end Crashed when
+    their worker is gone (``sdl submit`` resumes them).
+    Call it after :func:`worker_environment` is in ``os.environ``: prefect reads settings at import.
+    """
+    import asyncio
+    import signal
+
+    from prefect.workers.process import ProcessWorker
+
+    def as_ctrl_c(signum: int, frame: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # asyncio.run turns it into a cancellation
+    signal.signal(signal.SIGTERM, as_ctrl_c)
+    worker = ProcessWorker(work_pool_name=pool, name=name, limit=limit)
+    try:
+        asyncio.run(worker.start(printer=lambda *args, **kwargs: logger.info(" ".join(map(str, args)))))
+    except KeyboardInterrupt:
+        logger.info("worker %s stopped", name)

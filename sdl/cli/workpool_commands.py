@@ -9,6 +9,7 @@ the deployment is not there, 2 bad input (the campaign file).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -69,11 +70,11 @@ def worker(
     """Start a Prefect process worker for the campaign pool; runs until stopped (SIGTERM / Ctrl-C).
 
     Checks first that the Prefect API and the repository answer (exit 1 naming which does not);
-    then it becomes ``prefect worker start --pool POOL --type process``.
+    then it runs Prefect's process worker for the pool (flow runs are subprocesses of it).
     """
     _prefect_api()
     from sdl.settings import settings
-    from sdl.workpool import WorkpoolError, check_database, worker_command, worker_environment
+    from sdl.workpool import WorkpoolError, check_database, run_worker, worker_environment
 
     url = db or settings().database_url
     if url:
@@ -82,11 +83,12 @@ def worker(
         except WorkpoolError as exc:
             _fail(str(exc), 1)
     state_dir.mkdir(parents=True, exist_ok=True)
-    env = worker_environment(url, state_dir)
-    command = worker_command(pool, name or f"sdl-{socket.gethostname()}-{os.getpid()}", limit)
-    Console(stderr=True).print(f"worker {escape(command[command.index('--name') + 1])} on pool {escape(pool)}",
-                               highlight=False)
-    os.execve(command[0], command, env)  # the worker is this process: signals reach it directly
+    os.environ.update(worker_environment(url, state_dir))  # before prefect is imported: it reads them then
+    worker_name = name or f"sdl-{socket.gethostname()}-{os.getpid()}"
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("sdl.workpool").setLevel(logging.INFO)
+    Console(stderr=True).print(f"worker {escape(worker_name)} on pool {escape(pool)}", highlight=False)
+    run_worker(pool, worker_name, limit)
 
 
 def submit(
