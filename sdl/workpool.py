@@ -222,13 +222,18 @@ def _local_pid(infrastructure_pid: str | None) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie does not (an orphan whose worker died may wait unreaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): it exists
+    return state != "Z"
 
 
 def submit_campaign(config_path: Path, *, db_url: str | None, deployment: str = DEFAULT_DEPLOYMENT,

@@ -210,8 +210,9 @@ def test_two_workers_four_campaigns_one_lease_and_a_killed_worker_resumed(
         assert _flow_run(api, first)["state_type"] == "RUNNING"  # Prefect 3.8.8 does not notice: no zombie check
 
         # Resubmitted, it is resumed by the surviving worker (the dead runner's lease is taken over at once).
-        resumed = _queued_id(_sdl("submit", str(kept), "--db", db, "--time-scale", "0.002", env=env, cwd=tmp_path))
-        assert _flow_run(api, first)["state_type"] == "CRASHED"  # marked by sdl submit: its process is gone
+        again = _sdl("submit", str(kept), "--db", db, "--time-scale", "0.002", env=env, cwd=tmp_path)
+        resumed = _queued_id(again)
+        assert _flow_run(api, first)["state_type"] == "CRASHED", again.stderr  # marked by sdl submit: process gone
         runs["wp-killed"] = resumed
         runs["wp-d"] = _queued_id(_sdl("submit", str(quick[2]), "--db", db, env=env, cwd=tmp_path))
         for name, run_id in runs.items():
