@@ -3,7 +3,7 @@
 Why a work pool: a lab with several robots, campaigns or groups needs more than one ``sdl run`` in
 a terminal. ``sdl deploy`` registers :func:`sdl.flows.campaign_flow` on a *process* work pool (its
 entrypoint is the module path ``sdl.flows.campaign_flow``, so a worker loads it from the installed
-package: no image, no remote storage); ``sdl worker`` runs ``prefect worker start`` for that pool
+package: no image, no remote storage); ``sdl worker`` runs Prefect's ``ProcessWorker`` for that pool
 with the project's settings; ``sdl submit`` validates a campaign and queues a flow run of the
 deployment that any worker picks up. Two flow runs of one campaign never run at once: the second
 one is refused by the repository lease (:meth:`sdl.repository.Store.acquire_lease`) and fails with

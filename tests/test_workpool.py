@@ -1,7 +1,7 @@
 """Campaigns on a Prefect work pool (issue 13, item 3): ``sdl deploy``, ``sdl worker``, ``sdl submit``.
 
 Real components: a local Prefect server (as ``sdl ui`` starts it), two ``sdl worker`` processes
-(``prefect worker start`` on a process pool), four crossed-barrel GP campaigns on zero-latency
+(Prefect's ``ProcessWorker`` on a process pool), four crossed-barrel GP campaigns on zero-latency
 simulator processes, one PostgreSQL repository. Every wait polls a real record (the repository, a
 flow run, a worker's log) with a generous deadline; nothing is timed.
 """
