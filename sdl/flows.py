@@ -312,6 +312,15 @@ def _tag_flow_run(name: str) -> None:
         logger.warning("could not tag flow run with %s", name, exc_info=True)
 
 
+def _lease_holder() -> str:
+    """Who holds the campaign's lease, as a refused second runner is told: a worker's flow run or ``sdl run``."""
+    from prefect.runtime import deployment, flow_run
+
+    if deployment.id is None:
+        return "sdl run"
+    return f"flow run {flow_run.name} ({flow_run.id}) of a worker"[:200]
+
+
 @flow(
     name="sdl-campaign",
     flow_run_name=_flow_run_name,
@@ -355,7 +364,8 @@ def campaign_flow(
     _tag_flow_run(cfg.name)
     log = get_run_logger()
     log.info("campaign %s: repository %s", cfg.name, re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
-    with open_lab(cfg, url, budget=budget, seed=seed, time_scale=time_scale, amend=amend) as lab, \
+    with open_lab(cfg, url, budget=budget, seed=seed, time_scale=time_scale, amend=amend,
+                  holder=_lease_holder()) as lab, \
             quiet_task_states():
         from sdl import prefect_control
 

@@ -79,7 +79,7 @@ def test_one_engine_per_key_lets_instruments_work_at_once(tmp_path) -> None:
     from devices.plans import characterize, synthesize
     from sdl.lab.runner import get_run_engine
 
-    with simulator(CRYSTAL_WORLD, tmp_path, time_scale=0.1) as sim:  # synthesis 6 s, measurement 2 s: a margin under load
+    with simulator(CRYSTAL_WORLD, tmp_path, time_scale=0.1) as sim:  # synthesis 6 s, measurement 2 s: margin
         robot, station = _devices(sim.url)
         finished: list[str] = []
 

@@ -22,6 +22,7 @@ from sdl.cli import (
     model_commands,
     run_commands,
     simulate_commands,
+    workpool_commands,
 )
 
 app = typer.Typer(
@@ -66,6 +67,7 @@ for _module in (
     generate_commands,
     control_commands,
     import_commands,
+    workpool_commands,
 ):
     _module.register(app)
 
