@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import gzip
 import hashlib
 import json
 import logging
@@ -41,6 +40,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from sdl.csvfiles import READ_ERRORS, open_text
 from sdl.exceptions import CampaignConfigError
 
 __all__ = [
@@ -178,11 +178,10 @@ def _csv_header(path: Path) -> list[str] | None:
     name = path.name.lower()
     if not name.endswith((".csv", ".csv.gz")):
         return None
-    opener = gzip.open if name.endswith(".gz") else open
     try:
-        with opener(path, "rt", newline="", encoding="utf-8") as handle:
+        with open_text(path) as handle:
             return next(csv.reader(handle), [])
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except READ_ERRORS as exc:
         raise ValueError(f"cannot read the header of {str(path)!r}: {exc}") from exc
 
 

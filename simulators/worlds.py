@@ -15,18 +15,18 @@ apart from observation noise.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import logging
 import math
 import random
-import sys
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from sdl.csvfiles import READ_ERRORS, open_text, read_dict_rows
 
 __all__ = [
     "WorldError",
@@ -135,14 +135,9 @@ def _std(values: list[float]) -> float:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    csv.field_size_limit(sys.maxsize)
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        columns, rows = read_dict_rows(path)
+    except READ_ERRORS as exc:
         raise WorldError("INTERNAL", f"{path}: cannot read world CSV: {exc}") from exc
     if not columns or not rows:
         raise WorldError("INTERNAL", f"{path}: world CSV has no header or no rows")
@@ -343,9 +338,8 @@ def load_world(
     path = Path(path)
     if not path.is_file():
         raise WorldError("INTERNAL", f"{path}: world file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", newline="", encoding="utf-8") as handle:
+        with open_text(path) as handle:
             header = next(csv.reader(io.StringIO(handle.readline())), [])
     except (OSError, UnicodeDecodeError) as exc:
         raise WorldError("INTERNAL", f"{path}: cannot read world CSV: {exc}") from exc

@@ -16,50 +16,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from campaign_files import TABLE_WORLD, write_table_campaign
 from typer.testing import CliRunner
 
 from sdl.cli.main import app
 from sdl.repository import Store
 
 REPO = Path(__file__).resolve().parent.parent
-TABLE_WORLD = REPO / "simulators" / "worlds" / "crossed_barrel.csv"
 CRYSTAL_WORLD = REPO / "simulators" / "worlds" / "perovskites_demo.csv.gz"
 ASK_KEYS = {"experiment", "candidate", "params", "predicted_mean", "predicted_std", "acquisition_value",
             "model_version", "batch_id", "strategy"}
 PARAMS = {"n", "theta", "r", "t"}
-
-
-def write_table_campaign(tmp_path: Path, *, name: str = "by-hand", budget: int = 8, instruments: bool = False,
-                         goal_value: float | None = None) -> Path:
-    """A crossed-barrel GP campaign (4 printing parameters, toughness in J)."""
-    lines = [
-        f"name: {name}",
-        "seed: 2",
-        "search_space:",
-        "  parameters:",
-        "    - {name: n, type: integer, low: 6, high: 12, unit: struts}",
-        "    - {name: theta, type: continuous, low: 0, high: 200, unit: deg}",
-        "    - {name: r, type: continuous, low: 1.5, high: 2.5, unit: mm}",
-        "    - {name: t, type: continuous, low: 0.7, high: 1.4, unit: mm}",
-        "objective: {property: toughness, unit: J, goal: maximize}",
-        "model: {name: gp}",
-        "acquisition: {function: qlognei, batch_size: 2}",
-        "initial_design: {strategy: sobol, size: 3}",
-        f"budget: {{experiments: {budget}, max_failures: 4}}",
-    ]
-    if goal_value is not None:
-        lines.append(f"stopping: {{goal_value: {goal_value}}}")
-    if instruments:
-        sim = "{time_scale: 0.002, off_table: nearest}"
-        lines += [
-            "instruments:",
-            f"  - {{name: printer, role: synthesis, simulated: true, world: {TABLE_WORLD}, simulator: {sim}}}",
-            f"  - {{name: tester, role: characterization, simulated: true, world: {TABLE_WORLD}, "
-            f"measures: [toughness], simulator: {sim}}}",
-        ]
-    path = tmp_path / f"{name}.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def sdl(*args: str | Path) -> tuple[int, str, str]:
@@ -100,7 +67,7 @@ def only_error_line(err: str) -> str:
 
 
 def test_ask_tell_ask_never_repeats_and_reports_like_a_run(tmp_path: Path, database_url: str) -> None:
-    campaign = write_table_campaign(tmp_path, budget=7)
+    campaign = write_table_campaign(tmp_path, "by-hand", budget=7)
     first = ask_json(campaign, database_url, 3)
 
     assert [set(a) for a in first] == [ASK_KEYS] * 3  # the --json schema
@@ -179,7 +146,7 @@ def test_ask_tell_ask_never_repeats_and_reports_like_a_run(tmp_path: Path, datab
 
 
 def test_goal_reached_by_a_told_value_stops_the_campaign(tmp_path: Path, sqlite_url: str) -> None:
-    campaign = write_table_campaign(tmp_path, budget=20, goal_value=5.0)
+    campaign = write_table_campaign(tmp_path, "by-hand", budget=20, goal_value=5.0)
     (a,) = ask_json(campaign, sqlite_url, 1)
     code, out, _ = sdl("tell", "by-hand", "-e", a["experiment"], "--value", "5.5", "--db", sqlite_url)
     assert code == 0 and "campaign by-hand stopped: goal value 5.0 reached" in out
@@ -191,7 +158,7 @@ def test_goal_reached_by_a_told_value_stops_the_campaign(tmp_path: Path, sqlite_
 
 
 def test_csv_is_all_or_nothing_and_bad_input_is_one_line(tmp_path: Path, database_url: str) -> None:
-    campaign = write_table_campaign(tmp_path)
+    campaign = write_table_campaign(tmp_path, "by-hand", budget=8)
     asked = ask_json(campaign, database_url, 3)
     ids = [a["experiment"] for a in asked]
     sheet = tmp_path / "sheet.csv"
@@ -244,7 +211,7 @@ def test_csv_is_all_or_nothing_and_bad_input_is_one_line(tmp_path: Path, databas
 
 
 def test_a_completed_experiment_is_never_overwritten_without_amend(tmp_path: Path, database_url: str) -> None:
-    campaign = write_table_campaign(tmp_path)
+    campaign = write_table_campaign(tmp_path, "by-hand", budget=8)
     (a,) = ask_json(campaign, database_url, 1)
     eid = str(a["experiment"])
     assert sdl("tell", "by-hand", "-e", eid, "--value", "2.5", "--db", database_url)[0] == 0
@@ -285,7 +252,7 @@ def test_hands_and_instruments_share_one_campaign(tmp_path: Path, sqlite_url: st
     from sdl.config import load_campaign
     from sdl.lab import open_lab, run_plain
 
-    campaign = write_table_campaign(tmp_path, name="mixed", budget=6, instruments=True)
+    campaign = write_table_campaign(tmp_path, "mixed", budget=6, time_scale=0.002)
     early, late = ask_json(campaign, sqlite_url, 2)
     hand_ids = {early["experiment"], late["experiment"]}
 
@@ -337,7 +304,7 @@ def test_hands_and_instruments_share_one_campaign(tmp_path: Path, sqlite_url: st
 
 def test_sdl_run_leaves_the_experiments_asked_by_hand_to_hands(tmp_path: Path, sqlite_url: str) -> None:
     """The real ``sdl run`` (a Prefect flow, ephemeral server) beside two experiments asked by hand."""
-    campaign = write_table_campaign(tmp_path, name="mixrun", budget=5, instruments=True)
+    campaign = write_table_campaign(tmp_path, "mixrun", budget=5, time_scale=0.002)
     by_hand = ask_json(campaign, sqlite_url, 2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
     proc = subprocess.run([sys.executable, "-m", "sdl.cli.main", "run", str(campaign), "--db", sqlite_url],

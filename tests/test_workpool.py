@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from campaign_files import write_table_campaign
 from typer.testing import CliRunner
 
 from sdl.cli.main import app
@@ -29,37 +30,9 @@ from sdl.repository import Store
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
-TABLE_WORLD = REPO / "simulators" / "worlds" / "crossed_barrel.csv"
 DEADLINE_S = 300.0
 POOL = "test-lab"
 END_STATES = ("completed", "failed", "abandoned")
-
-
-def write_table_campaign(tmp_path: Path, name: str, *, budget: int, time_scale: float) -> Path:
-    """A crossed-barrel GP campaign on two simulated instruments (printer 60 s, tester 20 s × time_scale)."""
-    sim = f"{{time_scale: {time_scale}, off_table: nearest}}"
-    lines = [
-        f"name: {name}",
-        "seed: 2",
-        "search_space:",
-        "  parameters:",
-        "    - {name: n, type: integer, low: 6, high: 12, unit: struts}",
-        "    - {name: theta, type: continuous, low: 0, high: 200, unit: deg}",
-        "    - {name: r, type: continuous, low: 1.5, high: 2.5, unit: mm}",
-        "    - {name: t, type: continuous, low: 0.7, high: 1.4, unit: mm}",
-        "objective: {property: toughness, unit: J, goal: maximize}",
-        "model: {name: gp}",
-        "acquisition: {function: qlognei, batch_size: 2}",
-        "initial_design: {strategy: sobol, size: 3}",
-        f"budget: {{experiments: {budget}, max_failures: 4}}",
-        "instruments:",
-        f"  - {{name: printer, role: synthesis, simulated: true, world: {TABLE_WORLD}, simulator: {sim}}}",
-        f"  - {{name: tester, role: characterization, simulated: true, world: {TABLE_WORLD}, "
-        f"measures: [toughness], simulator: {sim}}}",
-    ]
-    path = tmp_path / f"{name}.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _until(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE_S) -> T:

@@ -1721,35 +1721,11 @@ class Store:
     @staticmethod
     def _measurement_row(experiment_id: int, m: Mapping[str, Any]) -> Measurement:
         """A validated, unsaved row; a missing ``sample_id`` is filled by :meth:`_link_samples`."""
-        prop = m.get("property")
-        if not prop:
-            raise RepositoryError(f"measurement of experiment {experiment_id} has no property name")
-        value: Any = m.get("value")
-        if isinstance(value, bool) or (not isinstance(value, (int, float)) and not hasattr(value, "__float__")):
-            raise RepositoryError(
-                f"measurement {prop!r} of experiment {experiment_id}: value {value!r} is not a number"
-            )
-        try:
-            number = float(value)
-        except (TypeError, ValueError) as exc:
-            raise RepositoryError(f"measurement {prop!r}: value {value!r} is not a number") from exc
-        if not math.isfinite(number):
-            raise RepositoryError(f"measurement {prop!r} of experiment {experiment_id}: value {number} is not finite")
-        unc = m.get("uncertainty")
-        if unc is not None:
-            try:
-                unc = float(unc)
-            except (TypeError, ValueError) as exc:
-                raise RepositoryError(f"measurement {prop!r}: uncertainty {unc!r} is not a number") from exc
-            if not math.isfinite(unc):
-                unc = None
-        quality = m.get("quality") or "ok"
-        if not isinstance(quality, str) or len(quality) > 32:
-            raise RepositoryError(f"measurement {prop!r}: quality flag {quality!r} must be a short string")
+        prop, number, unc, quality = _checked_measurement(experiment_id, m)
         return Measurement(
             experiment_id=experiment_id,
             sample_id=m.get("sample_id"),
-            property=str(prop),
+            property=prop,
             value=number,
             unit=m.get("unit"),
             uncertainty=unc,
@@ -2581,13 +2557,8 @@ _TEXT_LIMITS: Final = {"property": 200, "unit": 50, "instrument": 200, "run_uid"
 """Column widths of the measurement's text fields (a longer value is refused, naming its row)."""
 
 
-def _measurement_values(experiment_id: int, m: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
-    """One measurement's column values, checked as :meth:`Store._measurement_row` checks them.
-
-    Plain dicts rather than ORM rows: building an ORM object per value took a third of a bulk
-    insert's time. Also refuses what the database would refuse later without naming the row:
-    text longer than its column, a naive or non-datetime timestamp.
-    """
+def _checked_measurement(experiment_id: int, m: Mapping[str, Any]) -> tuple[str, float, float | None, str]:
+    """Property, value, uncertainty and quality of one measurement, checked the one way every path checks them."""
     prop = m.get("property")
     if not prop:
         raise RepositoryError(f"measurement of experiment {experiment_id} has no property name")
@@ -2611,13 +2582,24 @@ def _measurement_values(experiment_id: int, m: Mapping[str, Any], now: dt.dateti
     quality = m.get("quality") or "ok"
     if not isinstance(quality, str) or len(quality) > 32:
         raise RepositoryError(f"measurement {prop!r}: quality flag {quality!r} must be a short string")
+    return str(prop), number, unc, quality
+
+
+def _measurement_values(experiment_id: int, m: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
+    """One measurement's column values, checked as :meth:`Store._measurement_row` checks them.
+
+    Plain dicts rather than ORM rows: building an ORM object per value took a third of a bulk
+    insert's time. Also refuses what the database would refuse later without naming the row:
+    text longer than its column, a naive or non-datetime timestamp.
+    """
+    prop, number, unc, quality = _checked_measurement(experiment_id, m)
     when = m.get("timestamp") or now
     if not isinstance(when, dt.datetime) or when.tzinfo is None or when.utcoffset() is None:
         raise RepositoryError(f"measurement {prop!r}: timestamp {when!r} is not a timezone-aware datetime")
     row = {
         "experiment_id": experiment_id,
         "sample_id": m.get("sample_id"),
-        "property": str(prop),
+        "property": prop,
         "value": number,
         "unit": m.get("unit"),
         "uncertainty": unc,

@@ -15,16 +15,15 @@ composition without parsing every CIF) and ``space_group``; the project ships
 
 from __future__ import annotations
 
-import csv
-import gzip
 import logging
-import sys
 import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from sdl.csvfiles import READ_ERRORS, read_dict_rows
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
@@ -126,14 +125,9 @@ class PhaseTable:
         path = Path(path)
         if not path.is_file():
             raise PhaseTableError(f"{path}: phase table not found")
-        csv.field_size_limit(sys.maxsize)
-        opener = gzip.open if path.suffix == ".gz" else open
         try:
-            with opener(path, "rt", newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle)
-                rows = list(reader)
-                columns = list(reader.fieldnames or [])
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            columns, rows = read_dict_rows(path)
+        except READ_ERRORS as exc:
             raise PhaseTableError(f"{path}: cannot read phase table: {exc}") from exc
         for column in ("id", "cif"):
             if column not in columns:
