@@ -44,7 +44,7 @@ def cluster() -> Iterator[DaskCompute]:
 
 @pytest.fixture(scope="module")
 def crystals() -> pd.DataFrame:
-    return pd.read_csv(WORLDS / "perovskites_2k.csv.gz").iloc[:48].reset_index(drop=True)
+    return pd.read_csv(WORLDS / "perovskites_2k.csv.gz").iloc[:40].reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
@@ -137,23 +137,27 @@ def test_a_pool_smaller_than_the_shortlist_gets_the_exact_full_scoring_picks(bar
     assert len(cut.propose(4)) == 4
 
 
-def crystal_engine(frame: pd.DataFrame, store: EmbeddingStore, compute: DaskCompute | None, head: str) -> Engine:
-    pool = CandidatePool.from_frame(frame, structure_column="cif", formula_column="formula", source="cmr48")
+def crystal_engine(frame: pd.DataFrame, store: EmbeddingStore, compute: DaskCompute | None, head: str,
+                   backbone: Any) -> Engine:
+    pool = CandidatePool.from_frame(frame, structure_column="cif", formula_column="formula", source="cmr40")
     return Engine(objective=NS(goal="minimize"), model=NS(name="gnn-ensemble", options={"head": head, "members": 4}),
                   acquisition=NS(function="qucb", batch_size=4, beta=2.0), seed=0, pool=pool,
                   initial_design=NS(strategy="random", size=10), embedding_store=store, compute=compute,
-                  prefilter_k=16)
+                  prefilter_k=16, backbone=backbone)
 
 
 def test_crystals_featurised_and_scored_on_the_cluster_match_the_process(
     crystals: pd.DataFrame, cluster: DaskCompute, tmp_path: Path
 ) -> None:
+    from sdl.engine.models.backbones import load_backbone
+
     y = crystals["e_form"].to_numpy()
+    chgnet = load_backbone("chgnet")  # the engines' own; the workers load theirs by name
     embedding_store._WORKER_BACKBONES.clear()
     here_store, there_store = EmbeddingStore(tmp_path / "here.sqlite"), EmbeddingStore(tmp_path / "there.sqlite")
     for head in ("gp", "mlp"):  # the second head reads the features back from each store
-        here = crystal_engine(crystals, here_store, None, head)
-        there = crystal_engine(crystals, there_store, cluster, head)
+        here = crystal_engine(crystals, here_store, None, head, chgnet)
+        there = crystal_engine(crystals, there_store, cluster, head, chgnet)
         a, b = two_rounds(here, y), two_rounds(there, y)
         assert there.head_inputs is not None and here.head_inputs is not None
         torch.testing.assert_close(there.head_inputs, here.head_inputs, rtol=1e-5, atol=1e-5)

@@ -180,7 +180,7 @@ class DaskCompute:
         if held is not None and held[0] is X:
             return held[1]
         bounds = [(s, min(s + self.chunk, X.shape[0])) for s in range(0, X.shape[0], self.chunk)]
-        futures = self.client.scatter([X[s:e].contiguous() for s, e in bounds])
+        futures = self.client.scatter([X[s:e].contiguous() for s, e in bounds], hash=False)
         parts = [(s, e, f) for (s, e), f in zip(bounds, futures, strict=True)]
         self._scattered = {id(X): (X, parts)}  # the latest pool only: an old one is released
         return parts
@@ -196,7 +196,7 @@ class DaskCompute:
 
         client = self.client
         parts = self._pool_chunks(X)
-        [model] = client.scatter([shared], broadcast=True)
+        [model] = client.scatter([shared], broadcast=True, hash=False)
         futures = {client.submit(fn, model, f, pure=False): (s, e) for s, e, f in parts}
         for fut in as_completed(futures):
             s, e = futures[fut]

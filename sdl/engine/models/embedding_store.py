@@ -253,8 +253,8 @@ def featurize_texts(
             progress(done, len(to_compute))
 
     if to_compute:
-        logger.info("featurising %d structures with %s (%d cached, %d workers)", len(to_compute), backbone.version,
-                    len(texts) - len(missing), workers)
+        logger.info("featurising %d structures with %s (%d cached, %s)", len(to_compute), backbone.version,
+                    len(texts) - len(missing), "on the Dask cluster" if executor is not None else f"{workers} workers")
         parts = [to_compute[s : s + chunk] for s in range(0, len(to_compute), chunk)]
         items = [([texts[i] for i in p], fmt, spec or backbone.name) for p in parts]
         if executor is not None:

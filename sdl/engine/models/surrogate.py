@@ -537,7 +537,7 @@ class PretrainedSurrogate(Surrogate):
         if self.store is None:
             self.store = EmbeddingStore(default_store_path())
         executor = self.compute.executor() if self.compute is not None else None
-        chunk = min(self.compute.chunk, 256) if self.compute is not None else 256
+        chunk = 64 if self.compute is not None else 256  # small tasks spread over every worker
         feats = featurize_texts(self.backbone, pool.structure_texts(), self.store, fmt=pool.structure_format,
                                 workers=self.featurize_workers, progress=progress, spec=self.backbone_name,
                                 executor=executor, chunk=chunk)
