@@ -27,6 +27,7 @@ Versions: each fit bumps ``n_fits`` and sets ``version = <name>-<n_fits>-<digest
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -284,7 +285,7 @@ class Surrogate(ABC):
         shortlist is a streaming top-k over the chunks (:func:`sdl.engine.distributed.score_pool`).
         """
         from sdl.engine.distributed import DEFAULT_CHUNK, score_pool
-        from sdl.engine.models.gp import GPPredictor
+        from sdl.engine.models.gp import GPPredictor, predict_gp
         from sdl.engine.models.pool_ensemble import PoolEnsembleModel
 
         model = self.model
@@ -293,7 +294,11 @@ class Surrogate(ABC):
             rows = torch.arange(mean.shape[0], dtype=torch.float64).unsqueeze(-1)
             return score_pool(_RowLookup(mean, std), rows, avail, score, k, chunk=DEFAULT_CHUNK)
         chunk = self.compute.chunk if self.compute is not None else DEFAULT_CHUNK
-        return score_pool(GPPredictor(model), self.inputs(), avail, score, k, compute=self.compute, chunk=chunk)
+        try:
+            predictor: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = GPPredictor(model)
+        except TypeError:  # another BoTorch model: its own posterior, chunk by chunk
+            predictor = functools.partial(predict_gp, model)
+        return score_pool(predictor, self.inputs(), avail, score, k, compute=self.compute, chunk=chunk)
 
     def sample(self, X: torch.Tensor, n: int, seed: int) -> torch.Tensor:
         """``s x len(X)`` posterior draws at inputs ``X``, reproducible under ``seed``.
