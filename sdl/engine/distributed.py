@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -94,6 +95,7 @@ class DaskCompute:
         self._cluster: Any = None
         self._scattered: dict[int, tuple[Any, list[tuple[int, int, Any]]]] = {}
         self._finalizer: weakref.finalize[Any, DaskCompute] | None = None
+        self._lock = threading.Lock()  # the flow's worker threads may be first to use it at once
 
     def __repr__(self) -> str:
         where = f"LocalCluster(workers={self.workers})" if self.is_local else self.address
@@ -130,8 +132,12 @@ class DaskCompute:
             ComputeError: The scheduler does not answer within ``connect_timeout`` (names the address),
                 or the local cluster cannot start.
         """
-        if self._client is not None:
-            return self
+        with self._lock:
+            if self._client is None:
+                self._connect()
+        return self
+
+    def _connect(self) -> None:
         from distributed import Client, LocalCluster
 
         t0 = time.perf_counter()
@@ -144,7 +150,7 @@ class DaskCompute:
             else:
                 _probe(self.address, self.connect_timeout)  # a refused port fails now, not after the timeout
                 self._client = Client(self.address, timeout=f"{self.connect_timeout}s")
-        except (OSError, TimeoutError, ValueError) as exc:
+        except (OSError, TimeoutError, ValueError, RuntimeError) as exc:  # RuntimeError: a nanny did not start
             self.close()
             what = "cannot start a local Dask cluster" if self.is_local else (
                 f"cannot reach the Dask scheduler at {self.address}")
@@ -152,7 +158,6 @@ class DaskCompute:
         self._finalizer = weakref.finalize(self, _close, self._client, self._cluster)
         n = len(self._client.scheduler_info(n_workers=-1).get("workers", {}))
         logger.info("dask: %s with %d worker(s) ready in %.1f s", self, n, time.perf_counter() - t0)
-        return self
 
     def n_workers(self) -> int:
         """Workers the scheduler knows now."""
