@@ -379,9 +379,13 @@ def parse_strategies(spec: str | Sequence[str], default_acquisition: str | None 
 
 
 def default_engine_factory(
-    dataset: BenchmarkDataset, strategy: Strategy, seed: int, initial: int, batch_size: int
+    dataset: BenchmarkDataset, strategy: Strategy, seed: int, initial: int, batch_size: int, *, compute: Any = None
 ) -> Any:
-    """Build an :class:`sdl.engine.Engine` in pool mode with the engine's default settings."""
+    """Build an :class:`sdl.engine.Engine` in pool mode with the engine's default settings.
+
+    ``compute``: a :class:`sdl.engine.distributed.DaskCompute` that featurises and scores the pool
+    (``sdl benchmark --dask``), shared by every seed and strategy; None: in this process.
+    """
     from sdl import config as cfgmod
     from sdl.engine import Engine
 
@@ -411,6 +415,7 @@ def default_engine_factory(
         seed=seed,
         pool=pool,
         initial_design=initial_design,
+        compute=compute,
     )
 
 

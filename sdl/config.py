@@ -50,6 +50,7 @@ __all__ = [
     "CampaignConfigError",
     "CandidateSet",
     "CategoricalParameter",
+    "Compute",
     "ContinuousParameter",
     "SimulatedFaults",
     "GNNEnsembleModel",
@@ -696,6 +697,31 @@ def _notification_target(target: str) -> str:
     return target
 
 
+_DASK_ADDRESS = re.compile(r"^(local|((tcp|tls|ucx|inproc)://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5})$")
+
+
+class Compute(_Frozen):
+    """Where a large candidate pool is featurised and scored (``sdl.engine.distributed``)."""
+
+    dask: str = Field(
+        default="local",
+        description="'local' = a Dask LocalCluster of worker processes on this machine; or the address of a "
+        "running scheduler ('tcp://host:8786', started with `dask scheduler`, its workers with `dask worker "
+        "tcp://host:8786`). Overridden by --dask and SDL_DASK_ADDRESS.",
+    )
+    workers: int = Field(default=2, ge=1, le=256, description="Worker processes of the local cluster "
+                         "(one thread each); a scheduler brings its own workers.")
+    chunk: int = Field(default=8192, ge=64, le=1_000_000, description="Candidates scored per task.")
+
+    @field_validator("dask")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if not _DASK_ADDRESS.match(value):
+            raise ValueError(f"must be 'local' or a scheduler address like 'tcp://host:8786', got {value!r}")
+        return value
+
+
 class Repository(_Frozen):
     """Where the knowledge repository lives (SQLAlchemy URL)."""
 
@@ -731,6 +757,10 @@ class CampaignConfig(_Frozen):
         "(then the campaign can be validated and benchmarked, not run).",
     )
     repository: Repository = Field(default_factory=Repository, description="The knowledge repository.")
+    compute: Compute | None = Field(
+        default=None,
+        description="Featurise and score the candidate pool on a Dask cluster (absent: in the campaign's process).",
+    )
     notifications: list[Annotated[str, AfterValidator(_notification_target)]] = Field(
         default_factory=list,
         description="Where alerts go (campaign failed, instrument down past its window, goal reached, budget "
@@ -804,6 +834,8 @@ class CampaignConfig(_Frozen):
         data = self.model_dump(mode="json")
         if data["search_space"].get("generate", 0) is None:
             del data["search_space"]["generate"]  # absent, as before the option existed: old hashes hold
+        if data.get("compute", 0) is None:
+            del data["compute"]
         candidates = data["search_space"].get("candidates")
         if candidates is not None:
             candidates["file"] = self._relative(self.search_space.candidates.file)  # type: ignore[union-attr]
@@ -825,6 +857,7 @@ class CampaignConfig(_Frozen):
         data = self.snapshot()
         data.pop("repository", None)
         data.pop("notifications", None)  # who is told is no part of what the campaign does
+        data.pop("compute", None)  # nor where its pool is scored: the same proposals either way
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -11,6 +11,8 @@ torch or prefect.
   a SQLite database, else in the working directory).
 * ``SDL_EMBEDDING_CACHE``: the crystal-embedding cache file (default beside a SQLite database, else
   ``~/.cache/sdl/embeddings.sqlite``).
+* ``SDL_DASK_ADDRESS``: a Dask scheduler (``tcp://host:8786``) or ``local`` that featurises and
+  scores large candidate pools (``sdl run --dask`` sets it; wins over the YAML's ``compute.dask``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 if TYPE_CHECKING:
     from sdl.config import CampaignConfig
 
-__all__ = ["DATABASE_URL_ENV", "DEFAULT_DATABASE_URL", "SDLSettings", "resolve_database_url", "settings"]
+__all__ = ["DASK_ADDRESS_ENV", "DATABASE_URL_ENV", "DEFAULT_DATABASE_URL", "SDLSettings", "resolve_database_url",
+           "settings"]
 
 logger = logging.getLogger(__name__)
 
 DATABASE_URL_ENV = "SDL_DATABASE_URL"
+DASK_ADDRESS_ENV = "SDL_DASK_ADDRESS"
 DEFAULT_DATABASE_URL = "sqlite:///sdl.db"
 
 
@@ -41,8 +45,9 @@ class SDLSettings(BaseSettings):
     database_url: str | None = None
     state_dir: Path | None = None
     embedding_cache: Path | None = None
+    dask_address: str | None = None
 
-    @field_validator("database_url", "state_dir", "embedding_cache", mode="before")
+    @field_validator("database_url", "state_dir", "embedding_cache", "dask_address", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

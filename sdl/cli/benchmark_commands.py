@@ -140,8 +140,13 @@ def register(app: typer.Typer) -> None:
             help="Crystal CSV: the target scales with the cell (learnt per atom, predicted per cell).",
         ),
         out: Path = typer.Option(..., "--out", help="Output folder for results.json and plots."),
+        dask: str | None = typer.Option(
+            None, "--dask", metavar="ADDRESS",
+            help="Featurise and score the pool on this Dask scheduler (tcp://host:8786) or 'local' (a LocalCluster).",
+        ),
     ) -> None:
         """Replay strategies over a recorded dataset in pool mode; write results.json and plots."""
+        import functools
         import os
         import tempfile
 
@@ -156,7 +161,15 @@ def register(app: typer.Typer) -> None:
         out.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.TemporaryDirectory(prefix="sdl-benchmark-")
         work = Path(tmp.name)
+        compute = None
         try:
+            if dask is not None:
+                from sdl.engine.distributed import ComputeError, DaskCompute
+
+                try:
+                    compute = DaskCompute(dask).connect()
+                except ComputeError as exc:
+                    raise bmk.BenchmarkError(f"--dask {dask}: {exc}") from None
             if campaign is not None:
                 if data is not None:
                     raise bmk.BenchmarkError("give either a campaign YAML or --data, not both")
@@ -210,6 +223,7 @@ def register(app: typer.Typer) -> None:
                 initial=initial,
                 batch_size=batch_size,
                 progress=progress,
+                engine_factory=functools.partial(bmk.default_engine_factory, compute=compute),
             )
             results["data_sha256_16"] = bmk.dataset_fingerprint(ds.source)
             results["command"] = _command_line()
@@ -219,6 +233,8 @@ def register(app: typer.Typer) -> None:
             return
         finally:
             tmp.cleanup()
+            if compute is not None:
+                compute.close()
 
         table = Table(
             title=f"{ds.name}: top {results['top_fraction'] * 100:g} % = {results['n_top']} of {results['pool_size']} "

@@ -63,6 +63,8 @@ def evaluate(
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Scratch: save the trained ensemble (torch.save)."
     ),
+    dask: str | None = typer.Option(None, "--dask", metavar="ADDRESS", help="Featurise and score on this Dask "
+                                    "scheduler (tcp://host:8786) or 'local' (a LocalCluster of --workers processes)."),
 ) -> None:
     """Train a crystal model on a random split of a crystal table; report accuracy and uncertainty quality.
 
@@ -114,7 +116,7 @@ def evaluate(
     else:
         result = _evaluate_engine(pool, frame[target].to_numpy(dtype=float), train_idx, test_idx, console,
                                   model=model, backbone=backbone, head=head, use_prior=use_prior, members=members,
-                                  seed=seed, cache=cache, workers=workers, extensive=extensive)
+                                  seed=seed, cache=cache, workers=workers, extensive=extensive, dask=dask)
     result = {**common, **result, "threads": torch.get_num_threads()}
     _print_result(result, f"{model if model == 'gp' else backbone} on {data.name}: {target}")
     if json_out is not None:
@@ -150,24 +152,28 @@ def load_crystal_frame(path: Path, target: str, structure_column: str, id_column
 
 def _evaluate_engine(pool: Any, y: Any, train_idx: Any, test_idx: Any, console: Any, *, model: str, backbone: str,
                      head: str, use_prior: bool, members: int, seed: int, cache: Path | None, workers: int,
-                     extensive: bool) -> dict[str, Any]:
+                     extensive: bool, dask: str | None = None) -> dict[str, Any]:
     """Fit through :class:`sdl.engine.Engine` (exactly what a campaign runs) and score the test rows."""
     from types import SimpleNamespace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from sdl.engine import Engine, Observation
+    from sdl.engine.distributed import DaskCompute
     from sdl.engine.models.embedding_store import EmbeddingStore, default_store_path
     from sdl.engine.uq import uncertainty_metrics
     from sdl.exceptions import EngineError
 
     store = EmbeddingStore(cache if cache is not None else default_store_path())
     options = {"backbone": backbone, "head": head, "use_prior": use_prior, "members": members}
+    compute = DaskCompute(dask, workers=workers) if dask is not None else None
     try:
+        if compute is not None:
+            compute.connect()
         eng = Engine(objective=SimpleNamespace(goal="minimize", extensive=extensive),
                      model=SimpleNamespace(name=model, options=options if model == "gnn-ensemble" else {}),
                      acquisition=SimpleNamespace(function="qucb", batch_size=1), seed=seed, pool=pool,
-                     embedding_store=store, featurize_workers=workers)
+                     embedding_store=store, featurize_workers=workers, compute=compute)
         t0 = time.perf_counter()
         with Progress(TextColumn("featurising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console, transient=True) as bar:
@@ -182,7 +188,10 @@ def _evaluate_engine(pool: Any, y: Any, train_idx: Any, test_idx: Any, console: 
         mean, std = eng.predict_pool()
         predict_s = time.perf_counter() - t2
     except EngineError as exc:
-        _fail(str(exc))
+        _fail(f"--dask {dask}: {exc}" if compute is not None and not compute.connected else str(exc))
+    finally:
+        if compute is not None:
+            compute.close()
     keep = [int(i) for i in test_idx if pool.keys[int(i)] not in eng.excluded]
     metrics = uncertainty_metrics(y[keep], mean.numpy()[keep], std.numpy()[keep])
     held = eng.uncertainty_metrics()

@@ -53,6 +53,9 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print Prefect's task logs in the terminal."),
     amend: bool = typer.Option(False, "--amend", help="Accept a YAML that differs from the stored campaign "
                                "of the same name (recorded as an event with the old and new config)."),
+    dask: str | None = typer.Option(None, "--dask", metavar="ADDRESS", help="Featurise and score the candidate "
+                                    "pool on this Dask scheduler (tcp://host:8786) or 'local' (a LocalCluster); "
+                                    "overrides the YAML's compute.dask."),
 ) -> None:
     """Run a campaign to its end; rerunning the same campaign on the same database resumes it.
 
@@ -73,7 +76,7 @@ def run(
         with steps:
             try:
                 summary, cfg, interrupts = _run_with_progress(file, db, budget, seed, time_scale, verbose, amend,
-                                                              progress, bar)
+                                                              progress, bar, dask)
             except typer.Exit:
                 progress.update(bar, visible=False)  # the error line says what happened
                 raise
@@ -88,7 +91,7 @@ def run(
 
 
 def _run_with_progress(file: Path, db: str | None, budget: int | None, seed: int | None, time_scale: float | None,
-                       verbose: bool, amend: bool, progress: Progress, bar: TaskID,
+                       verbose: bool, amend: bool, progress: Progress, bar: TaskID, dask: str | None = None,
                        ) -> tuple[dict[str, Any], CampaignConfig, Interrupts]:
     """The body of ``sdl run``: every slow step is announced (``sdl.steps``) while it happens."""
     from sdl.steps import step
@@ -103,6 +106,8 @@ def _run_with_progress(file: Path, db: str | None, budget: int | None, seed: int
         _fail(str(exc))
     if not cfg.instruments:
         _fail(f"{file}: instruments: the campaign lists no instruments, so it cannot be run")
+    if dask is not None:
+        _use_dask(dask)
     total = budget or cfg.budget.experiments
     progress.update(bar, description=cfg.name, total=total)
     step("loading the lab (Bluesky, Ophyd, the repository)")
@@ -151,6 +156,21 @@ def _run_with_progress(file: Path, db: str | None, budget: int | None, seed: int
     progress.update(bar, completed=counts.get("completed", 0) + counts.get("failed", 0) + counts.get("abandoned", 0),
                     step="")
     return summary, cfg, interrupts
+
+
+def _use_dask(address: str) -> None:
+    """Check a ``--dask`` scheduler now (one line and exit 1 if it does not answer), then hand it to the engine."""
+    from sdl.engine.distributed import check_address
+    from sdl.exceptions import EngineError
+    from sdl.settings import DASK_ADDRESS_ENV
+    from sdl.steps import step
+
+    step("checking the Dask scheduler %s", address)
+    try:
+        check_address(address)
+    except EngineError as exc:
+        _fail(f"--dask {address}: {exc}", code=1)
+    os.environ[DASK_ADDRESS_ENV] = address  # the campaign flow runs in this process and builds its engine here
 
 
 def _progress(console: Console) -> Progress:

@@ -68,6 +68,7 @@ from sdl.exceptions import EngineError
 from sdl.steps import step
 
 if TYPE_CHECKING:
+    from sdl.engine.distributed import DaskCompute
     from sdl.engine.models.backbones import Backbone
     from sdl.engine.models.embedding_store import EmbeddingStore
     from sdl.engine.models.pretrained import HeadEnsemble
@@ -152,6 +153,8 @@ class PoolRound:
         pending_rows: Pool rows of pending experiments (``X_pending``); never excluded ones.
         prefilter_k: Rows kept by the cheap optimistic score before an acquisition.
         chunk_size: Rows per acquisition call.
+        shortlist_rows: The shortlist already streamed out of the scored chunks (None: cut it
+            from ``mean`` / ``std`` here).
     """
 
     avail: np.ndarray
@@ -166,6 +169,7 @@ class PoolRound:
     pending_rows: list[int] = field(default_factory=list)
     prefilter_k: int = 2048
     chunk_size: int = 4096
+    shortlist_rows: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,8 @@ class Selection(ABC):
 
     def shortlist(self, r: PoolRound) -> np.ndarray:
         """The ``prefilter_k`` available rows with the best :meth:`shortlist_score` (all when fewer)."""
+        if r.shortlist_rows is not None:
+            return r.shortlist_rows
         if r.avail.size <= r.prefilter_k:
             return r.avail
         assert r.mean is not None and r.std is not None
@@ -437,6 +443,7 @@ def build_surrogate(
     backbone: Backbone | None = None,
     embedding_store: EmbeddingStore | None = None,
     featurize_workers: int = 1,
+    compute: DaskCompute | None = None,
 ) -> Surrogate:
     """The surrogate for a ``model:`` config (``name`` + ``options``): the only place a model name is read.
 
@@ -451,6 +458,7 @@ def build_surrogate(
         backbone: Loaded pretrained backbone for ``gnn-ensemble`` (else loaded from the option).
         embedding_store: Embedding cache of a pretrained backbone.
         featurize_workers: Featurising processes of a pretrained backbone.
+        compute: Dask cluster for featurising and scoring pool chunks (None: this process).
 
     Raises:
         EngineError: Unknown name, or a model that cannot work on this pool / space.
@@ -464,7 +472,7 @@ def build_surrogate(
     if name == "gp":
         return GPSurrogate(seed=seed, pool=pool, space=space, extensive=extensive,
                            kernel=str(_get(options, "kernel", "matern52") or "matern52"),
-                           descriptors=str(_get(options, "descriptors", "auto") or "auto"))
+                           descriptors=str(_get(options, "descriptors", "auto") or "auto"), compute=compute)
     if name == "gnn-ensemble":
         if pool is None or pool.structure_column is None:
             raise EngineError("model gnn-ensemble needs a candidate pool with a structure column")
@@ -476,7 +484,7 @@ def build_surrogate(
             pool, seed=seed, backbone=backbone_name, loaded_backbone=backbone, store=embedding_store,
             featurize_workers=featurize_workers, head=str(_get(options, "head", "auto") or "auto"),
             use_prior=bool(_get(options, "use_prior", True)), members=int(_get(options, "members", 5) or 5),
-            kernel=str(_get(options, "kernel", "matern52") or "matern52"), extensive=extensive,
+            kernel=str(_get(options, "kernel", "matern52") or "matern52"), extensive=extensive, compute=compute,
         )
     raise EngineError(f"model.name: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
 
@@ -507,6 +515,9 @@ class Engine:
         embedding_store: Where embeddings are cached (``sdl.engine.models.embedding_store.default_store_path``
             when None).
         featurize_workers: Processes for featurising candidates the store lacks.
+        compute: Dask cluster that featurises and scores pool chunks
+            (:class:`sdl.engine.distributed.DaskCompute`; None: this process). Not owned: its
+            maker closes it.
     """
 
     def __init__(
@@ -526,6 +537,7 @@ class Engine:
         backbone: Backbone | None = None,
         embedding_store: EmbeddingStore | None = None,
         featurize_workers: int = 1,
+        compute: DaskCompute | None = None,
     ) -> None:
         self.objective = Objective.from_any(objective)
         self.seed = int(seed)
@@ -542,10 +554,11 @@ class Engine:
         self._ensemble_factory = ensemble_factory
         self._embedding_store = embedding_store
         self._featurize_workers = max(1, int(featurize_workers))
+        self.compute = compute
         self.surrogate: Surrogate = build_surrogate(
             model, seed=self.seed, pool=pool, space=self.space if pool is None else None, extensive=self.extensive,
             ensemble_factory=ensemble_factory, backbone=backbone, embedding_store=embedding_store,
-            featurize_workers=max(1, int(featurize_workers)),
+            featurize_workers=max(1, int(featurize_workers)), compute=compute,
         )
         self.strategy = self.surrogate.name
         self.acquisition_name = (acquisition.name if isinstance(acquisition, Selection)
@@ -576,8 +589,14 @@ class Engine:
         """Engine for a ``sdl.config.CampaignConfig`` (search space, objective, model, acquisition).
 
         ``cfg.model`` becomes a surrogate by :func:`build_surrogate`, ``cfg.acquisition`` a
-        selection rule by :func:`build_selection`.
+        selection rule by :func:`build_selection`; ``cfg.compute`` (or ``SDL_DASK_ADDRESS``, which
+        wins) a Dask cluster, unless ``compute`` is passed.
         """
+        if "compute" not in kwargs:
+            from sdl.engine.distributed import compute_from_config
+            from sdl.settings import settings
+
+            kwargs["compute"] = compute_from_config(_get(cfg, "compute"), settings().dask_address)
         ss = cfg.search_space
         space = ParameterSpace.from_config(ss.parameters) if _get(ss, "parameters") else None
         pool = CandidatePool.from_config(ss.candidates, space=space) if _get(ss, "candidates") else None
@@ -739,7 +758,7 @@ class Engine:
             self._model_spec, seed=self.seed, pool=self.pool, space=None, extensive=self.extensive,
             ensemble_factory=self._ensemble_factory, backbone=getattr(old, "backbone", None),
             embedding_store=getattr(old, "store", None) or self._embedding_store,
-            featurize_workers=self._featurize_workers,
+            featurize_workers=self._featurize_workers, compute=self.compute,
         )
         self.selection = build_selection(self._acquisition_spec, self.surrogate, self.seed)
         self._n_at_fit = -1
@@ -873,13 +892,16 @@ class Engine:
                       prefilter_k=self.prefilter_k, chunk_size=self.chunk_size)
         if self.selection.needs_model:
             self._fit_if_needed()
-            mean, std = self.surrogate.predict_pool()
+            selection, objective = self.selection, self.objective
+            scores = self.surrogate.score_pool(
+                avail, lambda m, s: selection.shortlist_score(objective, m, s), self.prefilter_k)
+            mean, std = scores.mean, scores.std
             r = PoolRound(
                 avail=avail, q=q, seed=state_seed, objective=self.objective, surrogate=self.surrogate, mean=mean,
                 std=std, baseline_rows=sorted(set(self._obs_index)),
                 y=torch.tensor([o.value for o in self._obs], dtype=torch.float64),
                 pending_rows=sorted(pool.index_of(k) for k in pending if k in pool),
-                prefilter_k=self.prefilter_k, chunk_size=self.chunk_size,
+                prefilter_k=self.prefilter_k, chunk_size=self.chunk_size, shortlist_rows=scores.shortlist,
             )
         picks, values = self.selection.pick_rows(r)
         return self._make(picks, values, mean, std, self.strategy, pending, version=self._proposal_version())

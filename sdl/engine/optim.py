@@ -20,7 +20,7 @@ import torch
 
 from sdl.engine.objectives import Objective
 
-__all__ = ["greedy_select", "top_k", "thompson_select", "optimize_box"]
+__all__ = ["StreamingTopK", "greedy_select", "top_k", "thompson_select", "optimize_box"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,36 @@ def top_k(score: torch.Tensor, k: int) -> torch.Tensor:
     k = min(int(k), score.shape[0])
     order = torch.argsort(score, descending=True, stable=True)
     return order[:k]
+
+
+class StreamingTopK:
+    """The ``k`` best rows of a pool scored chunk by chunk, in any chunk order.
+
+    Why: a pool scored in chunks (on a Dask cluster, chunks arrive in any order) never needs all
+    scores sorted at once; keeping the best ``k`` so far and merging each chunk into them gives
+    exactly :func:`top_k` over the whole pool (ties broken by row number), in ``O(k + chunk)`` memory.
+
+    Args:
+        k: How many rows to keep.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = int(k)
+        self._rows = np.zeros(0, dtype=np.int64)
+        self._scores = torch.zeros(0, dtype=torch.float64)
+
+    def add(self, rows: np.ndarray, scores: torch.Tensor) -> None:
+        """Merge a chunk: ``rows`` (pool row numbers) and their ``scores`` (higher is better)."""
+        all_rows = np.concatenate([self._rows, np.asarray(rows, dtype=np.int64)])
+        all_scores = torch.cat([self._scores, scores.to(torch.float64).reshape(-1)])
+        order = np.argsort(all_rows, kind="stable")  # row order, so that ties go to the lower row
+        all_rows, all_scores = all_rows[order], all_scores[torch.as_tensor(order)]
+        keep = top_k(all_scores, self.k).numpy()
+        self._rows, self._scores = all_rows[keep], all_scores[torch.as_tensor(keep)]
+
+    def rows(self) -> np.ndarray:
+        """The kept rows, best first (ties by row number)."""
+        return self._rows.copy()
 
 
 def _score(acqf: Any, X: torch.Tensor, chunk: int) -> torch.Tensor:

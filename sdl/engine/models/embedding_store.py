@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -141,21 +142,29 @@ class EmbeddingStore:
 
 # -- featurising ---------------------------------------------------------------------------------
 
-_WORKER_BACKBONE: Backbone | None = None
+_WORKER_BACKBONES: dict[str, Backbone] = {}  # per worker process (pool or Dask worker): spec -> loaded
+_WORKER_LOCK = threading.Lock()
 
 
 def _worker_init(name: str) -> None:
-    global _WORKER_BACKBONE
     import torch
 
     torch.set_num_threads(1)
-    _WORKER_BACKBONE = load_backbone(name)
+    _worker_backbone(name)
 
 
-def _featurize_chunk(args: tuple[Sequence[str], str]) -> Featurization:
-    texts, fmt = args
-    assert _WORKER_BACKBONE is not None
-    return _featurize_with(_WORKER_BACKBONE, texts, fmt, None)
+def _worker_backbone(spec: str) -> Backbone:
+    """The backbone ``spec`` loaded once per process (Dask threads of one worker share it)."""
+    with _WORKER_LOCK:
+        if spec not in _WORKER_BACKBONES:
+            _WORKER_BACKBONES[spec] = load_backbone(spec)
+        return _WORKER_BACKBONES[spec]
+
+
+def _featurize_chunk(args: tuple[Sequence[str], str, str]) -> Featurization:
+    """One work item in a worker process: ``(texts, format, backbone spec)``."""
+    texts, fmt, spec = args
+    return _featurize_with(_worker_backbone(spec), texts, fmt, None)
 
 
 def _featurize_with(
@@ -191,6 +200,7 @@ def featurize_texts(
     progress: Callable[[int, int], None] | None = None,
     chunk: int = 256,
     spec: str | None = None,
+    executor: Executor | None = None,
 ) -> Featurization:
     """Featurise structure texts (CIF or pymatgen JSON), reading and filling the store.
 
@@ -205,6 +215,9 @@ def featurize_texts(
         chunk: Rows per work item.
         spec: What worker processes pass to :func:`load_backbone` (a YAML name or ``module:Class``);
             the backbone's ``name`` when None.
+        executor: Run the chunks there instead (a Dask cluster's executor,
+            :meth:`sdl.engine.distributed.DaskCompute.executor`); ``workers`` is then ignored. Each
+            worker process loads the backbone once.
 
     Returns:
         A :class:`Featurization` in the order of ``texts``; unparsable or unfeaturisable rows are
@@ -240,17 +253,21 @@ def featurize_texts(
             progress(done, len(to_compute))
 
     if to_compute:
-        logger.info("featurising %d structures with %s (%d cached, %d workers)", len(to_compute), backbone.version,
-                    len(texts) - len(missing), workers)
+        logger.info("featurising %d structures with %s (%d cached, %s)", len(to_compute), backbone.version,
+                    len(texts) - len(missing), "on the Dask cluster" if executor is not None else f"{workers} workers")
         parts = [to_compute[s : s + chunk] for s in range(0, len(to_compute), chunk)]
-        if workers > 1 and len(parts) > 1:
+        items = [([texts[i] for i in p], fmt, spec or backbone.name) for p in parts]
+        if executor is not None:
+            for p, res in zip(parts, executor.map(_featurize_chunk, items), strict=True):
+                _merge(out, p, res, store, backbone.version, keys)
+                tick(len(p))
+        elif workers > 1 and len(parts) > 1:
             import multiprocessing
 
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                      initargs=(spec or backbone.name,)) as pool:
-                results = pool.map(_featurize_chunk, [([texts[i] for i in p], fmt) for p in parts])
-                for p, res in zip(parts, results, strict=True):
+                for p, res in zip(parts, pool.map(_featurize_chunk, items), strict=True):
                     _merge(out, p, res, store, backbone.version, keys)
                     tick(len(p))
         else:

@@ -27,6 +27,7 @@ Versions: each fit bumps ``n_fits`` and sets ``version = <name>-<n_fits>-<digest
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ from sdl.exceptions import EngineError
 if TYPE_CHECKING:
     from botorch.models.model import Model
 
+    from sdl.engine.distributed import DaskCompute, PoolScores, ShortlistScore
     from sdl.engine.models.backbones import Backbone
     from sdl.engine.models.embedding_store import EmbeddingStore
     from sdl.engine.space import CandidatePool, ParameterSpace
@@ -115,6 +117,7 @@ class Surrogate(ABC):
         pool: The candidate pool it predicts (pool mode).
         space: The parameter space it predicts (space mode, when ``pool`` is None).
         extensive: Labels are per cell: learn them per atom, scale predictions back (pool mode).
+        compute: Dask cluster that featurises and scores pool chunks (None: this process).
     """
 
     name: ClassVar[str]
@@ -126,12 +129,13 @@ class Surrogate(ABC):
 
     def __init__(
         self, *, seed: int = 0, pool: CandidatePool | None = None, space: ParameterSpace | None = None,
-        extensive: bool = False,
+        extensive: bool = False, compute: DaskCompute | None = None,
     ) -> None:
         self.seed = int(seed)
         self.pool = pool
         self.space = space
         self.extensive = bool(extensive)
+        self.compute = compute
         self.n_fits = 0
         self.n_train = 0
         self._version: str | None = None
@@ -270,13 +274,31 @@ class Surrogate(ABC):
 
     def predict_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and std of the raw property for every pool row, each ``[N]``."""
-        from sdl.engine.models.gp import predict_gp
+        scores = self.score_pool(np.zeros(0, dtype=np.int64), _no_score, 0)
+        return scores.mean, scores.std
+
+    def score_pool(self, avail: np.ndarray, score: ShortlistScore, k: int) -> PoolScores:
+        """Mean and std of every pool row and the ``k`` available rows with the best ``score(mean, std)``.
+
+        A GP scores chunks through its cached Cholesky factor (:class:`~sdl.engine.models.gp.GPPredictor`),
+        on :attr:`compute` when set; an ensemble looks its member matrix up. Either way the
+        shortlist is a streaming top-k over the chunks (:func:`sdl.engine.distributed.score_pool`).
+        """
+        from sdl.engine.distributed import DEFAULT_CHUNK, score_pool
+        from sdl.engine.models.gp import GPPredictor, predict_gp
         from sdl.engine.models.pool_ensemble import PoolEnsembleModel
 
         model = self.model
         if isinstance(model, PoolEnsembleModel):
-            return model.mean_std()
-        return predict_gp(model, self.inputs())
+            mean, std = model.mean_std()
+            rows = torch.arange(mean.shape[0], dtype=torch.float64).unsqueeze(-1)
+            return score_pool(_RowLookup(mean, std), rows, avail, score, k, chunk=DEFAULT_CHUNK)
+        chunk = self.compute.chunk if self.compute is not None else DEFAULT_CHUNK
+        try:
+            predictor: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = GPPredictor(model)
+        except TypeError:  # another BoTorch model: its own posterior, chunk by chunk
+            predictor = functools.partial(predict_gp, model)
+        return score_pool(predictor, self.inputs(), avail, score, k, compute=self.compute, chunk=chunk)
 
     def sample(self, X: torch.Tensor, n: int, seed: int) -> torch.Tensor:
         """``s x len(X)`` posterior draws at inputs ``X``, reproducible under ``seed``.
@@ -323,6 +345,22 @@ class Surrogate(ABC):
         return out
 
 
+def _no_score(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return mean
+
+
+@dataclass(frozen=True)
+class _RowLookup:
+    """Chunk predictor over precomputed ``[N]`` mean and std (inputs: float-coded row numbers)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __call__(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = X[..., 0].round().long()
+        return self.mean[idx], self.std[idx]
+
+
 class RandomSurrogate(Surrogate):
     """No model: the engine proposes uniformly among what is left (the benchmark baseline).
 
@@ -354,6 +392,7 @@ class GPSurrogate(Surrogate):
         descriptors: Pool features: ``auto`` (parameter columns when the pool has them, else
             composition), ``parameters`` or ``composition``.
         extensive: See :class:`Surrogate`.
+        compute: See :class:`Surrogate` (scores pool chunks).
 
     Raises:
         EngineError: Neither a pool nor a space, or descriptors the pool cannot provide.
@@ -364,8 +403,9 @@ class GPSurrogate(Surrogate):
     def __init__(
         self, *, seed: int = 0, pool: CandidatePool | None = None, space: ParameterSpace | None = None,
         kernel: str = "matern52", descriptors: str = "auto", extensive: bool = False,
+        compute: DaskCompute | None = None,
     ) -> None:
-        super().__init__(seed=seed, pool=pool, space=space, extensive=extensive)
+        super().__init__(seed=seed, pool=pool, space=space, extensive=extensive, compute=compute)
         self.kernel = kernel
         self.descriptors = descriptors
         if pool is None and space is None:
@@ -425,6 +465,7 @@ class PretrainedSurrogate(Surrogate):
         members: Members of the MLP head ensemble (at least 2).
         kernel: Kernel of the GP head.
         extensive: See :class:`Surrogate`.
+        compute: See :class:`Surrogate`: featurises what the store lacks and scores the heads.
     """
 
     name = "gnn-ensemble"
@@ -432,9 +473,9 @@ class PretrainedSurrogate(Surrogate):
     def __init__(
         self, pool: CandidatePool, *, seed: int = 0, backbone: str = "chgnet", loaded_backbone: Backbone | None = None,
         store: EmbeddingStore | None = None, featurize_workers: int = 1, head: str = "auto", use_prior: bool = True,
-        members: int = 5, kernel: str = "matern52", extensive: bool = False,
+        members: int = 5, kernel: str = "matern52", extensive: bool = False, compute: DaskCompute | None = None,
     ) -> None:
-        super().__init__(seed=seed, pool=pool, extensive=extensive)
+        super().__init__(seed=seed, pool=pool, extensive=extensive, compute=compute)
         self.backbone_name = backbone
         self.backbone = loaded_backbone
         self.store = store
@@ -500,8 +541,11 @@ class PretrainedSurrogate(Surrogate):
             raise EngineError(f"model.options.backbone: {exc}") from exc
         if self.store is None:
             self.store = EmbeddingStore(default_store_path())
+        executor = self.compute.executor() if self.compute is not None else None
+        chunk = 64 if self.compute is not None else 256  # small tasks spread over every worker
         feats = featurize_texts(self.backbone, pool.structure_texts(), self.store, fmt=pool.structure_format,
-                                workers=self.featurize_workers, progress=progress, spec=self.backbone_name)
+                                workers=self.featurize_workers, progress=progress, spec=self.backbone_name,
+                                executor=executor, chunk=chunk)
         for i, why in sorted(feats.errors.items()):
             self._excluded[pool.keys[i]] = why
         for key, why in list(self._excluded.items())[:10]:
@@ -537,7 +581,9 @@ class PretrainedSurrogate(Surrogate):
         opts = HeadOptions.sized_for(len(idx), members=self.members)
         self.heads = HeadEnsemble(opts, seed=self.seed,
                                   prior_column=X_all.shape[1] - 1 if self.use_prior else None).fit(X_all[idx], y)
-        self._model = PoolEnsembleModel(self.heads.predict_members(X_all) * self.row_scale())
+        from sdl.engine.distributed import predict_members
+
+        self._model = PoolEnsembleModel(predict_members(self.heads, X_all, self.compute) * self.row_scale())
 
     def _held_out(self) -> tuple[HeldOut | None, str, dict[str, float]]:
         from sdl.engine.models.pretrained import gp_leave_one_out
