@@ -4,8 +4,9 @@ Why: an Ophyd ``Status`` built with ``timeout=`` starts its own thread to watch 
 device job makes one per step; starting (and scheduling) those threads was a measurable part of
 each experiment's software time on a loaded machine. Here a Status is armed with a deadline on a
 heap watched by a single daemon thread; when it passes with the Status still running, the Status
-fails with Ophyd's own :class:`~ophyd.utils.errors.StatusTimeoutError` (so callers see exactly
-what a per-Status timeout gave them, and ``DeviceStatus`` still calls the device's ``stop()``).
+fails with :class:`~sdl.exceptions.InstrumentTimeout` (what ``sdl.lab.runner`` made of Ophyd's
+own timeout, which Ophyd does not let anyone else set), and ``DeviceStatus`` still calls the
+device's ``stop()``.
 The failure runs on a short-lived thread of its own: ``stop()`` talks to the instrument and must
 not hold up the other deadlines.
 """
@@ -30,10 +31,10 @@ _thread: threading.Thread | None = None
 
 
 def arm(status: Any, timeout: float) -> Any:
-    """Fail ``status`` with ``StatusTimeoutError`` unless it is done within ``timeout`` seconds.
+    """Fail ``status`` with ``InstrumentTimeout`` unless it is done within ``timeout`` seconds.
 
     Returns:
-        The status (so that ``return arm(DeviceStatus(self), self.timeout)`` reads naturally).
+        The status, for ``status = arm(DeviceStatus(device), timeout)``.
     """
     global _thread
     deadline = time.monotonic() + float(timeout)
@@ -62,12 +63,17 @@ def _watch() -> None:
 
 
 def _expire(status: Any, timeout: float) -> None:
-    from ophyd.utils.errors import InvalidState, StatusTimeoutError
+    from ophyd.utils.errors import InvalidState
+
+    from sdl.exceptions import InstrumentTimeout
 
     if status.done:
         return
+    device = getattr(status, "device", None)
+    error = InstrumentTimeout(f"no result within the status timeout of {timeout} s",
+                              instrument=getattr(device, "name", None), url=getattr(device, "url", None))
     try:
-        status.set_exception(StatusTimeoutError(f"Status {status!r} failed to complete in {timeout} s."))
+        status.set_exception(error)
     except InvalidState:  # finished between the check and the call
         return
     except Exception:
