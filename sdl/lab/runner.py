@@ -136,6 +136,7 @@ def warm_up(key: str = "default") -> None:
     from bluesky import plan_stubs as bps
     from bluesky import preprocessors as bpp
 
-    outcome = run_plan(bpp.run_wrapper(bps.null(), md={"purpose": "warm-up"}), key=key)
+    plan = bpp.run_wrapper(bps.null(), md={"purpose": "warm-up"})  # type: ignore[no-untyped-call]
+    outcome = run_plan(plan, key=key)
     if not outcome.ok:
         logger.warning("RunEngine %s: warm-up run ended %s: %s", key, outcome.exit_status, outcome.exception)
