@@ -5,7 +5,7 @@ Ophyd devices, serial round trips to the instruments, SQL writes to the reposito
 run with a time scale of 1e-6, so a synthesis "takes" 60 µs and every millisecond measured is
 overhead. Prints a table; nothing is asserted.
 
-    python benchmarks/orchestration_overhead.py [--n 30] [--db sqlite:///PATH | postgresql+psycopg://...]
+    python benchmarks/orchestration_overhead.py [--n 30] [--db sqlite:///PATH | postgresql+psycopg://...] [--json FILE]
 
 Components (each measured on its own, then the whole loop):
 
@@ -15,12 +15,18 @@ Components (each measured on its own, then the whole loop):
   included), first without a subscriber, then with the ``RepositoryWriter`` (documents + measurements);
 * prefect: a no-op task run inside a flow run (sequential), against a plain call;
 * full loop: ``run_plain`` (threads, no Prefect) and the Prefect flow, per experiment, from the
-  first proposal to the last completion (set-up excluded).
+  first proposal to the last completion (set-up excluded); beside it the process's CPU time per
+  experiment between the first and the last completion (what the loop costs whatever the load of
+  the machine: on a shared box the wall time also holds the waits for a core).
+
+``--json FILE`` writes every figure (ms) with the machine's load average, for the README and
+``benchmarks/results``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -66,11 +72,28 @@ def span_per_experiment(store, campaign_id: int) -> float:
     return (last - first).total_seconds() / max(n, 1)
 
 
+class CpuClock:
+    """Process CPU time at each finished experiment (a progress callback of both loops)."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+
+    def __call__(self, _: object) -> None:
+        self.marks.append(time.process_time())
+
+    def per_experiment_ms(self) -> float | None:
+        if len(self.marks) < 2:
+            return None
+        return 1000 * (self.marks[-1] - self.marks[0]) / (len(self.marks) - 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=30, help="experiments per measurement")
     parser.add_argument("--db", default=None, help="repository URL (default: a fresh SQLite file)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures (ms) to this file")
     args = parser.parse_args()
+    figures: dict[str, object] = {"n": args.n, "load_average_at_start": list(os.getloadavg())}
     work = Path(tempfile.mkdtemp(prefix="sdl-overhead-"))
     os.environ.setdefault("SDL_STATE_DIR", str(work / "state"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -99,6 +122,7 @@ def main() -> None:
             robot.transport.command("STATUS?")
             samples.append(time.perf_counter() - t)
         rows.append(("serial round trip (STATUS?)", per_ms(samples)))
+        figures["serial_round_trip_ms"] = 1000 * statistics.median(samples)
 
         store, cid = lab.store, lab.campaign_id
         keys = lab.engine.pool.keys
@@ -110,6 +134,7 @@ def main() -> None:
             store.complete_experiment(eid)
             samples.append(time.perf_counter() - t)
         rows.append(("sql: propose + start + complete (3 tx)", per_ms(samples)))
+        figures["sql_state_changes_ms"] = 1000 * statistics.median(samples)
 
         writer = RepositoryWriter(store)
         eids = [store.propose_experiment(cid, idempotency_key=f"bench-plan:{i}", candidate_key=keys[n + i], params={})
@@ -129,6 +154,9 @@ def main() -> None:
                 char.append(time.perf_counter() - t)
             rows.append((f"bluesky synthesize plan ({label})", per_ms(synth)))
             rows.append((f"bluesky characterize plan ({label})", per_ms(char)))
+            slug = "writer" if subscribers else "bare"
+            figures[f"synthesize_plan_{slug}_ms"] = 1000 * statistics.median(synth)
+            figures[f"characterize_plan_{slug}_ms"] = 1000 * statistics.median(char)
 
     # -- prefect task overhead -------------------------------------------------------------------------
     from prefect import flow, task
@@ -152,27 +180,41 @@ def main() -> None:
         many(2)  # starts the ephemeral server
         samples = many(5 * n)
     rows.append(("prefect: one no-op task run in a flow", per_ms(samples)))
+    figures["prefect_noop_task_ms"] = 1000 * statistics.median(samples)
 
     # -- the whole loop -------------------------------------------------------------------------------
     from sdl.flows import run_campaign
     from sdl.repository import Store
 
     cfg = load_campaign(campaign_yaml(work, "overhead-plain", n))
+    clock = CpuClock()
     with open_lab(cfg, db) as lab:
-        run_plain(lab)
-        rows.append(("full loop without Prefect (run_plain)",
-                     f"{1000 * span_per_experiment(lab.store, lab.campaign_id):8.2f} ms per experiment"))
+        run_plain(lab, on_outcome=clock)
+        plain = 1000 * span_per_experiment(lab.store, lab.campaign_id)
+    figures["plain_loop_ms_per_experiment"] = plain
+    figures["plain_loop_cpu_ms_per_experiment"] = clock.per_experiment_ms()
+    rows.append(("full loop without Prefect (run_plain)",
+                 f"{plain:8.2f} ms per experiment (CPU {clock.per_experiment_ms() or 0:.2f} ms)"))
     path = campaign_yaml(work, "overhead-flow", n)
-    summary = run_campaign(path, db_url=db)
+    clock = CpuClock()
+    summary = run_campaign(path, db_url=db, on_progress=clock)
     store = Store.from_url(db)
-    rows.append(("full loop in the Prefect flow",
-                 f"{1000 * span_per_experiment(store, summary['campaign_id']):8.2f} ms per experiment"))
+    flow = 1000 * span_per_experiment(store, summary["campaign_id"])
     store.close()
+    figures["prefect_loop_ms_per_experiment"] = flow
+    figures["prefect_loop_cpu_ms_per_experiment"] = clock.per_experiment_ms()
+    rows.append(("full loop in the Prefect flow",
+                 f"{flow:8.2f} ms per experiment (CPU {clock.per_experiment_ms() or 0:.2f} ms)"))
+    figures["load_average_at_end"] = list(os.getloadavg())
 
     width = max(len(r[0]) for r in rows)
     print(f"\nOrchestration overhead per experiment (zero-latency simulators, n={n}, {db.split(':')[0]})")
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
+    print(f"  load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,16 @@ from typing import Any, ClassVar
 from ophyd import Device
 from ophyd.status import DeviceStatus
 
+from devices import deadlines
 from devices.transport import FaultCallback, LineTransport
 from sdl.exceptions import InstrumentError, InstrumentRejected
 
 __all__ = ["LineDevice"]
 
 logger = logging.getLogger(__name__)
+
+POLL_BACKOFF_START = 0.0005
+"""Seconds of the first ``STATUS`` poll wait when the instrument gives no ``remaining_s``."""
 
 
 class LineDevice(Device):  # type: ignore[misc] # ophyd ships no type information
@@ -77,7 +81,7 @@ class LineDevice(Device):  # type: ignore[misc] # ophyd ships no type informatio
         self, job_id: str, body: dict[str, Any], run: Callable[[str, dict[str, Any], DeviceStatus], None]
     ) -> DeviceStatus:
         """Mark ``job_id`` active and run ``run(job_id, body, status)`` on the line's worker."""
-        status = DeviceStatus(self, timeout=self.timeout)
+        status = deadlines.arm(DeviceStatus(self), self.timeout)  # one watcher thread for all, not one each
         with self._active_lock:
             self._active = job_id
         self._worker.submit(run, job_id, body, status)
@@ -92,10 +96,14 @@ class LineDevice(Device):  # type: ignore[misc] # ophyd ships no type informatio
             logger.info("%s: job %s was already known to the instrument (state %s)", self.name, job_id,
                         data.get("state"))
         state = data.get("state")
+        # Sleep what the instrument says is left (capped at the poll interval); without a usable
+        # estimate back off from 0.5 ms, so a job that ends at once costs no fixed wait.
+        backoff = POLL_BACKOFF_START
         while state == "running" and not status.done:
             if on_running is not None:
                 on_running()
-            time.sleep(max(0.005, min(self.poll_interval, float(data.get("remaining_s") or 0.0))))
+            time.sleep(min(self.poll_interval, max(backoff, float(data.get("remaining_s") or 0.0))))
+            backoff = min(2 * backoff, self.poll_interval)
             data = self.transport.command(f"{self.verb} STATUS", job_id).data or {}
             state = data.get("state")
         if status.done:  # timed out or stopped meanwhile

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -61,6 +62,8 @@ logger = logging.getLogger(__name__)
 INSTRUMENT_RETRIES = 3
 """Retries of one instrument step after an instrument fault (the transport already retried lines)."""
 RETRY_DELAYS = [0.2, 1.0, 2.0]
+PROGRESS_EVERY_S = 1.0
+"""Shortest time between two updates of the progress artifact while experiments end."""
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 _LISTENERS: list[ProgressCallback] = []
@@ -227,13 +230,26 @@ class _Monitor:
             progress=self._percent(), key=artifact_key(self.name, "progress"),
             description=self.page.progress_description(),
         )
+        self._progress_at = time.monotonic()
         self._last_reported = -1
 
     def _percent(self) -> float:
         return round(100.0 * min(self.lab.n_ended, self.lab.budget) / max(self.lab.budget, 1), 1)
 
     def outcome(self, outcome: Outcome) -> None:
-        update_progress_artifact(self.progress_id, progress=self._percent())
+        # The progress bar is one API round trip: at most every PROGRESS_EVERY_S (the UI polls
+        # no faster), and always at the end of the budget and in final().
+        now = time.monotonic()
+        if now - self._progress_at >= PROGRESS_EVERY_S or self.lab.n_ended >= self.lab.budget:
+            self._progress_at = now
+            update_progress_artifact(self.progress_id, progress=self._percent())
+        if _LISTENERS:
+            self._tell_listeners(outcome)
+        if self.lab.round_due():
+            self.round(self.lab.round_report(self.true_best[1] if self.true_best else None))
+
+    def _tell_listeners(self, outcome: Outcome) -> None:
+        """Done / budget / best for the progress listeners (the best is a query: only when someone listens)."""
         counts = self.lab.counts()
         best = self.lab.best()
         info = {
@@ -247,8 +263,6 @@ class _Monitor:
                 listener(info)
             except Exception:
                 logger.exception("progress listener failed")
-        if self.lab.round_due():
-            self.round(self.lab.round_report(self.true_best[1] if self.true_best else None))
 
     def round(self, report: RoundReport) -> None:
         self._last_reported = report.n_observed
@@ -379,7 +393,14 @@ def campaign_flow(
             outcome = pending.future.result(raise_on_failure=True)
             monitor.outcome(outcome)
 
-        drive(lab, submit, on_done, propose=lambda n: propose_task(lab, n, monitor))
+        def propose(n: int) -> list[Ticket]:
+            # A task run when a model chooses (a fit can take seconds: the UI shows it as a step);
+            # random picks cost less than a task run of their own, so they are a plain call.
+            if lab.engine.selection.needs_model:
+                return propose_task(lab, n, monitor)
+            return propose_task.fn(lab, n, monitor)
+
+        drive(lab, submit, on_done, propose=propose)
         state = lab.finish()
         summary = monitor.final(state)
         if state == "failed":

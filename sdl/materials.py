@@ -37,6 +37,8 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from pymatgen.analysis.structure_matcher import StructureMatcher
     from pymatgen.core import Structure
@@ -124,11 +126,14 @@ def _structure_key(structure: Any) -> str:
     angles = sorted(round(v, 1) for v in lat.angles)
     n_neigh = min(N_NEIGHBOURS, max(1, 4 * len(reduced)))
     radius = max(lat.abc) * 1.5 + 3.0
+    # Neighbour arrays, not Neighbor objects: the wide radius finds ~1,000 neighbours per site and
+    # building an object for each was most of the cost of a key. Rounding is monotonic, so the
+    # rounded n nearest are the n nearest rounded (the same key as before).
+    centres, _, _, distances = reduced.get_neighbor_list(radius)
     sites = []
-    all_neighbours = reduced.get_all_neighbors(radius)
-    for site, neighbours in zip(reduced, all_neighbours, strict=True):
-        distances = sorted(round(n.nn_distance, 2) for n in neighbours)[:n_neigh]
-        sites.append([site.species_string, distances])
+    for index, site in enumerate(reduced):
+        nearest = np.sort(distances[centres == index])[:n_neigh]
+        sites.append([site.species_string, [round(float(d), 2) for d in nearest]])
     sites.sort(key=lambda item: json.dumps(item))
     payload = json.dumps({"abc": lengths, "angles": angles, "sites": sites}, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(payload.encode()).hexdigest()[:16]

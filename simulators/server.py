@@ -364,6 +364,7 @@ def _warm_pymatgen() -> None:
     try:
         import pymatgen.analysis.diffraction.xrd
         import pymatgen.core  # noqa: F401
+        import scipy.ndimage  # noqa: F401 - RAW threads broaden patterns; scipy's lazy import races in threads
     except ImportError:
         logger.warning("pymatgen is not installed: MEASURE RAW will fail")
 

@@ -15,6 +15,13 @@ It never raises into the RunEngine (a raising callback aborts the run): a failur
 in :attr:`RepositoryWriter.errors`, recorded as an event when the database allows, and the
 document is kept in :attr:`RepositoryWriter.pending` for :meth:`RepositoryWriter.retry`.
 Non-finite or non-numeric values are never stored as measurements (an event says so instead).
+
+Batched writes: documents are routed at once (which run, which experiment, which measurements)
+but written in one transaction (:meth:`~sdl.repository.store.Store.unit_of_work`) when it matters
+for a crash: at a run's stop, and at an event that carries measurements (with everything queued
+before it), so a measurement is committed as soon as the instrument produced it. A kill -9 in the
+middle of a run loses only that run's not yet committed documents (start, descriptor), never a
+measurement or an experiment's state change (those are the ``Store``'s own transactions).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import datetime as dt
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sdl.exceptions import RepositoryError
@@ -44,6 +51,11 @@ class WriterError:
     doc_uid: str | None
     message: str
     stored: bool
+
+
+_Row = tuple[str | None, str, dict[str, Any], Sequence[tuple[int, dict[str, Any]]]]
+"""One document for ``Store.record_documents``: run uid, name, document, derived measurements."""
+_Write = Callable[[], object] | _Row
 
 
 @dataclasses.dataclass
@@ -94,6 +106,8 @@ class RepositoryWriter:
         self._runs: dict[str, _Run] = {}
         self._descriptors: dict[str, str] = {}
         self._resources: dict[str, str] = {}
+        self._campaigns: dict[int, int] = {}  # experiment id → campaign id (never changes)
+        self._queue: list[tuple[str, dict[str, Any], _Write]] = []  # writes not yet committed
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ entry points
@@ -106,6 +120,14 @@ class RepositoryWriter:
             except Exception as exc:  # noqa: BLE001 - the RunEngine must never see it
                 self._fail(name, doc, f"{exc.__class__.__name__}: {exc}", stored=False)
                 self.pending.append((name, doc))
+            if name == "stop" or not self._runs:
+                self._flush("")
+
+    def flush(self) -> int:
+        """Commit the queued writes now; returns how many documents are pending after it."""
+        with self._lock:
+            self._flush("")
+            return len(self.pending)
 
     def retry(self) -> int:
         """Try the documents whose storage failed again, in order; returns how many still fail."""
@@ -117,7 +139,44 @@ class RepositoryWriter:
                 except Exception as exc:  # noqa: BLE001
                     self._fail(name, doc, f"retry: {exc.__class__.__name__}: {exc}", stored=False)
                     self.pending.append((name, doc))
+            self._flush("retry: ")
             return len(self.pending)
+
+    # ------------------------------------------------------------------ batching
+
+    def _write(self, name: str, doc: dict[str, Any], write: _Write) -> None:
+        """Queue one write of a document: a store call, or a document row for ``Store.record_documents``."""
+        self._queue.append((name, doc, write))
+
+    def _document(self, run_uid: str | None, name: str, doc: dict[str, Any],
+                  rows: Sequence[tuple[int, dict[str, Any]]] = ()) -> None:
+        self._write(name, doc, (run_uid, name, doc, rows))
+
+    def _flush(self, prefix: str) -> None:
+        """Commit every queued write in one transaction; on failure each of their documents is pending."""
+        queue, self._queue = self._queue, []
+        if not queue:
+            return
+        try:
+            with self.store.unit_of_work("repository writer"):
+                documents: list[_Row] = []
+                for _, _, write in queue:  # consecutive documents in one call, store calls in order
+                    if isinstance(write, tuple):
+                        documents.append(write)
+                        continue
+                    if documents:
+                        self.store.record_documents(documents)
+                        documents = []
+                    write()
+                if documents:
+                    self.store.record_documents(documents)
+        except Exception as exc:  # noqa: BLE001 - rolled back as a whole: every document is retried
+            seen: set[int] = set()
+            for name, doc, _ in queue:
+                if id(doc) not in seen:
+                    seen.add(id(doc))
+                    self._fail(name, doc, f"{prefix}{exc.__class__.__name__}: {exc}", stored=False)
+                    self.pending.append((name, doc))
 
     # ------------------------------------------------------------------ helpers
 
@@ -194,12 +253,12 @@ class RepositoryWriter:
         if handler is not None:
             handler(doc)
         else:
-            self.store.record_document(self._run_of(name, doc), name, doc)
+            self._document(self._run_of(name, doc), name, doc)
 
     def _on_start(self, doc: dict[str, Any]) -> None:
         uid = doc.get("uid")
         if not isinstance(uid, str):
-            self.store.record_document(None, "start", doc)
+            self._document(None, "start", doc)
             return
         raw_md = doc.get("sdl")
         md: Mapping[str, Any] = raw_md if isinstance(raw_md, Mapping) else {}
@@ -211,7 +270,9 @@ class RepositoryWriter:
         quality_key = md.get("quality_key") if isinstance(md.get("quality_key"), str) else None
         instrument = md.get("instrument") if isinstance(md.get("instrument"), str) else None
         campaign_id = None
-        if experiment_id is not None:
+        if experiment_id is not None and experiment_id in self._campaigns:
+            campaign_id = self._campaigns[experiment_id]
+        elif experiment_id is not None:
             experiment = self.store.get_experiment(experiment_id)
             if experiment is None:
                 self._fail("start", doc, f"md['sdl']['experiment_id']={experiment_id} names no experiment", stored=True)
@@ -224,7 +285,7 @@ class RepositoryWriter:
                 )
                 experiment_id = None
             else:
-                campaign_id = experiment.campaign_id
+                campaign_id = self._campaigns[experiment_id] = experiment.campaign_id
         run = _Run(
             experiment_id=experiment_id,
             campaign_id=campaign_id,
@@ -233,28 +294,30 @@ class RepositoryWriter:
             quality_key=quality_key,
         )
         plan_name = doc.get("plan_name") if isinstance(doc.get("plan_name"), str) else None
-        self.store.record_run_start(uid, experiment_id=experiment_id, plan_name=plan_name,
-                                    start_time=_epoch(doc.get("time")))
+        start_time = _epoch(doc.get("time"))
+
         self._runs[uid] = run
-        self.store.record_document(uid, "start", doc)
+        self._write("start", doc, lambda: self.store.record_run_start(
+            uid, experiment_id=experiment_id, plan_name=plan_name, start_time=start_time))
+        self._document(uid, "start", doc)
 
     def _on_descriptor(self, doc: dict[str, Any]) -> None:
         run_uid = self._run_of("descriptor", doc)
         if isinstance(doc.get("uid"), str) and run_uid is not None:
             self._descriptors[doc["uid"]] = run_uid
-        self.store.record_document(run_uid, "descriptor", doc)
+        self._document(run_uid, "descriptor", doc)
 
     def _on_resource(self, doc: dict[str, Any]) -> None:
         run_uid = self._run_of("resource", doc)
         if isinstance(doc.get("uid"), str) and run_uid is not None:
             self._resources[doc["uid"]] = run_uid
-        self.store.record_document(run_uid, "resource", doc)
+        self._document(run_uid, "resource", doc)
 
     def _on_stream_resource(self, doc: dict[str, Any]) -> None:
         run_uid = self._run_of("stream_resource", doc)
         if isinstance(doc.get("uid"), str) and run_uid is not None:
             self._resources[doc["uid"]] = run_uid
-        self.store.record_document(run_uid, "stream_resource", doc)
+        self._document(run_uid, "stream_resource", doc)
 
     def _measurements_of(self, run_uid: str | None, event: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
         run = self._runs.get(run_uid or "")
@@ -319,7 +382,10 @@ class RepositoryWriter:
 
     def _on_event(self, doc: dict[str, Any]) -> None:
         run_uid = self._run_of("event", doc)
-        self.store.record_document(run_uid, "event", doc, measurements=self._measurements_of(run_uid, doc))
+        rows = self._measurements_of(run_uid, doc)
+        self._document(run_uid, "event", doc, rows)
+        if rows:  # a measurement is committed as soon as it exists (with what was queued before it)
+            self._flush("")
 
     def _on_event_page(self, doc: dict[str, Any]) -> None:
         from event_model import unpack_event_page
@@ -329,21 +395,29 @@ class RepositoryWriter:
         for event in unpack_event_page(doc):  # type: ignore[arg-type] # a validated event_page document
             rows.extend(self._measurements_of(run_uid, event))
         # A page is a bulk stream's unit: the document and all its measurements in one transaction.
-        self.store.record_event_page(run_uid, doc, measurements=rows)
+        self._write("event_page", doc, lambda: self.store.record_event_page(run_uid, doc, measurements=rows))
+        if rows:
+            self._flush("")
 
     def _on_stop(self, doc: dict[str, Any]) -> None:
         run_uid = self._run_of("stop", doc)
         run = self._runs.get(run_uid or "")
         if run_uid is None or run is None:
+            self._flush("")
             self.store.record_document(None, "stop", doc)
             raise RepositoryError(f"stop document {doc.get('uid')} names unknown run {doc.get('run_start')!r}")
-        self.store.record_document(run_uid, "stop", doc)
         exit_status = str(doc.get("exit_status") or "unknown")
         reason = doc.get("reason") if isinstance(doc.get("reason"), str) else None
-        self.store.record_run_stop(run_uid, exit_status=exit_status, reason=reason, stop_time=_epoch(doc.get("time")))
-        if exit_status != "success":
-            why = f"run exit status {exit_status}: {reason or ''}".strip()
-            self.store.invalidate_run_measurements(run_uid, reason=why)
+        stop_time = _epoch(doc.get("time"))
+
+        def write() -> None:
+            self.store.record_run_stop(run_uid, exit_status=exit_status, reason=reason, stop_time=stop_time)
+            if exit_status != "success":
+                why = f"run exit status {exit_status}: {reason or ''}".strip()
+                self.store.invalidate_run_measurements(run_uid, reason=why)
+
+        self._document(run_uid, "stop", doc)
+        self._write("stop", doc, write)
         self._runs.pop(run_uid, None)
         self._descriptors = {d: r for d, r in self._descriptors.items() if r != run_uid}
         self._resources = {d: r for d, r in self._resources.items() if r != run_uid}

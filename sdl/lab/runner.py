@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RunOutcome", "get_run_engine", "run_plan"]
+__all__ = ["RunOutcome", "get_run_engine", "run_plan", "warm_up"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +125,18 @@ def run_plan(plan: Iterable[Any], *, subscribers: Iterable[Subscriber] = (), key
         exit_status = getattr(result, "exit_status", "success")
         uids = tuple(getattr(result, "run_start_uids", ()) or starts)
         return RunOutcome(uids, exit_status, getattr(result, "plan_result", None), None)
+
+
+def warm_up(key: str = "default") -> None:
+    """Build the engine for ``key`` and run one empty run on it (documents go to no subscriber).
+
+    Why: the first run in a process pays for lazy imports and first-use set-up in bluesky and
+    event-model (a few hundred ms); a lab does that when it opens, not in its first experiment.
+    """
+    from bluesky import plan_stubs as bps
+    from bluesky import preprocessors as bpp
+
+    plan = bpp.run_wrapper(bps.null(), md={"purpose": "warm-up"})  # type: ignore[no-untyped-call]
+    outcome = run_plan(plan, key=key)
+    if not outcome.ok:
+        logger.warning("RunEngine %s: warm-up run ended %s: %s", key, outcome.exit_status, outcome.exception)

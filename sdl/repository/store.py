@@ -668,6 +668,7 @@ class Store:
         # so a parsed structure stays right; new rows are found by their ids.
         self._buckets: dict[str, dict[int, Structure | None]] = {}
         self._buckets_lock = threading.Lock()
+        self._local = threading.local()  # the session of a unit_of_work, per thread
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -719,9 +720,35 @@ class Store:
         self.close()
 
     @contextmanager
+    def unit_of_work(self, what: str = "unit of work") -> Iterator[None]:
+        """Several writes of one step in one transaction: every Store call of this thread inside joins it.
+
+        Why: a Bluesky run's documents, run row and measurements belong together, and one commit
+        instead of one per call is most of their cost. All or nothing: an error rolls every write
+        back. Meant for plain writes; a call that catches an ``IntegrityError`` to retry
+        (``upsert_material``, ``add_sample``) cannot recover inside it. Nested units join the outer one.
+        """
+        if getattr(self._local, "session", None) is not None:
+            yield
+            return
+        with self._tx(what) as session:
+            self._local.session = session
+            try:
+                yield
+            finally:
+                self._local.session = None
+
+    @contextmanager
     def _tx(self, what: str) -> Iterator[Session]:
-        """One session, one transaction, committed on success; database errors → RepositoryError."""
+        """One session, one transaction, committed on success; database errors → RepositoryError.
+
+        Inside :meth:`unit_of_work` the unit's session is used and committed with the unit.
+        """
+        joined: Session | None = getattr(self._local, "session", None)
         try:
+            if joined is not None:
+                yield joined
+                return
             with self._sessions() as session, session.begin():
                 yield session
         except (RepositoryError, ValueError, KeyError):
@@ -1210,12 +1237,17 @@ class Store:
         with self._tx("material_for_structure lookup") as s:
             bucket = self._bucket(s, formula)
         compared = set(bucket)
-        for mid, other in bucket.items():
-            if other is not None and same_structure(structure, other):
-                if source_id is not None or cif is not None:
-                    with self._tx("material_for_structure fill") as s:
-                        self._fill_material(s, mid, source_id=source_id, cif=cif)
-                return mid
+        # The same crystal again (a resumed or repeated candidate) is found by plain equality
+        # (lattice and sites within float noise): sound, and far cheaper than the matcher.
+        matched = next((mid for mid, other in bucket.items() if other is not None and other == structure), None)
+        if matched is None:
+            matched = next((mid for mid, other in bucket.items()
+                            if other is not None and same_structure(structure, other)), None)
+        if matched is not None:
+            if source_id is not None or cif is not None:
+                with self._tx("material_for_structure fill") as s:
+                    self._fill_material(s, matched, source_id=source_id, cif=cif)
+            return matched
         for attempt in range(2):
             try:
                 with self._tx("material_for_structure") as s:
@@ -1383,9 +1415,7 @@ class Store:
                 columns[k] = float(columns[k])
                 if not math.isfinite(columns[k]):
                     columns[k] = None
-        existing = self._experiment_by_key(idempotency_key)
-        if existing is not None:
-            return self._check_repeat(existing, campaign_id, candidate_key)
+        # No look-up first: the insert itself tells a repeated key (IntegrityError, handled below).
         try:
             with self._tx("propose_experiment") as s:
                 row = Experiment(
@@ -1907,32 +1937,61 @@ class Store:
             doc: The document.
             measurements: ``(experiment_id, fields)`` pairs for :meth:`add_measurement`.
         """
-        doc_uid = doc.get("uid") if isinstance(doc.get("uid"), str) else doc.get("datum_id")
-        doc_uid = doc_uid if isinstance(doc_uid, str) else None
-        rows = [self._measurement_row(eid, m) for eid, m in measurements]
+        return self.record_documents([(run_uid, name, doc, measurements)])[0]
+
+    def record_documents(
+        self,
+        items: Sequence[tuple[str | None, str, Mapping[str, Any], Sequence[tuple[int, Mapping[str, Any]]]]],
+    ) -> list[int]:
+        """Store documents in arrival order (each as :meth:`record_document`) in one transaction.
+
+        Why a batch: a run's documents written together need two lookups in all (known uids,
+        each run's last sequence number), not two per document. Returns the row ids, in order.
+        """
+        prepared = []
+        for run_uid, name, doc, measurements in items:
+            doc_uid = doc.get("uid") if isinstance(doc.get("uid"), str) else doc.get("datum_id")
+            prepared.append((run_uid, name, doc, doc_uid if isinstance(doc_uid, str) else None,
+                             [self._measurement_row(eid, m) for eid, m in measurements]))
+        if not prepared:
+            return []
         with self._tx("record_document") as s:
-            if doc_uid is not None:
-                found = s.scalars(sa.select(BlueskyDocument.id).where(BlueskyDocument.doc_uid == doc_uid)).first()
-                if found is not None:
-                    return found
-            last = s.scalar(
-                sa.select(sa.func.max(BlueskyDocument.sequence)).where(
-                    BlueskyDocument.run_uid.is_(None) if run_uid is None else BlueskyDocument.run_uid == run_uid
+            uids = sorted({p[3] for p in prepared if p[3] is not None})
+            known: dict[str, int | BlueskyDocument] = {}
+            if uids:
+                found = s.execute(
+                    sa.select(BlueskyDocument.doc_uid, BlueskyDocument.id).where(BlueskyDocument.doc_uid.in_(uids))
                 )
-            )
-            row = BlueskyDocument(
-                run_uid=run_uid,
-                name=name,
-                sequence=(last or 0) + 1,
-                doc_uid=doc_uid,
-                document=to_jsonable(dict(doc)),
-                created_at=utcnow(),
-            )
-            s.add(row)
-            self._link_samples(s, rows)
-            s.add_all(rows)
+                known.update((str(uid), int(row_id)) for uid, row_id in found)
+            last: dict[str | None, int] = {}
+            out: list[int | BlueskyDocument] = []
+            for run_uid, name, doc, doc_uid, rows in prepared:
+                if doc_uid is not None and doc_uid in known:
+                    out.append(known[doc_uid])
+                    continue
+                if run_uid not in last:
+                    last[run_uid] = s.scalar(
+                        sa.select(sa.func.max(BlueskyDocument.sequence)).where(
+                            BlueskyDocument.run_uid.is_(None) if run_uid is None else BlueskyDocument.run_uid == run_uid
+                        )
+                    ) or 0
+                last[run_uid] += 1
+                row = BlueskyDocument(
+                    run_uid=run_uid,
+                    name=name,
+                    sequence=last[run_uid],
+                    doc_uid=doc_uid,
+                    document=to_jsonable(dict(doc)),
+                    created_at=utcnow(),
+                )
+                s.add(row)
+                self._link_samples(s, rows)
+                s.add_all(rows)
+                if doc_uid is not None:
+                    known[doc_uid] = row
+                out.append(row)
             s.flush()
-            return row.id
+            return [r if isinstance(r, int) else r.id for r in out]
 
     def runs(self, experiment_id: int | None = None) -> list[RunRecord]:
         """Bluesky runs (of one experiment), by start time."""

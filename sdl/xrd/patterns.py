@@ -23,6 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+# At module load, not in the method: scipy's lazy submodule import raced when two threads took it
+# at once (``module 'scipy' has no attribute '_lib'``, seen in the simulator's RAW threads).
+from scipy.ndimage import gaussian_filter1d
+
 if TYPE_CHECKING:
     from pymatgen.core import Structure
 
@@ -173,8 +177,6 @@ class ProfileGrid:
         the result is convolved with the Gaussian: exact to well below a grid step, and cheap
         enough to broaden dozens of strained copies of a pattern per measurement.
         """
-        from scipy.ndimage import gaussian_filter1d
-
         out = np.zeros((len(patterns), self.size), dtype=float)
         if patterns:
             rows = np.concatenate([np.full(p.two_theta.size, i) for i, p in enumerate(patterns)])

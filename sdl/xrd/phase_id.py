@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy.optimize import nnls  # at module load: scipy's lazy submodule import races across threads
 
 from sdl.xrd.patterns import FloatArray, PatternCache, ProfileGrid, StickPattern
 from sdl.xrd.phases import Phase, PhaseTable
@@ -208,8 +209,6 @@ class PhaseIdentifier:
         Raises:
             ValueError: The measured pattern is empty, ragged, not finite or all zero.
         """
-        from scipy.optimize import nnls
-
         measured = StickPattern.from_rows(two_theta, intensity, what=f"measured XRD pattern of {target.phase_id}")
         profile = self.grid.broaden([measured])[0]
         if not profile.any():
