@@ -93,11 +93,13 @@ class Observation:
         key: Candidate id (pool) or ``ParameterSpace.key_of`` string (space).
         params: The recipe (needed in space mode when the key is not canonical).
         value: Raw measured value of the property.
+        values: The other properties measured on the same sample (several objectives, constraints).
     """
 
     key: str
     params: Mapping[str, Any] = field(default_factory=dict)
     value: float = math.nan
+    values: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -576,8 +578,13 @@ class Engine:
         """Engine for a ``sdl.config.CampaignConfig`` (search space, objective, model, acquisition).
 
         ``cfg.model`` becomes a surrogate by :func:`build_surrogate`, ``cfg.acquisition`` a
-        selection rule by :func:`build_selection`.
+        selection rule by :func:`build_selection`. A campaign with ``objectives:`` gets a
+        :class:`sdl.engine.multi_objective.MultiObjectiveEngine`.
         """
+        if _get(cfg, "objectives") is not None and cls is Engine:
+            from sdl.engine.multi_objective import MultiObjectiveEngine
+
+            return MultiObjectiveEngine.from_campaign(cfg, **kwargs)
         ss = cfg.search_space
         space = ParameterSpace.from_config(ss.parameters) if _get(ss, "parameters") else None
         pool = CandidatePool.from_config(ss.candidates, space=space) if _get(ss, "candidates") else None
