@@ -70,9 +70,10 @@ def pareto_cards(page: CampaignPage, report: RoundReport) -> list[Card]:
         rows.append(row)
     goals = ", ".join(f"{o.goal} {o.property}" for o in objectives.objectives)
     rules = f"; {', '.join(map(str, objectives.constraints))}" if objectives.constraints else ""
-    cards: list[Card] = [Card(
-        "pareto-front", f"Pareto front, round {report.round} — {page.name}: {len(rows)} of {len(table.keys)} "
-        f"measured ({goals}{rules}); hypervolume {volume:.4g}", table=rows)]
+    description = (f"Pareto front, round {report.round} — {page.name}: {len(rows)} of {len(table.keys)} "
+                   f"measured ({goals}{rules}); hypervolume {volume:.4g}")
+    cards: list[Card] = [Card("pareto-front", description, table=rows) if rows else Card(
+        "pareto-front", description, markdown=f"No measurement meets the constraints yet ({rules.lstrip('; ')}).\n")]
     if len(objectives.properties) >= 2 and objectives.n_objectives >= 2:
         labels = tuple(f"{p} ({units[p]})" if units.get(p) else p for p in objectives.properties[:2])
         path = plot_pareto_front(table.Y[:, :2], front, feasible, lab.state_dir / "plots" / "pareto_front.png",
