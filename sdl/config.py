@@ -36,10 +36,11 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, InitErrorDetails
 
 from sdl.exceptions import CampaignConfigError
 
@@ -360,6 +361,17 @@ class OutcomeConstraint(_Frozen):
 
     def __str__(self) -> str:
         return f"{self.property} {self.op} {self.value:g}"
+
+
+_CONSTRAINT_SCHEMA: dict[str, Any] = {"anyOf": [
+    {"type": "string", "pattern": r"^\s*[A-Za-z_][A-Za-z0-9_.\-]*\s*(>=|<=)\s*[-+0-9.eE]+\s*$",
+     "description": "'PROPERTY >= NUMBER' or 'PROPERTY <= NUMBER', e.g. 'gap_gllbsc >= 1.5'."},
+    {"type": "object", "additionalProperties": False, "required": ["property", "op", "value"],
+     "description": "The same, structured.",
+     "properties": {"property": {"type": "string", "description": "The measured property."},
+                    "op": {"enum": [">=", "<="], "description": "At least (>=) or at most (<=)."},
+                    "value": {"type": "number", "description": "The bound, in the property's unit."}}},
+]}
 
 
 class RandomOptions(_Frozen):
@@ -749,6 +761,9 @@ class Repository(_Frozen):
 class CampaignConfig(_Frozen):
     """A whole closed-loop campaign: what to search, what to optimise, with which model and lab."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "oneOf": [{"required": ["objective"]}, {"required": ["objectives"]}]})
+
     name: str = Field(pattern=_NAME_PATTERN, max_length=100, description="Campaign name (unique per repository).")
     description: str = Field(default="", description="Free text for humans.")
     seed: int = Field(default=0, description="Seed of every random choice, for reproducible campaigns.")
@@ -768,7 +783,7 @@ class CampaignConfig(_Frozen):
         "(for goal 'target': the largest acceptable distance from the range); the hypervolume is measured "
         "from it. Default: inferred from the measurements (BoTorch infer_reference_point).",
     )
-    constraints: list[OutcomeConstraint] = Field(
+    constraints: list[Annotated[OutcomeConstraint, WithJsonSchema(_CONSTRAINT_SCHEMA)]] = Field(
         default_factory=list,
         description="With `objectives`: outcome constraints every wanted candidate meets, e.g. ['gap_gllbsc >= 1.5'] "
         "or [{property: gap_gllbsc, op: '>=', value: 1.5}]; only feasible measurements count on the Pareto front.",
@@ -813,6 +828,15 @@ class CampaignConfig(_Frozen):
     def source(self) -> Path | None:
         """The YAML file this config was loaded from, if any."""
         return self._source
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_objective(cls, data: Any) -> Any:
+        """Neither ``objective`` nor ``objectives``: the one-objective form is what is missing."""
+        if isinstance(data, dict) and data.get("objective") is None and data.get("objectives") is None:
+            raise ValidationError.from_exception_data(
+                cls.__name__, [InitErrorDetails(type="missing", loc=("objective",), input=data)])
+        return data
 
     @field_validator("objectives")
     @classmethod

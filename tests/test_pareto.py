@@ -64,7 +64,7 @@ def _write(tmp_path: Path, edit: dict[str, object], drop: tuple[str, ...] = ()) 
      "constrained property 'band_gap'"),
     ({"objective": {"property": "e_form", "unit": "eV", "goal": "minimize"}}, (), "objectives",
      "give exactly one of 'objective'"),
-    ({}, ("objectives",), "objectives", "got neither"),
+    ({}, ("objectives",), "objective", "required field is missing"),
     ({"stopping": {"goal_value": 0.0}}, (), "stopping", "goal_value needs one objective"),
 ])
 def test_bad_objectives_are_one_line_naming_file_and_field(tmp_path: Path, edit: dict[str, object],
