@@ -145,3 +145,19 @@ def test_constraint_slack_and_validation() -> None:
         MultiObjective([Objective(property="a"), Objective(property="b")], reference_point=[1.0])
     with pytest.raises(ValueError, match="each property once"):
         MultiObjective([Objective(property="a"), Objective(property="a")])
+
+
+def test_patience_counts_experiments_since_the_front_last_grew() -> None:
+    from sdl.lab.ledger import ExperimentLedger, StoppingPolicy
+
+    mo = campaign_objectives()
+    rows = {1: [0.5, 2.0], 2: [0.6, 2.0], 3: [0.1, 1.0], 4: [0.7, 1.8], 5: [0.9, 0.0], 6: [0.8, 2.0]}
+    ledger = ExperimentLedger(mo.objectives[0], StoppingPolicy(budget=100, patience=3),
+                              improvement=ParetoProgress(mo, lambda i: rows[i]))
+    ledger.load([(i, f"k{i}", "completed") for i in rows], [(i, rows[i][0]) for i in list(rows)[:5]])
+    ledger.check_rules()
+    assert ledger.stop_reason is None  # 4 and 5 add nothing, 3 grew the front: 2 experiments since
+    ledger.load([], [(6, rows[6][0])])
+    ledger.check_rules()
+    assert ledger.stop_reason == "no improvement in 3 rounds (3 experiments)"
+    assert ledger.best_value == 0.1  # best so far stays the first objective's
