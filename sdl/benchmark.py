@@ -93,6 +93,9 @@ class BenchmarkDataset:
     params: list[dict[str, Any]] = field(default_factory=list)
     formula_column: str | None = None
     extensive: bool = False
+    objectives: Any = None  # several objectives: a sdl.engine.pareto.MultiObjective (sdl.benchmark_pareto)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # the other properties' values per pool row
+    extensive_by: dict[str, bool] = field(default_factory=dict)
     _pool: Any = field(default=None, repr=False)
 
     def candidate_pool(self) -> Any:
@@ -117,6 +120,10 @@ class BenchmarkDataset:
             if list(self._pool.keys) != self.ids:
                 raise BenchmarkError(f"{self.pool_csv}: candidate pool keys differ from the benchmark's ids")
         return self._pool
+
+    def measure_values(self, index: int) -> dict[str, float]:
+        """The other properties' recorded values for pool row ``index`` (several objectives; NaN left out)."""
+        return {p: float(v[index]) for p, v in self.extra.items() if math.isfinite(float(v[index]))}
 
     @property
     def pool_size(self) -> int:
@@ -408,6 +415,11 @@ def default_engine_factory(
         # The names are plain strings (checked by parse_strategies); the config models check them again.
         acquisition = cfgmod.Acquisition.model_validate({"function": strategy.acquisition, "batch_size": batch_size})
     initial_design = cfgmod.InitialDesign.model_validate({"strategy": strategy.initial_strategy, "size": initial})
+    if dataset.objectives is not None:
+        from sdl.engine.multi_objective import MultiObjectiveEngine
+
+        return MultiObjectiveEngine(dataset.objectives, model, acquisition, extensive=dataset.extensive_by,
+                                    seed=seed, pool=pool, initial_design=initial_design)
     return Engine(
         objective=objective,
         model=model,
@@ -469,7 +481,8 @@ def replay(
             keys.append(key)
             indices.append(i)
             measured.append(value)
-            obs.append(Observation(key=key, params=dict(dataset.params[i]) if dataset.params else {}, value=value))
+            obs.append(Observation(key=key, params=dict(dataset.params[i]) if dataset.params else {}, value=value,
+                                   values=dataset.measure_values(i)))
         engine.observe(obs)
     wall = time.perf_counter() - t0
     logger.info("%s seed %d: %d experiments in %.1f s", strategy.label, seed, len(keys), wall)
@@ -521,6 +534,12 @@ def run_benchmark(
         f for f in (0.05, 0.01) if not math.isclose(f, top_fraction) and bm.top_count(n, f) >= 5
     ]
     tops = {f: bm.top_set(dataset.truth, dataset.goal, f) for f in fractions}
+    pareto: tuple[np.ndarray, np.ndarray, float] | None = None
+    if dataset.objectives is not None:  # the top set is the pool's true Pareto front
+        from sdl.benchmark_pareto import pool_front
+
+        pareto = pool_front(dataset)
+        fractions, tops = [top_fraction], {top_fraction: pareto[0]}
     best_in_pool = float(dataset.truth.max() if dataset.goal == "max" else dataset.truth.min())
 
     results: dict[str, Any] = {
@@ -556,6 +575,20 @@ def run_benchmark(
         },
         "strategies": {},
     }
+    if pareto is not None:
+        results["objectives"] = {
+            "properties": dataset.objectives.properties, "objectives": [
+                {"property": o.property, "goal": o.goal, "target_range": o.target_range}
+                for o in dataset.objectives.objectives],
+            "constraints": [str(c) for c in dataset.objectives.constraints],
+            "reference_point": dataset.objectives.reference_point, "reference_utility": pareto[1].tolist(),
+            "pool_front": [dataset.ids[i] for i in pareto[0]], "pool_hypervolume": pareto[2],
+        }
+        results["metric_definitions"]["recall"] = ("pool Pareto-front designs found / M after each experiment; "
+                                                   "top set = the pool's true feasible Pareto front")
+        results["metric_definitions"]["hypervolume"] = (
+            "hypervolume of the feasible measured designs (recorded values) / the pool front's, same reference "
+            "point (reference_point, else inferred from the pool front), after each experiment")
     t_all = time.perf_counter()
     for strat in strategies:
         runs: list[ReplayRun] = []
@@ -568,6 +601,13 @@ def run_benchmark(
             if progress is not None:
                 progress(strat.label, int(seed), run)
         results["strategies"][strat.label] = score_runs(runs, dataset, tops, top_fraction, strat)
+        if pareto is not None:
+            from sdl.benchmark_pareto import hypervolume_curves, hypervolume_summary
+
+            curves = hypervolume_curves([r.indices for r in runs], dataset, pareto[1], pareto[2])
+            results["strategies"][strat.label]["hypervolume"] = curves
+            results["strategies"][strat.label]["summary"].update(
+                hypervolume_summary(curves, at=sorted({initial, budget_eff // 4, budget_eff // 2, budget_eff})))
     results["wall_time_s"] = time.perf_counter() - t_all
     results["initial_designs_identical"] = _initial_designs_identical(results, initial)
     return results
@@ -680,6 +720,13 @@ def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
         }
         for name, s in results["strategies"].items()
     }
+    if "objectives" in results:
+        hv = {name: {"median": s["summary"]["hypervolume_median"], "q25": s["summary"]["hypervolume_q25"],
+                     "q75": s["summary"]["hypervolume_q75"]} for name, s in results["strategies"].items()}
+        paths["hypervolume"] = plots.plot_hypervolume_curves(
+            hv, out / "hypervolume.png", title=f"{results['dataset']}: " + ", ".join(
+                f"{o['goal']} {o['property']}" for o in results["objectives"]["objectives"])
+            + f", {len(results['seeds'])} seeds")
     paths["best_so_far"] = plots.plot_best_so_far_curves(
         best, out / "best_so_far.png",
         goal_value=results["best_in_pool"], ylabel=f"best {results['target']} so far", title=title,

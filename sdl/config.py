@@ -35,10 +35,11 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, InitErrorDetails
 
 from sdl.csvfiles import READ_ERRORS, open_text
 from sdl.exceptions import CampaignConfigError
@@ -61,6 +62,7 @@ __all__ = [
     "Instrument",
     "IntegerParameter",
     "ObjectiveSpec",
+    "OutcomeConstraint",
     "PhaseIdentification",
     "PoolGeneration",
     "RandomModel",
@@ -330,6 +332,48 @@ class ObjectiveSpec(_Frozen):
         return target_range
 
 
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.\-]*)\s*(>=|<=)\s*([-+0-9.eE]+)\s*$")
+
+
+class OutcomeConstraint(_Frozen):
+    """A measured property that must stay on one side of a bound (``gap >= 1.5``), whatever is optimised.
+
+    Written in YAML as the string ``"gap_gllbsc >= 1.5"`` or as ``{property, op, value}``.
+    """
+
+    property: str = Field(min_length=1, description="Name of the measured property, e.g. 'gap_gllbsc'.")
+    op: Literal[">=", "<="] = Field(description="'>=' (at least `value`) or '<=' (at most `value`).")
+    value: float = Field(description="The bound, in the property's unit.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        if not isinstance(data, str):
+            return data
+        match = _CONSTRAINT.match(data)
+        if match is None:
+            raise ValueError(f"constraint {data!r} must look like 'PROPERTY >= NUMBER' or 'PROPERTY <= NUMBER'")
+        try:
+            value = float(match.group(3))
+        except ValueError:
+            raise ValueError(f"constraint {data!r}: {match.group(3)!r} is not a number") from None
+        return {"property": match.group(1), "op": match.group(2), "value": value}
+
+    def __str__(self) -> str:
+        return f"{self.property} {self.op} {self.value:g}"
+
+
+_CONSTRAINT_SCHEMA: dict[str, Any] = {"anyOf": [
+    {"type": "string", "pattern": r"^\s*[A-Za-z_][A-Za-z0-9_.\-]*\s*(>=|<=)\s*[-+0-9.eE]+\s*$",
+     "description": "'PROPERTY >= NUMBER' or 'PROPERTY <= NUMBER', e.g. 'gap_gllbsc >= 1.5'."},
+    {"type": "object", "additionalProperties": False, "required": ["property", "op", "value"],
+     "description": "The same, structured.",
+     "properties": {"property": {"type": "string", "description": "The measured property."},
+                    "op": {"enum": [">=", "<="], "description": "At least (>=) or at most (<=)."},
+                    "value": {"type": "number", "description": "The bound, in the property's unit."}}},
+]}
+
+
 class RandomOptions(_Frozen):
     """The random baseline has no options."""
 
@@ -476,7 +520,11 @@ class StoppingRules(_Frozen):
     goal_value: float | None = Field(
         default=None, description="Stop once a measured value reaches this (in the goal's direction)."
     )
-    patience: int | None = Field(default=None, ge=1, description="Stop after this many rounds without improvement.")
+    patience: int | None = Field(
+        default=None, ge=1,
+        description="Stop after this many rounds without improvement (with `objectives`: without a larger "
+        "hypervolume of the measured Pareto front).",
+    )
     min_expected_improvement: float | None = Field(
         default=None, ge=0.0, description="Stop when the best expected improvement falls below this."
     )
@@ -738,11 +786,33 @@ class Repository(_Frozen):
 class CampaignConfig(_Frozen):
     """A whole closed-loop campaign: what to search, what to optimise, with which model and lab."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "oneOf": [{"required": ["objective"]}, {"required": ["objectives"]}]})
+
     name: str = Field(pattern=_NAME_PATTERN, max_length=100, description="Campaign name (unique per repository).")
     description: str = Field(default="", description="Free text for humans.")
     seed: int = Field(default=0, description="Seed of every random choice, for reproducible campaigns.")
     search_space: SearchSpace = Field(description="Process parameters or a candidate pool.")
-    objective: ObjectiveSpec = Field(description="The property to optimise.")
+    objective: ObjectiveSpec = Field(  # type: ignore[assignment] # None only until _one_objective_form
+        default=None,
+        description="The property to optimise (or give `objectives`, a list, for several; exactly one of the two).",
+    )
+    objectives: list[ObjectiveSpec] | None = Field(
+        default=None, min_length=1, validate_default=True,
+        description="Several properties optimised together (a Pareto front, qLogNEHVI); the first one is the "
+        "'primary' property that single-value views (best so far) show. Exclusive with `objective`.",
+    )
+    reference_point: list[float] | None = Field(
+        default=None,
+        description="With `objectives`: one value per objective, in its unit, the worst value still worth having "
+        "(for goal 'target': the largest acceptable distance from the range); the hypervolume is measured "
+        "from it. Default: inferred from the measurements (BoTorch infer_reference_point).",
+    )
+    constraints: list[Annotated[OutcomeConstraint, WithJsonSchema(_CONSTRAINT_SCHEMA)]] = Field(
+        default_factory=list,
+        description="With `objectives`: outcome constraints every wanted candidate meets, e.g. ['gap_gllbsc >= 1.5'] "
+        "or [{property: gap_gllbsc, op: '>=', value: 1.5}]; only feasible measurements count on the Pareto front.",
+    )
     model: ModelConfig = Field(description="Surrogate model: random, gp or gnn-ensemble, with its options.")
     acquisition: Acquisition = Field(default_factory=Acquisition, description="Acquisition function and batch size.")
     initial_design: InitialDesign = Field(
@@ -788,6 +858,87 @@ class CampaignConfig(_Frozen):
         """The YAML file this config was loaded from, if any."""
         return self._source
 
+    @model_validator(mode="before")
+    @classmethod
+    def _an_objective(cls, data: Any) -> Any:
+        """Neither ``objective`` nor ``objectives``: the one-objective form is what is missing."""
+        if isinstance(data, dict) and data.get("objective") is None and data.get("objectives") is None:
+            raise ValidationError.from_exception_data(
+                cls.__name__, [InitErrorDetails(type="missing", loc=("objective",), input=data)])
+        return data
+
+    @field_validator("objectives")
+    @classmethod
+    def _one_objective_form(
+        cls, objectives: list[ObjectiveSpec] | None, info: ValidationInfo
+    ) -> list[ObjectiveSpec] | None:
+        if "objective" not in info.data:
+            return objectives  # `objective` itself was invalid: that error is the one to report
+        given = info.data["objective"] is not None
+        if given == (objectives is not None):
+            got = "both" if given else "neither"
+            raise ValueError(f"give exactly one of 'objective' (one property) or 'objectives' (a list), got {got}")
+        if objectives is not None:
+            names = [o.property for o in objectives]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"each property may be one objective only, repeated: {repeated}")
+        return objectives
+
+    @field_validator("reference_point")
+    @classmethod
+    def _reference_point_per_objective(cls, point: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        if point is None:
+            return None
+        objectives = info.data.get("objectives")
+        if objectives is None:
+            raise ValueError("reference_point is used with 'objectives' (a list), not with one 'objective'")
+        if len(point) != len(objectives):
+            raise ValueError(f"needs one value per objective ({len(objectives)}: "
+                             f"{[o.property for o in objectives]}), got {len(point)}: {point}")
+        return point
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints_with_objectives(
+        cls, constraints: list[OutcomeConstraint], info: ValidationInfo
+    ) -> list[OutcomeConstraint]:
+        if constraints and info.data.get("objectives") is None and info.data.get("objective") is not None:
+            raise ValueError("constraints are used with 'objectives' (a list; one entry is fine), not with "
+                             "'objective'")
+        return constraints
+
+    @field_validator("stopping")
+    @classmethod
+    def _stopping_with_objectives(cls, stopping: StoppingRules, info: ValidationInfo) -> StoppingRules:
+        if info.data.get("objectives") is not None and len(info.data["objectives"]) > 1:
+            for name in ("goal_value", "min_expected_improvement"):
+                if getattr(stopping, name) is not None:
+                    raise ValueError(f"{name} needs one objective; with several, stop on the hypervolume "
+                                     "(patience) or the budget")
+        return stopping
+
+    @model_validator(mode="after")
+    def _primary_objective(self) -> CampaignConfig:
+        """With ``objectives``, ``objective`` is the first one (what single-value views show)."""
+        if self.objectives is not None:
+            object.__setattr__(self, "objective", self.objectives[0])
+        return self
+
+    @property
+    def all_objectives(self) -> list[ObjectiveSpec]:
+        """Every objective: the ``objectives`` list, or the one ``objective``."""
+        return list(self.objectives) if self.objectives is not None else [self.objective]
+
+    @property
+    def modelled_properties(self) -> list[str]:
+        """The properties the engine learns: each objective's, then each constrained one not already there."""
+        names = [o.property for o in self.all_objectives]
+        for constraint in self.constraints:
+            if constraint.property not in names:
+                names.append(constraint.property)
+        return names
+
     @field_validator("budget")
     @classmethod
     def _budget_covers_initial_design(cls, budget: Budget, info: ValidationInfo) -> Budget:
@@ -818,6 +969,12 @@ class CampaignConfig(_Frozen):
                 f"no characterization instrument measures the objective {objective.property!r} "
                 f"(measured: {sorted(measured)})"
             )
+        for what, items in (("objective", info.data.get("objectives") or []),
+                            ("constrained property", info.data.get("constraints") or [])):
+            for item in items:
+                if item.property not in measured:
+                    raise ValueError(f"no characterization instrument measures the {what} {item.property!r} "
+                                     f"(measured: {sorted(measured)})")
         space = info.data.get("search_space")
         crystals = space is not None and space.candidates is not None and space.candidates.structure_column
         for inst in instruments:
@@ -832,6 +989,11 @@ class CampaignConfig(_Frozen):
         Relative paths keep the snapshot (and the hash) the same wherever the project is checked out.
         """
         data = self.model_dump(mode="json")
+        if self.objectives is None:  # absent, as before several objectives existed: old hashes hold
+            for key in ("objectives", "reference_point", "constraints"):
+                data.pop(key, None)
+        else:
+            data.pop("objective", None)  # the first of `objectives`, not a field of its own
         if data["search_space"].get("generate", 0) is None:
             del data["search_space"]["generate"]  # absent, as before the option existed: old hashes hold
         if data.get("compute", 0) is None:

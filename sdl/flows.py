@@ -292,6 +292,10 @@ class _Monitor:
             "interrupted": self.lab.interrupted,
             "plots": {k: str(v) for k, v in report.plots.items()},
         }
+        if self.lab.cfg.objectives is not None:
+            from sdl.report.pareto import pareto_summary
+
+            summary.update(pareto_summary(self.lab))
         self.board.put(self.page.summary_card(state, report, rank))
         self.log.info("campaign %s %s (%s): best %s = %s, %s", self.name, state, self.lab.stop_reason,
                       self.lab.property, self.page.value(report.best_value), self.page.named(report.best_candidate))

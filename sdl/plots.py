@@ -23,6 +23,8 @@ __all__ = [
     "plot_parity",
     "plot_calibration",
     "png_data_url",
+    "plot_pareto_front",
+    "plot_hypervolume_curves",
 ]
 
 logger = logging.getLogger(__name__)
@@ -233,3 +235,66 @@ def png_data_url(path: str | Path) -> str:
 
     data = Path(path).read_bytes()
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def plot_pareto_front(
+    Y: np.ndarray,
+    front: np.ndarray,
+    feasible: np.ndarray,
+    path: str | Path,
+    *,
+    labels: tuple[str, str],
+    title: str = "",
+    dpi: int = 120,
+) -> Path:
+    """Measured values of the first two objectives: the front (joined, in order), the rest, the infeasible.
+
+    Args:
+        Y: ``n x 2`` raw values of the two properties shown.
+        front: ``[n]`` True on the Pareto front.
+        feasible: ``[n]`` True where every constraint is met.
+        labels: Axis labels (property and unit).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    rest = feasible & ~front
+    ax.scatter(Y[rest, 0], Y[rest, 1], s=18, color="0.55", label=f"feasible ({int(rest.sum())})")
+    if (~feasible).any():
+        ax.scatter(Y[~feasible, 0], Y[~feasible, 1], s=18, marker="x", color="tab:orange",
+                   label=f"violates a constraint ({int((~feasible).sum())})")
+    if front.any():
+        order = np.argsort(Y[front, 0], kind="stable")
+        ax.plot(Y[front, 0][order], Y[front, 1][order], "-o", color="tab:red", ms=5,
+                label=f"Pareto front ({int(front.sum())})")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path, dpi)
+
+
+def plot_hypervolume_curves(
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | Path,
+    *,
+    title: str = "",
+    dpi: int = 120,
+) -> Path:
+    """Median hypervolume (IQR shaded) per strategy after each experiment; 1 = the pool's whole front."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, c in curves.items():
+        x = np.arange(1, len(c["median"]) + 1)
+        line = ax.plot(x, c["median"], label=name, color="0.4" if name == "random" else None,
+                       ls="--" if name == "random" else "-")[0]
+        ax.fill_between(x, c["q25"], c["q75"], alpha=0.2, color=line.get_color())
+    ax.set_xlabel("experiments")
+    ax.set_ylabel("hypervolume / pool front's")
+    ax.set_ylim(0, 1.02)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path, dpi)

@@ -260,7 +260,8 @@ def test_campaign_without_instruments_validates() -> None:
 def test_json_schema_has_descriptions_everywhere() -> None:
     schema = campaign_json_schema()
     assert schema["$schema"].startswith("https://json-schema.org/")
-    assert set(schema["required"]) >= {"name", "objective", "search_space", "model", "budget"}
+    assert set(schema["required"]) >= {"name", "search_space", "model", "budget"}
+    assert schema["oneOf"] == [{"required": ["objective"]}, {"required": ["objectives"]}]  # one or several
     undocumented = [
         f"{model}.{name}"
         for model, body in [("CampaignConfig", schema), *schema["$defs"].items()]

@@ -36,8 +36,10 @@ def _from_campaign(campaign: Path, work_dir: Path) -> tuple[Any, Any]:
     cfg = load_campaign(campaign)
     goal = str(cfg.objective.goal)
     if goal not in ("maximize", "minimize"):
+        where = "objectives[0].goal" if cfg.objectives is not None else "objective.goal"
         raise bmk.BenchmarkError(
-            f"{campaign}: objective.goal {goal!r} is not supported by benchmarks (use maximize or minimize)"
+            f"{campaign}: {where} {goal!r} is not supported by benchmarks (use maximize or minimize"
+            + (", or list a target objective after the first)" if cfg.objectives is not None else ")")
         )
     target = cfg.objective.property
     cand = cfg.search_space.candidates
@@ -67,6 +69,10 @@ def _from_campaign(campaign: Path, work_dir: Path) -> tuple[Any, Any]:
                 f"with a world that measures {target!r}"
             )
         ds = bmk.load_table_dataset(worlds[0], target, goal, params, work_dir=work_dir)
+    if cfg.objectives is not None:
+        from sdl.benchmark_pareto import attach_objectives
+
+        attach_objectives(ds, cfg, ds.source)
     return ds, cfg
 
 
@@ -236,8 +242,9 @@ def register(app: typer.Typer) -> None:
             if compute is not None:
                 compute.close()
 
+        top = ("true Pareto front" if "objectives" in results else f"top {results['top_fraction'] * 100:g} %")
         table = Table(
-            title=f"{ds.name}: top {results['top_fraction'] * 100:g} % = {results['n_top']} of {results['pool_size']} "
+            title=f"{ds.name}: {top} = {results['n_top']} of {results['pool_size']} "
             f"(median [IQR] over {len(seed_list)} seeds)"
         )
         headers = (
@@ -262,6 +269,11 @@ def register(app: typer.Typer) -> None:
             f"{half['1']['random_expected']:.1f} to 100 %"
         )
         console.print(table)
+        if "objectives" in results:
+            for name, s in results["strategies"].items():
+                at = ", ".join(f"{k}: {v:.3f}" for k, v in s["summary"]["hypervolume_at"].items())
+                console.print(f"  hypervolume / pool front's, median over seeds after k experiments, {name}: {at}",
+                              highlight=False)
         if not results["initial_designs_identical"]:
             console.print("[yellow]warning:[/] strategies did not start from the same initial designs", highlight=False)
         console.print(f"wrote {paths['results']} and {len(paths) - 1} plot(s) in {out}", highlight=False)

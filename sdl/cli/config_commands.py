@@ -45,9 +45,13 @@ def validate(
         else:
             count = len(cfg.search_space.parameters or [])
             space = f"{count} parameter{'s' if count != 1 else ''}"
+        goals = " and ".join(f"{o.goal} {o.property}" for o in cfg.all_objectives)
+        if cfg.constraints:
+            goals += f" with {', '.join(map(str, cfg.constraints))}"
+        function = cfg.acquisition.function if cfg.objectives is None or len(cfg.objectives) == 1 else "qlognehvi"
         summary = (
-            f"{file}: campaign {cfg.name!r}, {space}, {cfg.objective.goal} {cfg.objective.property}, "
-            f"model {cfg.model.name}, {cfg.acquisition.function} q={cfg.acquisition.batch_size}, "
+            f"{file}: campaign {cfg.name!r}, {space}, {goals}, "
+            f"model {cfg.model.name}, {function} q={cfg.acquisition.batch_size}, "
             f"budget {cfg.budget.experiments}, {len(cfg.instruments)} instruments, hash {cfg.config_hash()[:12]}"
         )
         if missing:

@@ -336,6 +336,13 @@ def _print_summary(console: Any, cfg: Any, summary: dict[str, Any]) -> None:
         rank, size = summary["best_world_rank"]
         for line in rank_against_random(rank, size, counts.get("completed", 0)):
             console.print(f"  {line}", highlight=False)
+    if "pareto_front" in summary:  # several objectives: the measured front, not one best value
+        front = summary["pareto_front"]
+        console.print(f"  Pareto front:        {len(front)} measured candidate(s), hypervolume "
+                      f"{summary['hypervolume']:.4g}", highlight=False)
+        for row in front[:10]:
+            values = ", ".join(f"{k} = {v:.4g}" for k, v in row.items() if k not in ("candidate", "experiment"))
+            console.print(f"    {row['candidate']}: {values}", highlight=False)
     for what, path in summary.get("plots", {}).items():
         console.print(f"  plot {what}: {path}", highlight=False)
 

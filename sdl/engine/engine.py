@@ -94,11 +94,13 @@ class Observation:
         key: Candidate id (pool) or ``ParameterSpace.key_of`` string (space).
         params: The recipe (needed in space mode when the key is not canonical).
         value: Raw measured value of the property.
+        values: The other properties measured on the same sample (several objectives, constraints).
     """
 
     key: str
     params: Mapping[str, Any] = field(default_factory=dict)
     value: float = math.nan
+    values: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -590,8 +592,13 @@ class Engine:
 
         ``cfg.model`` becomes a surrogate by :func:`build_surrogate`, ``cfg.acquisition`` a
         selection rule by :func:`build_selection`; ``cfg.compute`` (or ``SDL_DASK_ADDRESS``, which
-        wins) a Dask cluster, unless ``compute`` is passed.
+        wins) a Dask cluster, unless ``compute`` is passed. A campaign with ``objectives:`` gets a
+        :class:`sdl.engine.multi_objective.MultiObjectiveEngine`.
         """
+        if _get(cfg, "objectives") is not None and cls is Engine:
+            from sdl.engine.multi_objective import MultiObjectiveEngine
+
+            return MultiObjectiveEngine.from_campaign(cfg, **kwargs)
         if "compute" not in kwargs:
             from sdl.engine.distributed import compute_from_config
             from sdl.settings import settings

@@ -246,6 +246,7 @@ class Lab:
         self.state_dir = Path(state_dir) if state_dir else Path.cwd() / "sdl-runs" / cfg.name
         self.objective = Objective.from_any(cfg.objective)
         self.property = cfg.objective.property
+        self.properties = cfg.modelled_properties  # the objectives', then constrained ones (one: the objective)
         self.max_measure_attempts = max_measure_attempts
         self.amend = amend
         # No second schema check: the RunEngine composes every document with event_model, which
@@ -256,7 +257,7 @@ class Lab:
             budget=self.budget, batch_size=int(cfg.acquisition.batch_size), mode=cfg.acquisition.mode,
             goal_value=cfg.stopping.goal_value, patience=cfg.stopping.patience,
             max_failures=cfg.budget.max_failures, max_abandoned=cfg.budget.max_abandoned,
-        ))
+        ), improvement=self._pareto_progress())
         self.guard = OutageGuard({i.name: i.outage_window_s for i in cfg.instruments}, on_change=self._outage_event)
         self.pool.guard = self.guard
         self._engine_lock = threading.Lock()
@@ -335,9 +336,13 @@ class Lab:
             if restored:
                 logger.info("campaign %r: %d generated candidates back in the pool", self.cfg.name, restored)
         observations = self.store.observations(self.campaign_id, self.property)
+        others = {p: {o.experiment_id: o.value for o in self.store.observations(self.campaign_id, p)}
+                  for p in self.properties[1:]}
         if observations:
             self.engine.observe(
-                [Observation(key=o.candidate_key, params=o.params, value=o.value) for o in observations]
+                [Observation(key=o.candidate_key, params=o.params, value=o.value,
+                             values={p: v[o.experiment_id] for p, v in others.items() if o.experiment_id in v})
+                 for o in observations]
             )
         experiments = self.store.experiments(self.campaign_id)  # read after the values: never a value twice
         self.ledger.load(((e.id, e.candidate_key, e.state) for e in experiments),
@@ -468,7 +473,7 @@ class Lab:
                     continue
                 with self._engine_lock:
                     self.engine.observe([Observation(key=record.candidate_key, params=dict(record.params or {}),
-                                                     value=value)])
+                                                     value=value, values=self.other_values(record.id))])
             self.ledger.ended(record.id, record.state, from_state=entry.state, candidate_key=record.candidate_key,
                               value=value)
             self.event("experiment.learnt", f"experiment {record.id} ({record.candidate_key}) {record.state} by hand"
@@ -893,13 +898,33 @@ class Lab:
                   if m.property == self.property and m.quality == "ok"]
         return sum(values) / len(values) if values else None
 
+    def other_values(self, experiment_id: int) -> dict[str, float]:
+        """Mean ``ok`` measurement of each other modelled property (several objectives, constraints)."""
+        if len(self.properties) == 1:
+            return {}
+        found: dict[str, list[float]] = {}
+        for m in self.store.measurements(experiment_id=experiment_id):
+            if m.property in self.properties[1:] and m.quality == "ok":
+                found.setdefault(m.property, []).append(m.value)
+        return {p: sum(v) / len(v) for p, v in found.items()}
+
+    def _pareto_progress(self) -> Callable[[int, float], bool] | None:
+        """Several objectives: ``patience`` counts experiments since the measured front grew."""
+        if self.cfg.objectives is None:
+            return None
+        from sdl.engine.pareto import MultiObjective
+        from sdl.lab.pareto import progress_for
+
+        return progress_for(MultiObjective.from_campaign(self.cfg), self.store)
+
     def complete(self, ticket: Ticket, value: float) -> Outcome:
         """running → completed; the engine learns the value."""
         from sdl.engine import Observation
 
         self.store.complete_experiment(ticket.experiment_id)
         with self._engine_lock:
-            self.engine.observe([Observation(key=ticket.candidate_key, params=ticket.params, value=value)])
+            self.engine.observe([Observation(key=ticket.candidate_key, params=ticket.params, value=value,
+                                             values=self.other_values(ticket.experiment_id))])
         self.ledger.ended(ticket.experiment_id, "completed", from_state="running",
                           candidate_key=ticket.candidate_key, value=value)
         self._tickets.pop(ticket.experiment_id, None)

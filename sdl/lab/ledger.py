@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -108,9 +108,11 @@ class ExperimentLedger:
         policy: Budget, batching and stopping rules.
     """
 
-    def __init__(self, objective: Objective, policy: StoppingPolicy) -> None:
+    def __init__(self, objective: Objective, policy: StoppingPolicy,
+                 improvement: Callable[[int, float], bool] | None = None) -> None:
         self.objective = objective
         self.policy = policy
+        self.improvement = improvement  # (experiment id, value) -> progress? (several objectives: the front grew)
         self._lock = threading.RLock()
         self._tally = _Tally()
         self._inflight: dict[int, LedgerEntry] = {}
@@ -305,8 +307,10 @@ class ExperimentLedger:
     def _record_value(self, experiment_id: int, value: float) -> None:
         tally = self._tally
         tally.values.append((experiment_id, value))
-        if self.objective.is_better(value, tally.best_value):
+        better = self.objective.is_better(value, tally.best_value)
+        if better:
             tally.best_value = value
+        if better if self.improvement is None else self.improvement(experiment_id, value):
             tally.since_improvement = 0
         else:
             tally.since_improvement += 1

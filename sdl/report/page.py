@@ -170,6 +170,10 @@ class CampaignPage:
             cards.append(Card("best-candidates", f"Best candidates, round {report.round} — {self.name} "
                               f"(by {self.label}, {self.lab.objective.goal})",
                               table=self._top_rows(report)))
+        if self.lab.cfg.objectives is not None:
+            from sdl.report.pareto import pareto_cards
+
+            cards += pareto_cards(self, report)
         return cards
 
     def _headline(self, report: RoundReport) -> list[str]:
