@@ -325,6 +325,8 @@ class Lab:
                 [Observation(key=o.candidate_key, params=o.params, value=o.value) for o in observations]
             )
         experiments = self.store.experiments(self.campaign_id)  # read after the values: never a value twice
+        self._learn_failures([e.candidate_key for e in experiments
+                              if e.state == "failed" and e.failure_kind == "material"])
         self.ledger.load(((e.id, e.candidate_key, e.state) for e in experiments),
                          ((o.experiment_id, o.value) for o in observations))
         for e in experiments:  # a person's experiments in flight: tracked now, so any later tell is learnt
@@ -454,6 +456,8 @@ class Lab:
                 with self._engine_lock:
                     self.engine.observe([Observation(key=record.candidate_key, params=dict(record.params or {}),
                                                      value=value)])
+            elif record.state == "failed" and record.failure_kind == "material":
+                self._learn_failures([record.candidate_key])
             self.ledger.ended(record.id, record.state, from_state=entry.state, candidate_key=record.candidate_key,
                               value=value)
             self.event("experiment.learnt", f"experiment {record.id} ({record.candidate_key}) {record.state} by hand"
@@ -870,8 +874,16 @@ class Lab:
         self.notify()
         return Outcome(ticket, "completed", value)
 
+    def _learn_failures(self, keys: list[str]) -> None:
+        """Material failures teach the engine's feasibility model (pool campaigns; a space has none yet)."""
+        if not keys or self.engine.pool is None:
+            return
+        with self._engine_lock:
+            self.engine.observe_failures([k for k in keys if k in self.engine.pool])
+
     def _fail(self, ticket: Ticket, reason: str) -> Outcome:
         self.store.fail_experiment(ticket.experiment_id, reason=reason, kind="material")
+        self._learn_failures([ticket.candidate_key])
         self.ledger.ended(ticket.experiment_id, "failed", from_state="running", candidate_key=ticket.candidate_key)
         self._tickets.pop(ticket.experiment_id, None)
         self.notify()
