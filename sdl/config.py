@@ -521,7 +521,7 @@ class ToleranceFactorFailures(_Frozen):
     """
 
     low: float = Field(default=0.8, gt=0.0, description="Smallest tolerance factor that forms a perovskite.")
-    high: float = Field(default=1.0, gt=0.0, description="Largest tolerance factor that forms a perovskite.")
+    high: float = Field(default=1.07, gt=0.0, description="Largest tolerance factor that forms a perovskite.")
     unjudged: Literal["succeed", "fail"] = Field(
         default="succeed",
         description="A candidate without a charge-balanced assignment of known oxidation states with Shannon "

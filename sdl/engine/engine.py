@@ -331,7 +331,7 @@ class AcquisitionSelection(Selection):
 
             log_p = r.log_p_success[torch.as_tensor(short)]
             kind = weigh_kind(self.function)
-            floor = float(r.objective.utility(r.y).min())
+            floor = float(r.objective.utility(r.y).max())
 
             def transform(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
                 return weigh(values, log_p[rows], kind, floor)

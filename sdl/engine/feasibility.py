@@ -8,9 +8,10 @@ acquisition becomes the expected acquisition of an experiment that may fail:
 
 * log acquisitions (qLogEI, qLogNEI): ``log a(x) + log P(x)`` (EI times P, in log space);
 * max-variance: ``a(x) · P(x)`` (a non-negative value);
-* qUCB and Thompson draws (utilities of either sign): ``u_fail + P(x) · max(a(x) - u_fail, 0)``,
-  the expected value when a failure is worth ``u_fail``, the worst utility measured so far (a
-  failed synthesis teaches nothing about the objective and finds nothing).
+* qUCB (values of either sign): ``u* + P(x) · max(a(x) - u*, 0)`` with ``u*`` the best utility
+  measured so far: the optimistic improvement over the incumbent times P, i.e. the expected value
+  when a failure is worth the incumbent (a failed synthesis finds nothing). A floor at the worst
+  utility instead made P dominate every ranking (measured: half the discovery of the blind model).
 
 The classifier is a GP classifier (GPyTorch variational GP, Bernoulli likelihood with a probit
 link, inducing points at the training inputs): a constant mean for the base rate and a Matérn-5/2
@@ -57,7 +58,7 @@ def weigh(values: torch.Tensor, log_p: torch.Tensor, kind: WeighKind, floor: flo
         log_p: ``[n]`` log P(success) of the same candidates.
         kind: ``log`` (values are log acquisitions), ``product`` (non-negative values) or
             ``shifted`` (values of either sign, a failure worth ``floor``).
-        floor: The value of a failure for ``shifted``.
+        floor: The value of a failure for ``shifted`` (the incumbent's utility).
     """
     if kind == "log":
         return values + log_p
@@ -75,7 +76,7 @@ class GPClassifier:
         max_inducing: Inducing points (the training inputs; a seeded subset beyond this many).
     """
 
-    def __init__(self, seed: int = 0, iterations: int = 150, max_inducing: int = 256) -> None:
+    def __init__(self, seed: int = 0, iterations: int = 60, max_inducing: int = 256) -> None:
         self.seed = int(seed)
         self.iterations = int(iterations)
         self.max_inducing = int(max_inducing)

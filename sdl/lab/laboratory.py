@@ -619,6 +619,7 @@ class Lab:
                     "acquisition_value": p.acquisition_value,
                     "predicted_mean": p.predicted_mean, "predicted_std": p.predicted_std,
                     "batch_id": p.batch_id, "strategy": p.strategy,
+                    **({"p_success": p.p_success} if p.p_success is not None else {}),
                     **({"source": HANDS, "asked_by": asked_by} if asked_by is not None else {}),
                 },
             )
