@@ -41,6 +41,7 @@ __all__ = [
     "load_table_dataset",
     "load_crystal_dataset",
     "parse_strategies",
+    "apply_synthesis_rule",
     "replay",
     "run_benchmark",
     "write_outputs",
@@ -75,6 +76,10 @@ class BenchmarkDataset:
         structure_column: Crystal mode: the CIF column.
         n_rows: Rows in the source file (after dropping rows with a missing target).
         extensive: The target scales with the crystal's cell (``objective.extensive``).
+        feasible: ``[N]`` whether the synthesis of each row succeeds (None: every one does); a
+            replay fails the others (one experiment spent, no value) and the top set is drawn from
+            the feasible rows only (:func:`apply_synthesis_rule`).
+        synthesis_rule: What decided ``feasible`` (its repr).
     """
 
     name: str
@@ -96,6 +101,8 @@ class BenchmarkDataset:
     objectives: Any = None  # several objectives: a sdl.engine.pareto.MultiObjective (sdl.benchmark_pareto)
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # the other properties' values per pool row
     extensive_by: dict[str, bool] = field(default_factory=dict)
+    feasible: np.ndarray | None = None
+    synthesis_rule: str | None = None
     _pool: Any = field(default=None, repr=False)
 
     def candidate_pool(self) -> Any:
@@ -153,6 +160,8 @@ class Strategy:
     model_config: Any = None
     acquisition_config: Any = None
     initial_strategy: str = "random"
+    feasibility: str | None = None
+    """``acquisition.feasibility`` override (``off`` for the feasibility-blind ``model:blind``)."""
 
 
 @dataclass
@@ -167,6 +176,7 @@ class ReplayRun:
     truth: list[float]
     wall_time_s: float
     propose_time_s: float
+    failed: list[bool] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,6 +353,29 @@ def load_crystal_dataset(
     )
 
 
+def apply_synthesis_rule(dataset: BenchmarkDataset, rule: Any) -> BenchmarkDataset:
+    """Mark the rows whose synthesis fails under ``rule`` (``judge_cif(cif).ok``, e.g.
+    :class:`simulators.synthesis_rules.ToleranceFactorRule`), as the simulated robot fails them.
+
+    Raises:
+        BenchmarkError: A table dataset (the rule judges crystals).
+    """
+    if dataset.mode != "crystal":
+        raise BenchmarkError(f"{dataset.source}: a synthesis rule judges crystal structures; this is a table")
+    texts = dataset.candidate_pool().structure_texts()
+    ok = []
+    for text in texts:
+        try:
+            ok.append(bool(rule.judge_cif(text).ok))
+        except ValueError:  # not a structure the rule judges: the robot makes it (see SimulatedInstruments)
+            ok.append(True)
+    dataset.feasible = np.asarray(ok, dtype=bool)
+    dataset.synthesis_rule = repr(rule)
+    logger.info("%s: %d of %d designs fail under %r", dataset.name, int((~dataset.feasible).sum()),
+                dataset.pool_size, rule)
+    return dataset
+
+
 # --------------------------------------------------------------------------------------------------
 # strategies and the engine
 
@@ -358,7 +391,10 @@ MODEL_DEFAULT_ACQUISITION = {"random": "qlognei", "gp": "qlognei", "gnn-ensemble
 
 
 def parse_strategies(spec: str | Sequence[str], default_acquisition: str | None = None) -> list[Strategy]:
-    """Parse ``"random,gp,gp:qucb,gnn-ensemble"`` into strategies (model[:acquisition]).
+    """Parse ``"random,gp,gp:qucb,gnn-ensemble,gnn-ensemble:blind"`` into strategies (model[:acquisition][:blind]).
+
+    ``blind`` turns the feasibility model off (``acquisition.feasibility: off``): failed syntheses
+    only leave the candidates, the baseline the feasibility model is measured against.
 
     Without ``default_acquisition`` each model gets the engine's recommended default
     (``qlognei`` for the GP, ``qucb`` for the GNN ensemble, see ``sdl.config.Acquisition``).
@@ -370,7 +406,14 @@ def parse_strategies(spec: str | Sequence[str], default_acquisition: str | None 
         raise BenchmarkError(f"unknown acquisition {default_acquisition!r}; choose from {', '.join(_ACQUISITIONS)}")
     out: list[Strategy] = []
     for item in items:
-        model, _, acq = item.partition(":")
+        model, _, rest = item.partition(":")
+        tags = [t for t in rest.split(":") if t] if rest else []
+        blind = "blind" in tags
+        acq = next((t for t in tags if t != "blind"), "")
+        if len([t for t in tags if t != "blind"]) > 1 or tags.count("blind") > 1:
+            raise BenchmarkError(f"strategy {item!r}: expected model[:acquisition][:blind]")
+        if blind and model == "random":
+            raise BenchmarkError(f"strategy {item!r}: random has no feasibility model to blind")
         if model not in _MODELS:
             raise BenchmarkError(
                 f"unknown strategy {item!r}; models are {', '.join(_MODELS)} (optionally model:acquisition)"
@@ -379,9 +422,10 @@ def parse_strategies(spec: str | Sequence[str], default_acquisition: str | None 
             raise BenchmarkError(f"unknown acquisition in strategy {item!r}; choose from {', '.join(_ACQUISITIONS)}")
         acquisition = acq or default_acquisition or MODEL_DEFAULT_ACQUISITION[model]
         label = model if (model == "random" or not acq) else f"{model}:{acq}"
+        label += ":blind" if blind else ""
         if any(s.label == label for s in out):
             raise BenchmarkError(f"strategy {label!r} listed twice")
-        out.append(Strategy(label=label, model=model, acquisition=acquisition))
+        out.append(Strategy(label=label, model=model, acquisition=acquisition, feasibility="off" if blind else None))
     return out
 
 
@@ -407,13 +451,15 @@ def default_engine_factory(
         )
     else:
         model = {"random": cfgmod.RandomModel, "gp": cfgmod.GPModel}[strategy.model](name=strategy.model)
+    feasibility = {"feasibility": strategy.feasibility} if strategy.feasibility is not None else {}
     if strategy.acquisition_config is not None:
         acquisition = strategy.acquisition_config.model_copy(
-            update={"function": strategy.acquisition, "batch_size": batch_size}
+            update={"function": strategy.acquisition, "batch_size": batch_size, **feasibility}
         )
     else:
         # The names are plain strings (checked by parse_strategies); the config models check them again.
-        acquisition = cfgmod.Acquisition.model_validate({"function": strategy.acquisition, "batch_size": batch_size})
+        acquisition = cfgmod.Acquisition.model_validate(
+            {"function": strategy.acquisition, "batch_size": batch_size, **feasibility})
     initial_design = cfgmod.InitialDesign.model_validate({"strategy": strategy.initial_strategy, "size": initial})
     if dataset.objectives is not None:
         from sdl.engine.multi_objective import MultiObjectiveEngine
@@ -457,6 +503,7 @@ def replay(
     keys: list[str] = []
     indices: list[int] = []
     measured: list[float] = []
+    failed: list[bool] = []
     seen: set[str] = set()
     t0 = time.perf_counter()
     t_prop = 0.0
@@ -468,6 +515,7 @@ def replay(
         if not proposals:
             raise BenchmarkError(f"{strategy.label} seed {seed}: engine proposed nothing after {len(keys)} experiments")
         obs = []
+        lost: list[str] = []
         for prop in proposals[:q]:
             key = str(prop.key)
             # Every proposal must be a pool row and new: the replay is meaningless otherwise.
@@ -476,14 +524,22 @@ def replay(
             if key in seen:
                 raise BenchmarkError(f"{strategy.label} seed {seed}: proposal {key!r} was already measured")
             i = index_of[key]
-            value = dataset.measure(i, seed)
             seen.add(key)
             keys.append(key)
             indices.append(i)
+            if dataset.feasible is not None and not dataset.feasible[i]:  # the synthesis fails: no value
+                failed.append(True)
+                measured.append(math.nan)
+                lost.append(key)
+                continue
+            value = dataset.measure(i, seed)
+            failed.append(False)
             measured.append(value)
             obs.append(Observation(key=key, params=dict(dataset.params[i]) if dataset.params else {}, value=value,
                                    values=dataset.measure_values(i)))
         engine.observe(obs)
+        if lost:
+            engine.observe_failures(lost)
     wall = time.perf_counter() - t0
     logger.info("%s seed %d: %d experiments in %.1f s", strategy.label, seed, len(keys), wall)
     return ReplayRun(
@@ -492,9 +548,10 @@ def replay(
         keys=keys,
         indices=indices,
         measured=measured,
-        truth=[float(dataset.truth[i]) for i in indices],
+        truth=[math.nan if f else float(dataset.truth[i]) for i, f in zip(indices, failed, strict=True)],
         wall_time_s=wall,
         propose_time_s=t_prop,
+        failed=failed,
     )
 
 
@@ -533,14 +590,19 @@ def run_benchmark(
     fractions = [top_fraction] + [
         f for f in (0.05, 0.01) if not math.isclose(f, top_fraction) and bm.top_count(n, f) >= 5
     ]
-    tops = {f: bm.top_set(dataset.truth, dataset.goal, f) for f in fractions}
+    # With a synthesis rule only what can be made can be found: the top set is drawn from the feasible rows.
+    rows = np.arange(n) if dataset.feasible is None else np.flatnonzero(dataset.feasible)
+    if rows.size < 2:
+        raise BenchmarkError(f"{dataset.source}: {rows.size} feasible design(s) under {dataset.synthesis_rule}")
+    reachable = dataset.truth[rows]
+    tops = {f: rows[bm.top_set(reachable, dataset.goal, f)] for f in fractions}
     pareto: tuple[np.ndarray, np.ndarray, float] | None = None
     if dataset.objectives is not None:  # the top set is the pool's true Pareto front
         from sdl.benchmark_pareto import pool_front
 
         pareto = pool_front(dataset)
         fractions, tops = [top_fraction], {top_fraction: pareto[0]}
-    best_in_pool = float(dataset.truth.max() if dataset.goal == "max" else dataset.truth.min())
+    best_in_pool = float(reachable.max() if dataset.goal == "max" else reachable.min())
 
     results: dict[str, Any] = {
         "schema": SCHEMA,
@@ -563,6 +625,8 @@ def run_benchmark(
         "initial": initial,
         "batch_size": batch_size,
         "best_in_pool": best_in_pool,
+        "synthesis_rule": dataset.synthesis_rule,
+        "n_infeasible": None if dataset.feasible is None else int((~dataset.feasible).sum()),
         "metric_definitions": {
             "recall": "top designs found / M after each experiment; "
             "top set = best ceil(top_fraction*N) by per-design mean",
@@ -572,6 +636,8 @@ def run_benchmark(
             "ef": "EF(i) = median recall(i) / (i/N) (analytic random)",
             "af": "AF = k(N+1)/(M+1) / median experiments to find k = ceil(level*M) (analytic random)",
             "best_so_far": "best per-design mean value among the designs measured so far",
+            "failures": "failed experiments (synthesis rule) per seed within the budget; each costs one "
+            "experiment and gives no value",
         },
         "strategies": {},
     }
@@ -625,7 +691,9 @@ def score_runs(
     top = tops[top_fraction]
     m = int(top.size)
     recalls = [bm.recall_curve(r.indices, top) for r in runs]
-    best = [bm.best_so_far(r.truth, dataset.goal) for r in runs]
+    # A failed experiment found nothing: it counts as the worst design of the pool in best-so-far.
+    worst = float(dataset.truth.min() if dataset.goal == "max" else dataset.truth.max())
+    best = [bm.best_so_far(np.nan_to_num(np.asarray(r.truth, dtype=float), nan=worst), dataset.goal) for r in runs]
     summary = bm.summarize_strategy(recalls, best, n, m)
     out: dict[str, Any] = {
         "model": strategy.model,
@@ -634,6 +702,8 @@ def score_runs(
         "experiments_to_half": [bm.experiments_to(c, 0.5, m) for c in recalls],
         "experiments_to_all": [bm.experiments_to(c, 1.0, m) for c in recalls],
         "best_so_far": [b.tolist() for b in best],
+        "failures": [int(sum(r.failed)) for r in runs],
+        "failures_median": float(np.median([sum(r.failed) for r in runs])) if runs else None,
         "keys": [r.keys for r in runs],
         "measured": [r.measured for r in runs],
         "wall_time_s": [r.wall_time_s for r in runs],
@@ -756,6 +826,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "ef_at_budget": s["summary"]["ef_median"][n_budget - 1],
                 "best_at_budget": s["summary"]["best_so_far_median"][n_budget - 1],
                 "seconds_per_seed": float(np.median(s["wall_time_s"])),
+                "failures": _fmt_stats(bm.median_iqr(s.get("failures") or [0])),
             }
         )
     return rows

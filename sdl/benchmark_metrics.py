@@ -111,7 +111,8 @@ def best_so_far(values: Sequence[float] | np.ndarray, goal: str) -> np.ndarray:
     arr = np.asarray(values, dtype=float)
     if arr.size == 0:
         return arr
-    return np.maximum.accumulate(arr) if _is_max(goal) else np.minimum.accumulate(arr)
+    # fmax/fmin skip NaN (a failed synthesis has no value) until the first real one.
+    return np.fmax.accumulate(arr) if _is_max(goal) else np.fmin.accumulate(arr)
 
 
 def random_expected_recall(i: int | np.ndarray, pool_size: int) -> np.ndarray | float:

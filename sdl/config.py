@@ -71,6 +71,7 @@ __all__ = [
     "RetrainPolicy",
     "SearchSpace",
     "SimulatorOptions",
+    "ToleranceFactorFailures",
     "StoppingRules",
     "campaign_json_schema",
     "expand_env_vars",
@@ -477,6 +478,13 @@ class Acquisition(_Frozen):
         "ended; asynchronous: propose one experiment whenever a robot is free, the others in flight as pending.",
     )
     beta: float = Field(default=2.0, gt=0.0, description="Exploration weight of qUCB (mean + sqrt(beta)·std).")
+    feasibility: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Unknown constraints: weight the acquisition by a classifier's probability that the synthesis "
+        "succeeds, learnt from the failed experiments (sdl.engine.feasibility). auto (default): once an experiment "
+        "failed, falling back to the plain acquisition when the classifier cannot be fitted; on: the same, but a "
+        "classifier that cannot be fitted is an error; off: failures only leave the candidates.",
+    )
     approval: Literal["none", "required"] = Field(
         default="none",
         description="none (default): proposals run at once; required: each proposed batch waits for a person "
@@ -552,6 +560,30 @@ class SimulatedFaults(_Frozen):
     drift: float = Field(default=0.0, ge=0.0, le=1.0, description="Probability of a drifted measurement.")
 
 
+class ToleranceFactorFailures(_Frozen):
+    """Synthesis failures by Goldschmidt's rule (``simulators.synthesis_rules.ToleranceFactorRule``).
+
+    A simulated robot on a crystal world fails the synthesis of an ABX3 perovskite whose tolerance
+    factor t = (r_A + r_X) / (sqrt(2) (r_B + r_X)) (Shannon radii, charge-balanced oxidation states)
+    lies outside [low, high]; ``sdl benchmark`` replays fail the same candidates.
+    """
+
+    low: float = Field(default=0.8, gt=0.0, description="Smallest tolerance factor that forms a perovskite.")
+    high: float = Field(default=1.07, gt=0.0, description="Largest tolerance factor that forms a perovskite.")
+    unjudged: Literal["succeed", "fail"] = Field(
+        default="succeed",
+        description="A candidate without a charge-balanced assignment of known oxidation states with Shannon "
+        "radii: succeed (left to the recorded data) or fail.",
+    )
+
+    @field_validator("high")
+    @classmethod
+    def _high_above_low(cls, high: float, info: ValidationInfo) -> float:
+        if "low" in info.data:
+            _check_bounds(info.data["low"], high, "low")
+        return high
+
+
 class SimulatorOptions(_Frozen):
     """How a simulated instrument behaves (used only with ``simulated: true``)."""
 
@@ -589,6 +621,11 @@ class SimulatorOptions(_Frozen):
     xrd_intensity_noise: float = Field(
         default=0.0, ge=0.0, le=1.0,
         description="Relative noise on each XRD reflection's intensity (seeded per sample), e.g. 0.05.",
+    )
+    tolerance_factor: ToleranceFactorFailures | None = Field(
+        default=None,
+        description="Synthesis robot on a crystal world: fail syntheses whose Goldschmidt tolerance factor is "
+        "outside [low, high] (a material failure: the experiment costs one and returns no value).",
     )
 
     @field_validator("impurity_phases")
@@ -716,6 +753,9 @@ class Instrument(_Frozen):
             if sim.impurity_rate > 0 and self.impurity_phases is None:
                 raise ValueError(f"instrument {self.name!r}: simulator.impurity_rate needs simulator.impurity_phases "
                                  "or phase_identification.competing_phases (the phases an impurity is drawn from)")
+        if sim.tolerance_factor is not None and self.role != "synthesis":
+            raise ValueError(f"instrument {self.name!r}: simulator.tolerance_factor decides whether a synthesis "
+                             "fails: set it on the synthesis instrument")
         return self
 
     @property

@@ -24,6 +24,7 @@ from typing import Any
 from devices.protocol import PROTOCOL_VERSION, Command, FrameError, format_busy, format_data, format_ok, seal
 from simulators.faults import FaultInjector
 from simulators.impurities import ImpurityModel, SamplePhases
+from simulators.synthesis_rules import ToleranceFactorRule
 from simulators.worlds import CrystalWorld, World, WorldError
 
 __all__ = ["Job", "Journal", "SimulatedInstruments", "SYNTH_SECONDS", "MEASURE_SECONDS"]
@@ -132,6 +133,8 @@ class SimulatedInstruments:
         measure_seconds: Unscaled measurement duration.
         impurities: Which phases each measured sample holds (crystal worlds only); its XRD
             pattern then comes from those phases. ``None``: every sample is its pure target.
+        synthesis_rule: A chemical rule that fails syntheses of some crystals (a material
+            failure, decided by the target alone); crystal worlds only.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class SimulatedInstruments:
         synth_seconds: float = SYNTH_SECONDS,
         measure_seconds: float = MEASURE_SECONDS,
         impurities: ImpurityModel | None = None,
+        synthesis_rule: ToleranceFactorRule | None = None,
     ) -> None:
         if time_scale < 0:
             raise ValueError(f"time_scale={time_scale} must be >= 0")
@@ -166,6 +170,9 @@ class SimulatedInstruments:
         if impurities is not None and not isinstance(world, CrystalWorld):
             raise ValueError(f"impurities need a crystal world, not {world.name}")
         self.impurities = impurities
+        if synthesis_rule is not None and not isinstance(world, CrystalWorld):
+            raise ValueError(f"a synthesis rule needs a crystal world, not {world.name}")
+        self.synthesis_rule = synthesis_rule
         self.jobs: dict[str, Job] = {}
         self._lock = threading.RLock()
         self._replay(self.journal.load())
@@ -231,6 +238,11 @@ class SimulatedInstruments:
                     self._log("failed", job, error=exc.message, failure="instrument")
                     job.state, job.error, job.failure, job.ended_at = "failed", exc.message, "instrument", now
                     return
+                reason = self._rule_failure(point)
+                if reason is not None:
+                    self._log("failed", job, error=reason, failure="material")
+                    job.state, job.error, job.failure, job.ended_at = "failed", reason, "material", now
+                    return
                 result = {"sample": {"id": f"sample-{job.job_id}", "key": point.key}, "note": point.note}
                 self._log("finished", job, result=result)
                 job.state, job.result = "done", result
@@ -264,6 +276,17 @@ class SimulatedInstruments:
             self._log("finished", job, result=measured, **extra)  # the truth stays in the instrument log
             job.state, job.result = "done", measured
         job.ended_at = now
+
+    def _rule_failure(self, point: Any) -> str | None:
+        """Why the synthesis rule fails this target (None: it forms)."""
+        if self.synthesis_rule is None or not isinstance(self.world, CrystalWorld):
+            return None
+        try:
+            verdict = self.synthesis_rule.judge_cif(self.world.cif(point))
+        except ValueError as exc:  # not an ABX3 perovskite: the rule has nothing to say
+            logger.info("synthesis rule cannot judge %s: %s", point.key, exc)
+            return None
+        return verdict.reason
 
     # -- commands -------------------------------------------------------------------------
     def handle(self, cmd: Command) -> list[bytes]:

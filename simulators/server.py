@@ -27,6 +27,7 @@ from devices.protocol import MAX_LINE, FrameError, format_busy, format_err, pars
 from simulators.faults import FaultInjector, FaultRates
 from simulators.impurities import ImpurityModel
 from simulators.instruments import MEASURE_SECONDS, SYNTH_SECONDS, Journal, SimulatedInstruments
+from simulators.synthesis_rules import ToleranceFactorRule
 from simulators.worlds import CrystalWorld, World, WorldError, load_world
 
 __all__ = [
@@ -70,6 +71,8 @@ class ServerOptions:
     impurity_phases: Path | None = None
     xrd_strain: float = 0.0
     xrd_intensity_noise: float = 0.0
+    tolerance_factor: tuple[float, float] | None = None
+    tolerance_unjudged: str = "succeed"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest isotropic lattice strain of a measured sample (e.g. 0.005)")
     p.add_argument("--xrd-intensity-noise", type=float, default=0.0, metavar="SD",
                    help="relative noise on each XRD reflection's intensity (e.g. 0.05)")
+    p.add_argument("--tolerance-factor", default=None, metavar="LOW,HIGH",
+                   help="crystal world robot: fail syntheses whose Goldschmidt tolerance factor is outside [LOW, HIGH]")
+    p.add_argument("--tolerance-unjudged", choices=["succeed", "fail"], default="succeed",
+                   help="with --tolerance-factor: fate of a candidate without charge-balanced radii")
     for name in ("timeout", "garbled", "drop", "busy", "failed-synthesis", "drift"):
         p.add_argument(f"--fault-{name}", type=float, default=0.0, metavar="RATE",
                        help=f"probability of a {name} fault")
@@ -145,7 +152,33 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         impurity_phases=args.impurity_phases,
         xrd_strain=args.xrd_strain,
         xrd_intensity_noise=args.xrd_intensity_noise,
+        tolerance_factor=_window(args.tolerance_factor),
+        tolerance_unjudged=args.tolerance_unjudged,
     )
+
+
+def _window(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--tolerance-factor: expected LOW,HIGH, got {text!r}") from None
+    return low, high
+
+
+def build_synthesis_rule(options: ServerOptions, world: World) -> ToleranceFactorRule | None:
+    """The robot's synthesis-failure rule, or None when no option asks for one.
+
+    Raises:
+        ValueError: A rule on a world without crystal structures, or a bad window.
+    """
+    if options.tolerance_factor is None:
+        return None
+    if not isinstance(world, CrystalWorld):
+        raise ValueError(f"--tolerance-factor needs a crystal world (id, cif columns), not {world.name}")
+    low, high = options.tolerance_factor
+    return ToleranceFactorRule(low, high, unjudged=options.tolerance_unjudged)  # type: ignore[arg-type]
 
 
 def build_impurities(options: ServerOptions, world: World) -> ImpurityModel | None:
@@ -178,6 +211,7 @@ def build_lab(options: ServerOptions) -> SimulatedInstruments:
     world = load_world(options.world, properties=options.properties, off_table=options.off_table)  # type: ignore[arg-type]
     instruments = frozenset({"robot", "station"} if options.instrument == "both" else {options.instrument})
     impurities = build_impurities(options, world) if "station" in instruments else None
+    rule = build_synthesis_rule(options, world) if "robot" in instruments else None
     return SimulatedInstruments(
         world,
         instruments=instruments,
@@ -191,6 +225,7 @@ def build_lab(options: ServerOptions) -> SimulatedInstruments:
         synth_seconds=options.synth_seconds,
         measure_seconds=options.measure_seconds,
         impurities=impurities,
+        synthesis_rule=rule,
     )
 
 

@@ -73,6 +73,18 @@ def _from_campaign(campaign: Path, work_dir: Path) -> tuple[Any, Any]:
         from sdl.benchmark_pareto import attach_objectives
 
         attach_objectives(ds, cfg, ds.source)
+    rules = [i for i in cfg.instruments if i.role == "synthesis" and i.simulated
+             and i.simulator.tolerance_factor is not None]
+    if rules:
+        from simulators.synthesis_rules import ToleranceFactorRule
+
+        tf = rules[0].simulator.tolerance_factor
+        assert tf is not None
+        try:
+            bmk.apply_synthesis_rule(ds, ToleranceFactorRule(tf.low, tf.high, unjudged=tf.unjudged))
+        except bmk.BenchmarkError as exc:
+            raise bmk.BenchmarkError(f"{campaign}: instruments.{rules[0].name}.simulator.tolerance_factor: "
+                                     f"{exc}") from None
     return ds, cfg
 
 
@@ -84,6 +96,8 @@ def _campaign_strategies(cfg: Any, spec: str | None, acquisition: str | None) ->
 
     model = cfg.model.name
     default = "random" if model == "random" else f"random,{model}"
+    if model != "random" and _has_synthesis_rule(cfg):  # failures happen: measure the feasibility model
+        default += f",{model}:blind"
     strategies = bmk.parse_strategies(spec or default, acquisition or None)
     out = []
     for s in strategies:
@@ -95,10 +109,15 @@ def _campaign_strategies(cfg: Any, spec: str | None, acquisition: str | None) ->
         update: dict[str, Any] = {"initial_strategy": design, "acquisition_config": cfg.acquisition}
         if s.model == model:
             update["model_config"] = cfg.model
-            if acquisition is None and s.label == model:
+            if acquisition is None and s.label in (model, f"{model}:blind"):
                 update["acquisition"] = cfg.acquisition.function
         out.append(dataclasses.replace(s, **update))
     return out
+
+
+def _has_synthesis_rule(cfg: Any) -> bool:
+    return any(i.role == "synthesis" and i.simulated and i.simulator.tolerance_factor is not None
+               for i in cfg.instruments)
 
 
 def register(app: typer.Typer) -> None:
@@ -247,9 +266,12 @@ def register(app: typer.Typer) -> None:
             title=f"{ds.name}: {top} = {results['n_top']} of {results['pool_size']} "
             f"(median [IQR] over {len(seed_list)} seeds)"
         )
-        headers = (
+        headers: tuple[str, ...] = (
             "strategy", "exp. to 50 %", "AF 50 %", "exp. to 100 %", "AF 100 %", "recall@budget", "EF@budget", "s/seed"
         )
+        failures = results.get("synthesis_rule") is not None
+        if failures:
+            headers = (*headers, "failures")
         for col in headers:
             table.add_column(col, justify="left" if col == "strategy" else "right")
         for row in bmk.summary_rows(results):
@@ -262,7 +284,12 @@ def register(app: typer.Typer) -> None:
                 _f(row["recall_at_budget"]),
                 _f(row["ef_at_budget"]),
                 f"{row['seconds_per_seed']:.1f}",
+                *([row["failures"]] if failures else []),
             )
+        if failures:
+            console.print(f"synthesis rule {results['synthesis_rule']}: {results['n_infeasible']} of "
+                          f"{results['pool_size']} designs fail; the top set is drawn from the others",
+                          highlight=False)
         half = next(iter(results["strategies"].values()))["summary"]["levels"]
         table.caption = (
             f"random (analytic): {half['0.5']['random_expected']:.1f} experiments to 50 %, "

@@ -37,6 +37,10 @@ experiments in flight count); a proposal never repeats a measured, pending or ex
 q-batches are distinct; pending experiments enter the acquisition as ``X_pending``, excluded ones
 (failed, abandoned) only leave the candidates; the same state (seed, observations, pending,
 exclude) gives the same proposals; ``EngineError("pool exhausted ...")`` only when nothing is left.
+
+Failed syntheses (:meth:`Engine.observe_failures`) never reach the objective model; once there is
+one, a GP classifier on the surrogate's features (:mod:`sdl.engine.feasibility`) weights the
+acquisition by P(success) (``acquisition.feasibility``: ``auto``, the default, ``on`` or ``off``).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from sdl.engine.feasibility import FeasibilityMode, GPClassifier
 from sdl.engine.models.surrogate import (
     GP_HEAD_MAX_LABELS,
     GPSurrogate,
@@ -117,6 +122,8 @@ class Proposal:
             ``random-s<seed>`` for random picks).
         batch_id: Same for every proposal of one ``propose()`` call; reproducible.
         strategy: ``initial-design``, ``random``, ``gp`` or ``gnn-ensemble``.
+        p_success: The feasibility classifier's P(success) when it weighted the acquisition
+            (:mod:`sdl.engine.feasibility`), else None.
     """
 
     key: str
@@ -127,6 +134,7 @@ class Proposal:
     model_version: str
     batch_id: str
     strategy: str
+    p_success: float | None = None
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -157,6 +165,8 @@ class PoolRound:
         chunk_size: Rows per acquisition call.
         shortlist_rows: The shortlist already streamed out of the scored chunks (None: cut it
             from ``mean`` / ``std`` here).
+        log_p_success: ``[N]`` log P(success) per pool row from the feasibility classifier
+            (None: no failure yet, or feasibility off); the rule weighs its values with it.
     """
 
     avail: np.ndarray
@@ -172,6 +182,7 @@ class PoolRound:
     prefilter_k: int = 2048
     chunk_size: int = 4096
     shortlist_rows: np.ndarray | None = None
+    log_p_success: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -225,13 +236,18 @@ class Selection(ABC):
 
     def shortlist(self, r: PoolRound) -> np.ndarray:
         """The ``prefilter_k`` available rows with the best :meth:`shortlist_score` (all when fewer)."""
-        if r.shortlist_rows is not None:
+        if r.shortlist_rows is not None and r.log_p_success is None:  # streamed, and no feasibility to weigh in
             return r.shortlist_rows
         if r.avail.size <= r.prefilter_k:
             return r.avail
         assert r.mean is not None and r.std is not None
         a = torch.as_tensor(r.avail)
-        best = top_k_indices(self.shortlist_score(r.objective, r.mean[a], r.std[a]), r.prefilter_k)
+        score = self.shortlist_score(r.objective, r.mean[a], r.std[a])
+        if r.log_p_success is not None:
+            from sdl.engine.feasibility import weigh
+
+            score = weigh(score, r.log_p_success[a], "shifted", floor=float(score.min()))
+        best = top_k_indices(score, r.prefilter_k)
         short: np.ndarray = r.avail[best]
         return short
 
@@ -317,7 +333,19 @@ class AcquisitionSelection(Selection):
             X_pending=X_all[torch.as_tensor(r.pending_rows, dtype=torch.long)] if r.pending_rows else None,
             beta=self.beta, seed=r.seed,
         )
-        rows, values = greedy_select(acqf, X_all[torch.as_tensor(short)], r.q, chunk=r.chunk_size)
+        transform = None
+        if r.log_p_success is not None:
+            from sdl.engine.feasibility import weigh, weigh_kind
+
+            log_p = r.log_p_success[torch.as_tensor(short)]
+            kind = weigh_kind(self.function)
+            floor = float(r.objective.utility(r.y).max())
+
+            def transform(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                return weigh(values, log_p[rows], kind, floor)
+
+        rows, values = greedy_select(acqf, X_all[torch.as_tensor(short)], r.q, chunk=r.chunk_size,
+                                     transform=transform)
         return short[rows].tolist(), values
 
     def pick_recipes(self, r: SpaceRound) -> tuple[list[dict[str, Any]], list[float | None] | None]:
@@ -411,6 +439,13 @@ class RandomSelection(Selection):
     def pick_recipes(self, r: SpaceRound) -> tuple[list[dict[str, Any]], list[float | None] | None]:
         """Seeded uniform recipes, taken ones skipped."""
         return _fresh(r.space, r.space.sample(4 * r.q + len(r.taken), r.seed, "random"), r.taken, r.q), None
+
+
+def _feasibility_mode(value: Any) -> FeasibilityMode:
+    mode = str(value or "auto").lower()
+    if mode not in ("auto", "on", "off"):
+        raise EngineError(f"acquisition.feasibility: unknown {mode!r}; known: auto, on, off")
+    return mode  # type: ignore[return-value]
 
 
 def build_selection(acquisition: Any, surrogate: Surrogate, seed: int) -> Selection:
@@ -568,6 +603,12 @@ class Engine:
         self.batch_size = int(_get(acquisition, "batch_size", 1) or 1)
         self.beta = float(_get(acquisition, "beta", 2.0) or 2.0)
         self.selection: Selection = build_selection(acquisition, self.surrogate, self.seed)
+        self.feasibility: FeasibilityMode = _feasibility_mode(_get(acquisition, "feasibility", "auto"))
+        self.feasibility_model: GPClassifier | None = None
+        self._failed: list[str] = []
+        self._failed_index: list[int] = []  # pool row of each failure
+        self._feasibility_at: tuple[int, int] = (-1, -1)
+        self._feasibility_p: torch.Tensor | None = None
         self.design_size = int(_get(initial_design, "size", 8) or 0)
         self.design_method = str(_get(initial_design, "strategy", "sobol") or "sobol")
         self.retrain_every = max(1, int(retrain_every))
@@ -712,6 +753,62 @@ class Engine:
             self._measured.add(ob.key)
         logger.debug("observed %d new, %d total", len(new), len(self._obs))
 
+    def observe_failures(self, failed: Iterable[Any]) -> None:
+        """Learn from failed experiments (keys, recipes or Proposals): they never give the objective
+        model a value, they train the feasibility classifier (:mod:`sdl.engine.feasibility`) and are
+        never proposed again.
+
+        Raises:
+            EngineError: Unknown pool key, or a failure in space mode (pools only, for now).
+        """
+        if self.pool is None:
+            raise EngineError("observe_failures: the feasibility model works on candidate pools only")
+        new: list[tuple[str, int]] = []
+        for item in failed:
+            keys = self._keys([item])
+            for key in keys:
+                if key not in self.pool:
+                    raise EngineError(f"failed experiment {key!r}: unknown candidate key in {self.pool.source}")
+                new.append((key, self.pool.index_of(key)))
+        for key, row in new:
+            self._failed.append(key)
+            self._failed_index.append(row)
+        logger.debug("observed %d new failures, %d total", len(new), len(self._failed))
+
+    @property
+    def failed_keys(self) -> list[str]:
+        """Keys of the failed experiments, in order."""
+        return list(self._failed)
+
+    def _log_p_success(self) -> torch.Tensor | None:
+        """``[N]`` log P(success) per pool row, or None (no failure yet, feasibility off, or -- with
+        ``auto`` -- a classifier that cannot be fitted). Refitted when the experiments changed.
+
+        Raises:
+            EngineError: ``feasibility: on`` and the classifier cannot be fitted.
+        """
+        if self.feasibility == "off" or not self._failed or self.pool is None:
+            return None
+        state = (len(self._obs), len(self._failed))
+        if state != self._feasibility_at:
+            self._feasibility_at = state
+            self.feasibility_model = None
+            excluded = self.excluded
+            rows = [i for i in self._obs_index if self.pool.keys[i] not in excluded]
+            failed = [i for i in self._failed_index if self.pool.keys[i] not in excluded]
+            try:
+                X_all = self.surrogate.features()
+                labels = torch.tensor([1.0] * len(rows) + [0.0] * len(failed), dtype=torch.float64)
+                step("fitting the feasibility classifier on %d successes and %d failures", len(rows), len(failed))
+                self.feasibility_model = GPClassifier(seed=self.seed).fit(X_all[torch.as_tensor(rows + failed)],
+                                                                          labels)
+                self._feasibility_p = self.feasibility_model.log_probability(X_all)
+            except EngineError as exc:
+                if self.feasibility == "on":
+                    raise EngineError(f"acquisition.feasibility: on, but {exc}") from exc
+                logger.info("no feasibility weighting this round: %s", exc)
+        return self._feasibility_p if self.feasibility_model is not None else None
+
     def _space(self) -> ParameterSpace:
         if self.space is None:
             raise EngineError("the engine has a candidate pool without a parameter space")
@@ -830,7 +927,8 @@ class Engine:
 
     def _design_quota(self, q: int, pending: set[str], exclude: set[str]) -> int:
         """How many of ``q`` picks come from the design now (0: model picks); see :meth:`propose`."""
-        so_far = len(self._obs) + len(pending - self._measured) + len(exclude - self._measured)
+        failed = set(self._failed)
+        so_far = len(self._obs) + len(pending - self._measured) + len((exclude | failed) - self._measured - pending)
         if so_far < self.design_size:
             return min(q, self.design_size - so_far)
         if len(self._obs) < self.surrogate.min_observations:
@@ -885,7 +983,7 @@ class Engine:
         pool = self.pool
         assert pool is not None
         self.prepare()
-        taken = self._measured | pending | exclude | set(self.excluded)
+        taken = self._measured | pending | exclude | set(self.excluded) | set(self._failed)
         avail = np.array([i for i, k in enumerate(pool.keys) if k not in taken], dtype=np.int64)
         if avail.size == 0:
             raise EngineError(f"pool exhausted: all {len(pool)} candidates of {pool.source} are measured, pending "
@@ -894,7 +992,7 @@ class Engine:
             order = self._design_order_of(len(pool))
             design: list[int] = order[np.isin(order, avail)][:n_design].tolist()
             return self._make(design, None, None, None, DESIGN, pending, version=f"design-s{self.seed}")
-        mean = std = None
+        mean = std = log_p = None
         r = PoolRound(avail=avail, q=q, seed=state_seed, objective=self.objective, surrogate=self.surrogate,
                       prefilter_k=self.prefilter_k, chunk_size=self.chunk_size)
         if self.selection.needs_model:
@@ -903,15 +1001,18 @@ class Engine:
             scores = self.surrogate.score_pool(
                 avail, lambda m, s: selection.shortlist_score(objective, m, s), self.prefilter_k)
             mean, std = scores.mean, scores.std
+            log_p = self._log_p_success() if isinstance(self.selection, AcquisitionSelection) else None
             r = PoolRound(
                 avail=avail, q=q, seed=state_seed, objective=self.objective, surrogate=self.surrogate, mean=mean,
                 std=std, baseline_rows=sorted(set(self._obs_index)),
                 y=torch.tensor([o.value for o in self._obs], dtype=torch.float64),
                 pending_rows=sorted(pool.index_of(k) for k in pending if k in pool),
                 prefilter_k=self.prefilter_k, chunk_size=self.chunk_size, shortlist_rows=scores.shortlist,
+                log_p_success=log_p,
             )
         picks, values = self.selection.pick_rows(r)
-        return self._make(picks, values, mean, std, self.strategy, pending, version=self._proposal_version())
+        return self._make(picks, values, mean, std, self.strategy, pending, version=self._proposal_version(),
+                          log_p=log_p)
 
     def _proposal_version(self) -> str:
         return self.surrogate.version or f"{self.strategy}-s{self.seed}"
@@ -936,6 +1037,7 @@ class Engine:
         strategy: str,
         pending: set[str],
         version: str,
+        log_p: torch.Tensor | None = None,
     ) -> list[Proposal]:
         pool = self.pool
         assert pool is not None
@@ -948,6 +1050,7 @@ class Engine:
                 predicted_mean=None if mean is None else float(mean[i]),
                 predicted_std=None if std is None else float(std[i]),
                 model_version=version, batch_id=batch_id, strategy=strategy,
+                p_success=None if log_p is None else float(log_p[i].exp()),
             )
             for j, i in enumerate(picks)
         ]

@@ -13,6 +13,7 @@ acquisition, so the sequential-greedy cost does not grow with the pool.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -67,8 +68,14 @@ def _score(acqf: Any, X: torch.Tensor, chunk: int) -> torch.Tensor:
         return torch.cat([acqf(part) for part in torch.split(X.unsqueeze(-2), chunk)]).reshape(-1)
 
 
-def greedy_select(acqf: Any, choices: torch.Tensor, q: int, chunk: int = 4096) -> tuple[list[int], list[float]]:
+def greedy_select(
+    acqf: Any, choices: torch.Tensor, q: int, chunk: int = 4096,
+    transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[list[int], list[float]]:
     """Sequential greedy q-batch over ``choices`` (``n x d``), each pick joining ``X_pending``.
+
+    ``transform(values, rows)`` rewrites the acquisition values of the rows ``rows`` of ``choices``
+    before the arg-max (e.g. weighting by P(success), :func:`sdl.engine.feasibility.weigh`).
 
     Returns:
         Row numbers into ``choices`` (distinct, at most ``min(q, n)``) and their acquisition values.
@@ -82,6 +89,8 @@ def greedy_select(acqf: Any, choices: torch.Tensor, q: int, chunk: int = 4096) -
         for _ in range(min(q, n)):
             rows = alive.nonzero().reshape(-1)
             vals = _score(acqf, choices[rows], chunk)
+            if transform is not None:
+                vals = transform(vals, rows)
             vals = torch.where(torch.isnan(vals), torch.full_like(vals, -torch.inf), vals)
             j = int(torch.argmax(vals))
             best = int(rows[j])

@@ -345,6 +345,8 @@ class Lab:
                  for o in observations]
             )
         experiments = self.store.experiments(self.campaign_id)  # read after the values: never a value twice
+        self._learn_failures([e.candidate_key for e in experiments
+                              if e.state == "failed" and e.failure_kind == "material"])
         self.ledger.load(((e.id, e.candidate_key, e.state) for e in experiments),
                          ((o.experiment_id, o.value) for o in observations))
         for e in experiments:  # a person's experiments in flight: tracked now, so any later tell is learnt
@@ -474,6 +476,8 @@ class Lab:
                 with self._engine_lock:
                     self.engine.observe([Observation(key=record.candidate_key, params=dict(record.params or {}),
                                                      value=value, values=self.other_values(record.id))])
+            elif record.state == "failed" and record.failure_kind == "material":
+                self._learn_failures([record.candidate_key])
             self.ledger.ended(record.id, record.state, from_state=entry.state, candidate_key=record.candidate_key,
                               value=value)
             self.event("experiment.learnt", f"experiment {record.id} ({record.candidate_key}) {record.state} by hand"
@@ -645,6 +649,7 @@ class Lab:
                     "acquisition_value": p.acquisition_value,
                     "predicted_mean": p.predicted_mean, "predicted_std": p.predicted_std,
                     "batch_id": p.batch_id, "strategy": p.strategy,
+                    **({"p_success": p.p_success} if p.p_success is not None else {}),
                     **({"source": HANDS, "asked_by": asked_by} if asked_by is not None else {}),
                 },
             )
@@ -931,8 +936,16 @@ class Lab:
         self.notify()
         return Outcome(ticket, "completed", value)
 
+    def _learn_failures(self, keys: list[str]) -> None:
+        """Material failures teach the engine's feasibility model (pool campaigns; a space has none yet)."""
+        if not keys or self.engine.pool is None:
+            return
+        with self._engine_lock:
+            self.engine.observe_failures([k for k in keys if k in self.engine.pool])
+
     def _fail(self, ticket: Ticket, reason: str) -> Outcome:
         self.store.fail_experiment(ticket.experiment_id, reason=reason, kind="material")
+        self._learn_failures([ticket.candidate_key])
         self.ledger.ended(ticket.experiment_id, "failed", from_state="running", candidate_key=ticket.candidate_key)
         self._tickets.pop(ticket.experiment_id, None)
         self.notify()

@@ -93,6 +93,9 @@ class SimulatorFleet:
                         impurity_phases=inst.impurity_phases if sim.impurity_rate else None,
                         xrd_strain=sim.xrd_strain or None,
                         xrd_intensity_noise=sim.xrd_intensity_noise or None,
+                        tolerance_factor=(f"{sim.tolerance_factor.low},{sim.tolerance_factor.high}"
+                                          if sim.tolerance_factor is not None else None),
+                        tolerance_unjudged=sim.tolerance_factor.unjudged if sim.tolerance_factor is not None else None,
                         log_level="INFO",  # the log then lists every injected fault: an audit trail
                         log_path=log,
                     )

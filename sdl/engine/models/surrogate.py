@@ -251,6 +251,14 @@ class Surrogate(ABC):
         """``[N, d]`` per-row features the (GP) model reads, without the scale column."""
         raise EngineError(f"model {self.name}: has no per-candidate features")
 
+    def features(self) -> torch.Tensor:
+        """``[N, d]`` per-row features of the model (what a feasibility classifier learns from).
+
+        Raises:
+            EngineError: The model has none (a from-scratch ensemble learns its own).
+        """
+        return self._features()
+
     def inputs(self) -> torch.Tensor:
         """``[N, d]`` acquisition inputs, one row per pool candidate (after :meth:`fit`)."""
         from sdl.engine.models.pool_ensemble import PoolEnsembleModel
