@@ -78,12 +78,12 @@ def replay_single_fidelity(
 
 def replay_multifidelity(
     dataset: bmk.BenchmarkDataset, cfg: Any, seed: int, max_experiments: int, top: np.ndarray,
-    *, stop_at_half: bool = True, max_cost: float | None = None,
+    *, stop_at_half: bool = True, max_cost: float | None = None, **engine_options: Any,
 ) -> CostedRun:
     """Run :class:`~sdl.engine.multifidelity.MultiFidelityEngine` over the pool: compute, measure, account.
 
     Stops after ``max_experiments`` measurements, once ``max_cost`` is spent, or (``stop_at_half``)
-    once half the top set is measured.
+    once half the top set is measured. ``engine_options`` go to the engine (e.g. ``model_factory``).
     """
     from sdl.engine.fidelity import build_sources
     from sdl.engine.multifidelity import MultiFidelityEngine
@@ -93,7 +93,7 @@ def replay_multifidelity(
     engine = MultiFidelityEngine(
         objective=objective, model=cfg.model, acquisition=cfg.acquisition, seed=seed, pool=dataset.candidate_pool(),
         initial_design=cfg.initial_design, sources=build_sources(fid), measured_cost=fid.measured_cost,
-        compute_batch=fid.compute_batch,
+        compute_batch=fid.compute_batch, **engine_options,
     )
     return _replay(MULTI, engine, dataset, seed, max_experiments, top, float(fid.measured_cost),
                    stop_at_half=stop_at_half, max_cost=max_cost)

@@ -578,6 +578,9 @@ class Engine:
         ``cfg.model`` becomes a surrogate by :func:`build_surrogate`, ``cfg.acquisition`` a
         selection rule by :func:`build_selection`.
         """
+        if cls is Engine and _get(cfg, "fidelities") is not None:  # never run cheap sources as experiments
+            raise EngineError("fidelities: this engine cannot run computed sources; use "
+                              "sdl.engine.multifidelity.MultiFidelityEngine (sdl benchmark runs it)")
         ss = cfg.search_space
         space = ParameterSpace.from_config(ss.parameters) if _get(ss, "parameters") else None
         pool = CandidatePool.from_config(ss.candidates, space=space) if _get(ss, "candidates") else None

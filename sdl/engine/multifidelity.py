@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,8 @@ class MultiFidelityEngine(Engine):
         sources: The computed sources (:func:`sdl.engine.fidelity.build_sources`).
         measured_cost: Cost of one experiment (the unit the sources' costs are in).
         compute_batch: Most computations proposed per round.
+        model_factory: ``(bounds, n_tasks) -> MultiFidelityGP`` (default: its defaults), e.g. fewer
+            optimiser iterations.
         **kwargs: As :class:`~sdl.engine.engine.Engine`.
 
     Raises:
@@ -58,7 +60,7 @@ class MultiFidelityEngine(Engine):
 
     def __init__(
         self, *args: Any, sources: Sequence[ComputedSource], measured_cost: float = 1.0, compute_batch: int = 16,
-        **kwargs: Any,
+        model_factory: Callable[[torch.Tensor, int], MultiFidelityGP] = MultiFidelityGP, **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         if self.pool is None:
@@ -80,6 +82,7 @@ class MultiFidelityEngine(Engine):
         self._computed: list[dict[int, float]] = [{} for _ in self.sources]
         self._cost_computed = 0.0
         self._mf: MultiFidelityGP | None = None
+        self._model_factory = model_factory
         self._mf_data = (-1, -1)
         self._mf_version: str | None = None
 
@@ -234,7 +237,7 @@ class MultiFidelityEngine(Engine):
         X_all = self.surrogate.inputs()
         if self._mf is None:
             bounds = torch.stack([X_all.min(dim=0).values, X_all.max(dim=0).values])
-            self._mf = MultiFidelityGP(bounds, n_tasks=1 + len(self.sources))
+            self._mf = self._model_factory(bounds, 1 + len(self.sources))
         rows = list(self._obs_index)
         tasks = [0] * len(rows)
         values = [o.value for o in self._obs]
