@@ -53,6 +53,8 @@ __all__ = [
     "CategoricalParameter",
     "Compute",
     "ContinuousParameter",
+    "Fidelities",
+    "FidelitySource",
     "SimulatedFaults",
     "GNNEnsembleModel",
     "GNNEnsembleOptions",
@@ -492,6 +494,50 @@ class Acquisition(_Frozen):
     )
 
 
+class FidelitySource(_Frozen):
+    """A cheap source of the objective's property: a computation that runs without an instrument.
+
+    Its values are never counted as experiments; the multi-fidelity model learns how far they track
+    the measured property (:mod:`sdl.engine.fidelity`).
+    """
+
+    name: str = Field(pattern=_NAME_PATTERN, description="Source name, recorded with each computed value.")
+    kind: Literal["column", "pretrained"] = Field(
+        description="column: a computed column of the candidates table (e.g. another database's DFT value); "
+        "pretrained: the zero-shot prior of a pretrained backbone (CHGNet's energy per atom)."
+    )
+    column: str | None = Field(default=None, description="kind column: the column of search_space.candidates.file.")
+    backbone: str = Field(default="chgnet", description="kind pretrained: the backbone (as in model.options).")
+    cost: float = Field(gt=0.0, description="Cost of one computed value, in the units of fidelities.measured_cost.")
+
+    @model_validator(mode="after")
+    def _column_for_kind(self) -> FidelitySource:
+        if self.kind == "column" and not self.column:
+            raise ValueError(f"source {self.name!r}: kind 'column' needs column: <a column of the candidates>")
+        if self.kind != "column" and self.column is not None:
+            raise ValueError(f"source {self.name!r}: column is only used with kind 'column'")
+        return self
+
+
+class Fidelities(_Frozen):
+    """Cheap sources beside the measured property, each with a cost, for a cost-aware campaign."""
+
+    measured_cost: float = Field(gt=0.0, description="Cost of one measurement of the objective (an experiment).")
+    sources: list[FidelitySource] = Field(min_length=1, description="The computed sources and their costs.")
+    compute_batch: int = Field(
+        default=16, ge=1, le=10_000, description="Most computations proposed per round (they run at once)."
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, sources: list[FidelitySource]) -> list[FidelitySource]:
+        names = [s.name for s in sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1} | ({"measured"} & set(names)))
+        if duplicates:
+            raise ValueError(f"source names must be unique and not 'measured', got {duplicates}")
+        return sources
+
+
 class InitialDesign(_Frozen):
     """Experiments chosen without a model, before the first training round."""
 
@@ -861,6 +907,9 @@ class CampaignConfig(_Frozen):
     budget: Budget = Field(description="Maximum number of experiments and failures.")
     stopping: StoppingRules = Field(default_factory=StoppingRules, description="Optional early stopping rules.")
     retrain: RetrainPolicy = Field(default_factory=RetrainPolicy, description="When to retrain the model.")
+    fidelities: Fidelities | None = Field(
+        default=None, description="Cheap computed sources of the objective's property, with costs (multi-fidelity)."
+    )
     instruments: list[Instrument] = Field(
         default_factory=list,
         description="The lab: at least one synthesis and one characterization instrument, or none "
@@ -989,6 +1038,30 @@ class CampaignConfig(_Frozen):
             )
         return budget
 
+    @field_validator("fidelities")
+    @classmethod
+    def _fidelities_fit_the_pool(cls, fidelities: Fidelities | None, info: ValidationInfo) -> Fidelities | None:
+        if fidelities is None:
+            return None
+        space = info.data.get("search_space")
+        cand = space.candidates if space is not None else None
+        if cand is None:
+            raise ValueError("fidelities need a candidate pool (search_space.candidates): sources are per candidate")
+        header = _csv_header(cand.file) if cand.file.is_file() else None
+        for s in fidelities.sources:
+            if s.kind == "column" and header is not None and s.column not in header:
+                raise ValueError(f"source {s.name!r}: column {s.column!r} not in {cand.file.name}; its columns are "
+                                 f"{header}")
+            if s.kind == "pretrained" and cand.structure_column is None:
+                raise ValueError(f"source {s.name!r}: kind 'pretrained' needs candidates with a structure_column")
+        model = info.data.get("model")
+        if model is not None and model.name != "gp":
+            raise ValueError(f"fidelities need model gp (a multi-task GP over the sources), not {model.name!r}")
+        acquisition = info.data.get("acquisition")
+        if acquisition is not None and acquisition.function == "thompson":
+            raise ValueError("fidelities rank candidates by an acquisition value; thompson has none")
+        return fidelities
+
     @field_validator("instruments")
     @classmethod
     def _lab_is_complete(cls, instruments: list[Instrument], info: ValidationInfo) -> list[Instrument]:
@@ -1034,6 +1107,8 @@ class CampaignConfig(_Frozen):
                 data.pop(key, None)
         else:
             data.pop("objective", None)  # the first of `objectives`, not a field of its own
+        if data.get("fidelities", 0) is None:
+            del data["fidelities"]  # absent, as before the option existed: old hashes hold
         if data["search_space"].get("generate", 0) is None:
             del data["search_space"]["generate"]  # absent, as before the option existed: old hashes hold
         if data.get("compute", 0) is None:

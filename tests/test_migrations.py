@@ -15,7 +15,7 @@ from sdl.repository.store import alembic_config
 EXPECTED_TABLES = {
     "campaigns", "materials", "experiments", "samples", "measurements", "bluesky_runs",
     "bluesky_documents", "model_versions", "events", "campaign_leases", "sdl_alembic_version",
-    "campaign_controls", "approvals",
+    "campaign_controls", "approvals", "computed_values",
 }
 
 

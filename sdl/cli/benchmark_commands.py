@@ -200,6 +200,12 @@ def register(app: typer.Typer) -> None:
                     raise bmk.BenchmarkError("give either a campaign YAML or --data, not both")
                 ds, cfg = _from_campaign(campaign, work)
                 ds.extensive = bool(cfg.objective.extensive)
+                if cfg.fidelities is not None:  # cheap sources: scored by cost, see sdl.benchmark_fidelity
+                    from sdl.cli import fidelity_benchmark
+
+                    fidelity_benchmark.run(ds, cfg, list(range(first_seed, first_seed + seeds)),
+                                           budget or cfg.budget.experiments, top_fraction, out, _command_line())
+                    return
                 strats = _campaign_strategies(cfg, strategies, acquisition)
                 budget = budget or cfg.budget.experiments
                 initial = initial or cfg.initial_design.size

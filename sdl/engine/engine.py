@@ -636,6 +636,9 @@ class Engine:
         wins) a Dask cluster, unless ``compute`` is passed. A campaign with ``objectives:`` gets a
         :class:`sdl.engine.multi_objective.MultiObjectiveEngine`.
         """
+        if cls is Engine and _get(cfg, "fidelities") is not None:  # never run cheap sources as experiments
+            raise EngineError("fidelities: this engine cannot run computed sources; use "
+                              "sdl.engine.multifidelity.MultiFidelityEngine (sdl benchmark runs it)")
         if _get(cfg, "objectives") is not None and cls is Engine:
             from sdl.engine.multi_objective import MultiObjectiveEngine
 

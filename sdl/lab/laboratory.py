@@ -335,6 +335,9 @@ class Lab:
             restored = self.growth.restore(self.engine, self.store, self.campaign_id)
             if restored:
                 logger.info("campaign %r: %d generated candidates back in the pool", self.cfg.name, restored)
+        from sdl.lab.computations import restore_computed
+
+        restore_computed(self.engine, self.store, self.campaign_id)  # cheap sources computed before (fidelities)
         observations = self.store.observations(self.campaign_id, self.property)
         others = {p: {o.experiment_id: o.value for o in self.store.observations(self.campaign_id, p)}
                   for p in self.properties[1:]}
@@ -616,10 +619,16 @@ class Lab:
 
         if n <= 0:
             return []
+        from sdl.lab.computations import experiments_only
+
         with self._engine_lock:
             try:
-                proposals = self.engine.propose(q=n, pending=self.ledger.pending_keys(),
-                                                exclude=self.ledger.excluded_keys())
+                def ask() -> list[Proposal]:
+                    return self.engine.propose(q=n, pending=self.ledger.pending_keys(),
+                                               exclude=self.ledger.excluded_keys())
+
+                proposals = experiments_only(self.engine, ask(), ask, self.store, self.campaign_id, self.property,
+                                             lambda m: self.event("fidelity.computed", m))
             except EngineError as exc:
                 self.ledger.stop(f"engine cannot propose: {exc}")
                 self.event("campaign.stopping", str(self.stop_reason), level="warning")
@@ -1153,7 +1162,13 @@ def open_lab(
         stack.callback(store.close)
         stack.enter_context(_gil_handoffs())
         step("building the %s engine over the search space", cfg.model.name)
-        engine = Engine.from_campaign(cfg, embedding_store=EmbeddingStore(default_store_path(database_url)))
+        embeddings = EmbeddingStore(default_store_path(database_url))
+        if cfg.fidelities is not None:  # cheap computed sources beside the experiments
+            from sdl.engine.multifidelity import MultiFidelityEngine
+
+            engine = MultiFidelityEngine.from_campaign(cfg, embedding_store=embeddings)
+        else:
+            engine = Engine.from_campaign(cfg, embedding_store=embeddings)
         lab = Lab(cfg, store, engine, InstrumentPool({}), budget=budget, seed=cfg.seed, state_dir=state_dir,
                   amend=amend)
         existing = store.get_campaign(cfg.name)

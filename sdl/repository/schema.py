@@ -18,6 +18,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "Base",
+    "ComputedValue",
     "UTCDateTime",
     "JSONType",
     "utcnow",
@@ -345,3 +346,25 @@ class Approval(Base):
     experiment_id: Mapped[int | None] = mapped_column(sa.ForeignKey("experiments.id"))
     proposed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     decided_at: Mapped[dt.datetime | None]
+
+
+class ComputedValue(Base):
+    """One value of a cheap computed source (``fidelities:``) for a candidate: no experiment, no sample.
+
+    Its own table, not a measurement: a measurement belongs to an experiment, and a computed value
+    must never count as one (budget, discoveries); it is kept so that a resumed campaign knows it.
+    ``value`` is NULL where the source has none for the candidate (it is never asked again).
+    """
+
+    __tablename__ = "computed_values"
+    __table_args__ = (sa.UniqueConstraint("campaign_id", "candidate_key", "source"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(sa.ForeignKey("campaigns.id", ondelete="CASCADE"))
+    candidate_key: Mapped[str] = mapped_column(sa.String(512))
+    source: Mapped[str] = mapped_column(sa.String(200))
+    property: Mapped[str] = mapped_column(sa.String(200))
+    value: Mapped[float | None]
+    cost: Mapped[float]
+    model_version: Mapped[str | None] = mapped_column(sa.String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

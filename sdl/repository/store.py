@@ -2128,6 +2128,40 @@ class Store:
                 for i, k, p, v, n in s.execute(query)
             ]
 
+    def record_computed_values(
+        self, campaign_id: int, rows: Sequence[tuple[str, str, float, float]], *, property: str,  # noqa: A002
+        model_version: str | None = None,
+    ) -> int:
+        """Keep ``(candidate key, source, value, cost)`` of cheap computed sources; returns how many were new.
+
+        A value already kept for a (candidate, source) stays as it is (a resumed campaign computes
+        nothing twice); a non-finite value is kept as NULL: the source has none for that candidate.
+        """
+        from sdl.repository.schema import ComputedValue
+
+        with self._tx("record_computed_values") as s:
+            known = {(k, src) for k, src in s.execute(sa.select(ComputedValue.candidate_key, ComputedValue.source)
+                                                      .where(ComputedValue.campaign_id == campaign_id))}
+            n = 0
+            for key, source, value, cost in rows:
+                if (key, source) in known:
+                    continue
+                known.add((key, source))
+                s.add(ComputedValue(campaign_id=campaign_id, candidate_key=key, source=source, property=property,
+                                    value=float(value) if math.isfinite(value) else None, cost=float(cost),
+                                    model_version=model_version))
+                n += 1
+            return n
+
+    def computed_values(self, campaign_id: int) -> list[tuple[str, str, float]]:
+        """``(candidate key, source, value)`` of every kept computed value, oldest first (NaN: none)."""
+        from sdl.repository.schema import ComputedValue
+
+        query = (sa.select(ComputedValue.candidate_key, ComputedValue.source, ComputedValue.value)
+                 .where(ComputedValue.campaign_id == campaign_id).order_by(ComputedValue.id))
+        with self._tx("computed_values") as s:
+            return [(k, src, math.nan if v is None else float(v)) for k, src, v in s.execute(query)]
+
     def best_so_far(
         self,
         campaign_id: int,
