@@ -302,7 +302,9 @@ class Lab:
         """
         import sdl
         from sdl.engine import Observation
+        from sdl.lab.transfer import load_related
 
+        related = load_related(self.cfg, self.store)  # a bad source fails before the campaign row exists
         record = self.store.get_or_create_campaign(
             self.cfg.name,
             snapshot=self.cfg.snapshot(),
@@ -324,6 +326,8 @@ class Lab:
             self.engine.observe(
                 [Observation(key=o.candidate_key, params=o.params, value=o.value) for o in observations]
             )
+        if related is not None and self.cfg.transfer is not None:  # seeds the model; never an experiment
+            self.engine.add_related(related, skip_measured=self.cfg.transfer.skip_measured)
         experiments = self.store.experiments(self.campaign_id)  # read after the values: never a value twice
         self.ledger.load(((e.id, e.candidate_key, e.state) for e in experiments),
                          ((o.experiment_id, o.value) for o in observations))
