@@ -654,10 +654,13 @@ class Lab:
         else:
             metrics.update({k: v for k, v in held_out.items() if not isinstance(v, list)})
             n_train = int(held_out.get("n_train", n_train))
+        info: dict[str, Any] = {"version": version, "seed": self.seed}
+        related = self.engine.related
+        if related is not None:  # warm start: which earlier campaigns the model also learnt from
+            info["transfer"] = {"campaigns": list(related.task_names), "measurements": len(related)}
         try:
             self._model_version_id = self.store.add_model_version(
-                self.campaign_id, model=self.engine.strategy, n_train=n_train,
-                metrics=metrics, info={"version": version, "seed": self.seed},
+                self.campaign_id, model=self.engine.strategy, n_train=n_train, metrics=metrics, info=info,
             )
         except Exception:
             self._model_version_id = None
