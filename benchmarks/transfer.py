@@ -1,8 +1,8 @@
 """Warm start (``transfer:``): experiments saved on a second campaign over an overlapping pool.
 
 Usage: ``python benchmarks/transfer.py [--data simulators/worlds/crossed_barrel.csv] [--seeds 5]
-[--overlap 0.25] [--split random|COLUMN] [--source-budget 60] [--budget 90] [--initial 2]
-[--batch-size 4] [--top-fraction 0.05] [--json FILE]``.
+[--overlap 0.25] [--split random|COLUMN] [--source-budget 48] [--budget 84] [--initial 2]
+[--batch-size 6] [--top-fraction 0.05] [--arms cold,warm[,warm-skip]] [--json FILE]``.
 
 * The recorded table (crossed barrel: 600 designs x 3 real replicates) is split into two pools
   that share ``--overlap`` of the designs: a seeded random split, or by a parameter column (pool A
@@ -77,12 +77,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--overlap", type=float, default=0.25)
     ap.add_argument("--split", default="random", help="'random' or a parameter column")
-    ap.add_argument("--source-budget", type=int, default=60)
-    ap.add_argument("--budget", type=int, default=90)
+    ap.add_argument("--source-budget", type=int, default=48)
+    ap.add_argument("--budget", type=int, default=84)
     ap.add_argument("--initial", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=6)
     ap.add_argument("--top-fraction", type=float, default=0.05)
-    ap.add_argument("--arms", default="cold,warm,warm-skip")
+    ap.add_argument("--arms", default="cold,warm")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     params = args.params.split(",")

@@ -192,3 +192,38 @@ def test_sdl_run_refuses_a_missing_source_before_anything_runs(pools: dict[str, 
     store = Store.from_url(f"sqlite:///{db}")
     assert [c.name for c in store.campaigns()] == ["first"]  # nothing of the second campaign was written
     store.close()
+
+
+def test_crystal_pool_head_gp_learns_from_the_source_campaign(tmp_path: Path) -> None:
+    """A pretrained-backbone engine (GP head) on perovskites: source crystals of the same pool seed it."""
+    from types import SimpleNamespace as NS
+
+    from sdl.engine.models.embedding_store import EmbeddingStore
+    from sdl.engine.models.multitask import RelatedData
+    from sdl.engine.space import CandidatePool
+
+    frame = pd.read_csv(ROOT / "simulators" / "worlds" / "perovskites_2k.csv.gz").iloc[:200].reset_index(drop=True)
+    pool = CandidatePool.from_frame(frame, structure_column="cif", formula_column="formula", source="p200")
+    y = frame["e_form"].to_numpy()
+    rng = np.random.default_rng(0)
+    source = rng.permutation(len(pool))[:80]
+    related = RelatedData.from_rows([("first", pool.keys[i], {"formula": frame.at[i, "formula"]}, float(y[i]))
+                                     for i in source])
+    best = set(np.argsort(y)[:20].tolist())
+    found = {}
+    store = EmbeddingStore(tmp_path / "emb.sqlite")
+    for arm in ("cold", "warm"):
+        eng = Engine(objective=NS(goal="minimize"),
+                     model=NS(name="gnn-ensemble", options={"backbone": "test_pretrained:CompositionBackbone",
+                                                            "use_prior": False, "head": "gp"}),
+                     acquisition=NS(function="qucb", batch_size=4), seed=1, pool=pool,
+                     initial_design=NS(strategy="random", size=4), embedding_store=store)
+        if arm == "warm":
+            eng.add_related(related)
+        design = eng.propose()
+        eng.observe([Observation(p.key, {}, float(y[pool.index_of(p.key)])) for p in design])
+        eng.fit()
+        assert eng.n_observed == 4 and eng.head_kind == "gp"
+        mean, _ = eng.predict_pool()
+        found[arm] = len(best & set(np.argsort(mean.numpy())[:20].tolist()))  # true top 20 in its top 20
+    assert found["warm"] >= found["cold"] + 2, found
