@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from sdl.engine.models.surrogate import Surrogate
     from sdl.engine.space import ParameterSpace
 
-__all__ = ["RelatedData", "encode_loose", "fit_multitask_gp", "multitask_leave_one_out", "leave_one_out",
-           "place_related"]
+__all__ = ["RelatedData", "encode_loose", "fit_multitask_gp", "fit_with_related", "multitask_leave_one_out",
+           "leave_one_out", "place_related"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,25 @@ def place_related(
     d = X_all.shape[1] if X_all is not None else (space.dim if space is not None else 0)
     X = torch.stack(rows) if rows else torch.zeros(0, d, dtype=torch.float64)
     return X, torch.tensor(ys, dtype=torch.float64), torch.tensor(tasks, dtype=torch.float64)
+
+
+def fit_with_related(
+    surrogate: Surrogate, X: torch.Tensor, y: torch.Tensor, X_all: torch.Tensor | None, related: RelatedData, *,
+    bounds: torch.Tensor, kernel: str,
+) -> Any:
+    """The surrogate's GP on its own ``(X, y)`` and the related data it can place (:func:`place_related`).
+
+    A ``MultiTaskGP`` when any related measurement could be placed, else the plain GP
+    (:func:`sdl.engine.models.gp.fit_gp`) as without ``transfer:``.
+    """
+    from sdl.engine.models.gp import fit_gp
+
+    X_rel, y_rel, tasks = place_related(surrogate, related, X_all)
+    if not len(y_rel):
+        logger.warning("transfer: none of the %d source measurements fits this campaign's inputs; fitting cold",
+                       len(related))
+        return fit_gp(X, y, bounds=bounds, kernel=kernel)
+    return fit_multitask_gp(X, y, X_rel, y_rel, tasks, bounds=bounds, kernel=kernel)
 
 
 def fit_multitask_gp(

@@ -243,10 +243,9 @@ class Surrogate(ABC):
 
         bounds = torch.stack([X_all.min(dim=0).values, X_all.max(dim=0).values])
         if self._related is not None:
-            from sdl.engine.models.multitask import fit_multitask_gp, place_related
+            from sdl.engine.models.multitask import fit_with_related
 
-            X_rel, y_rel, tasks = place_related(self, self._related, X_all)
-            gp = fit_multitask_gp(X_all[idx], y, X_rel, y_rel, tasks, bounds=bounds, kernel=kernel)
+            gp = fit_with_related(self, X_all[idx], y, X_all, self._related, bounds=bounds, kernel=kernel)
         else:
             gp = fit_gp(X_all[idx], y, bounds=bounds, kernel=kernel)
         if self.extensive:
@@ -417,10 +416,9 @@ class GPSurrogate(Surrogate):
         assert self.space is not None and data.X is not None
         y = torch.tensor(data.values, dtype=torch.float64)
         if self._related is not None:
-            from sdl.engine.models.multitask import fit_multitask_gp, place_related
+            from sdl.engine.models.multitask import fit_with_related
 
-            X_rel, y_rel, tasks = place_related(self, self._related, None)
-            self._model = self._gp = fit_multitask_gp(data.X, y, X_rel, y_rel, tasks, bounds=self.space.bounds,
+            self._model = self._gp = fit_with_related(self, data.X, y, None, self._related, bounds=self.space.bounds,
                                                       kernel=self.kernel)
         else:
             self._model = self._gp = fit_gp(data.X, y, bounds=self.space.bounds, kernel=self.kernel)
