@@ -123,22 +123,37 @@ def main() -> None:
             results[arm]["wall_s"].append(time.perf_counter() - t1)
             line.append(f"{arm} {to_half if to_half is not None else '>' + str(args.budget)}")
         print(", ".join(line), flush=True)
+        write(args, ds_a, ds_b, shared, m, top_in_a, results, summarize(results, arms, seed + 1, args.budget,
+                                                                       quiet=True))
+    write(args, ds_a, ds_b, shared, m, top_in_a, results, summarize(results, arms, args.seeds, args.budget))
+
+
+def summarize(results: dict[str, Any], arms: list[str], n_seeds: int, budget: int, *,
+              quiet: bool = False) -> dict[str, Any]:
+    """Median experiments to half of B's top set per arm (+ recall at the budget); printed unless ``quiet``."""
     summary = {}
     for arm in arms:
         st = bm.median_iqr(results[arm]["experiments_to_half"])
         summary[arm] = {"median_experiments_to_half": st, "reached": sum(v is not None for v in
                                                                          results[arm]["experiments_to_half"]),
                         "median_recall_at_budget": float(np.median(results[arm]["recall_at_budget"]))}
-        print(f"{arm:10s} experiments to half of B's top set: median {st.get('median')} (IQR {st.get('q25')}–"
-              f"{st.get('q75')}), reached in {summary[arm]['reached']}/{args.seeds}; recall at {args.budget}: "
-              f"{summary[arm]['median_recall_at_budget']:.2f}")
+        if not quiet:
+            print(f"{arm:10s} experiments to half of B's top set: median {st.get('median')} (IQR {st.get('q25')}–"
+                  f"{st.get('q75')}), reached in {summary[arm]['reached']}/{n_seeds}; recall at {budget}: "
+                  f"{summary[arm]['median_recall_at_budget']:.2f}")
+    return summary
+
+
+def write(args: argparse.Namespace, ds_a: BenchmarkDataset, ds_b: BenchmarkDataset, shared: int, m: int,
+          top_in_a: int, results: dict[str, Any], summary: dict[str, Any]) -> None:
+    """The ``--json`` file (rewritten after every seed, so a long run leaves its seeds so far)."""
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "data": str(args.data), "pool_a": ds_a.pool_size, "pool_b": ds_b.pool_size, "shared": shared,
             "split": args.split, "overlap": args.overlap, "source_budget": args.source_budget, "budget": args.budget,
             "initial": args.initial, "batch_size": args.batch_size, "top_fraction": args.top_fraction, "n_top": m,
-            "top_in_a": top_in_a, "seeds": list(range(args.seeds)),
+            "top_in_a": top_in_a, "seeds": list(range(len(next(iter(results.values()))["experiments_to_half"]))),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "runs": results, "summary": summary,
         }, indent=2))

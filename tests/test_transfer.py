@@ -227,3 +227,19 @@ def test_crystal_pool_head_gp_learns_from_the_source_campaign(tmp_path: Path) ->
         mean, _ = eng.predict_pool()
         found[arm] = len(best & set(np.argsort(mean.numpy())[:20].tolist()))  # true top 20 in its top 20
     assert found["warm"] >= found["cold"] + 2, found
+
+
+def test_source_measurements_match_by_recipe_not_by_a_colliding_id(pools: dict[str, object]) -> None:
+    """Ids are per file: the first campaign's ``b001`` is not this pool's ``b001`` unless the recipe agrees."""
+    from sdl.engine.models.multitask import related_row
+    from sdl.engine.space import CandidatePool
+
+    pool = CandidatePool.from_csv(pools["b_csv"], id_column="id", parameter_columns=PARAMS)  # type: ignore[arg-type]
+    other = pool.params(7)
+    assert related_row(pool, "b001", other) == 7
+    assert related_row(pool, "b001", {**other, "theta": 1e6}) is None  # no such design here (encoded instead)
+    crystals = CandidatePool.from_csv(ROOT / "tests" / "data" / "mp_perovskites_12.csv", id_column="id",
+                                      structure_column="cif", formula_column="formula")
+    key, formula = crystals.keys[3], crystals.formulas([3])[0]
+    assert related_row(crystals, key, {"formula": formula}) == 3 and related_row(crystals, key, {}) == 3
+    assert related_row(crystals, key, {"formula": "NaCl"}) is None

@@ -710,11 +710,13 @@ class Engine:
         self._related = related if len(related) else None
         self._related_taken = set()
         if skip_measured:
+            from sdl.engine.models.multitask import related_row
+
             for key, params in zip(related.keys, related.params, strict=True):
                 if self.pool is not None:
-                    match = key if key in self.pool else self.pool.key_for_params(params)
-                    if match is not None:
-                        self._related_taken.add(match)
+                    row = related_row(self.pool, key, params)
+                    if row is not None:
+                        self._related_taken.add(self.pool.keys[row])
                 else:
                     with contextlib.suppress(ValueError):  # a recipe outside this space is never proposed anyway
                         self._related_taken.add(self._space().key_of(params))

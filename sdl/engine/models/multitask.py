@@ -34,10 +34,10 @@ if TYPE_CHECKING:
     from botorch.models import MultiTaskGP
 
     from sdl.engine.models.surrogate import Surrogate
-    from sdl.engine.space import ParameterSpace
+    from sdl.engine.space import CandidatePool, ParameterSpace
 
 __all__ = ["RelatedData", "encode_loose", "fit_multitask_gp", "fit_with_related", "multitask_leave_one_out",
-           "leave_one_out", "place_related"]
+           "leave_one_out", "place_related", "related_row"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +119,38 @@ def encode_loose(space: ParameterSpace, params: Mapping[str, Any]) -> torch.Tens
     return x
 
 
+def related_row(pool: CandidatePool, key: str, params: Mapping[str, Any]) -> int | None:
+    """The pool row a source measurement is of, or None.
+
+    A parameter pool matches by recipe only: ids are per file, so another campaign's ``d00012``
+    may be a different design here. Other pools (crystals) match by key, and only when a formula
+    the source recorded agrees with the row's.
+    """
+    if pool.parameter_columns:
+        match = pool.key_for_params(params)
+        return pool.index_of(match) if match is not None else None
+    if key not in pool:
+        return None
+    row = pool.index_of(key)
+    formula = params.get("formula")
+    if formula and pool.formula_column is not None:
+        from pymatgen.core import Composition
+
+        try:
+            same = Composition(str(formula)).reduced_formula == Composition(pool.formulas([row])[0]).reduced_formula
+        except (ValueError, KeyError):
+            same = False
+        if not same:
+            return None
+    return row
+
+
 def place_related(
     surrogate: Surrogate, related: RelatedData, X_all: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs, values and tasks of the related measurements in ``surrogate``'s input encoding.
 
-    Where a measurement goes: a pool candidate with the same key or recipe takes that row of
+    Where a measurement goes: the pool candidate it is of (:func:`related_row`) takes that row of
     ``X_all`` (and its cell scale, for extensive targets); otherwise a GP on parameter columns or on
     a space encodes the recipe itself (:func:`encode_loose`), and a GP on composition descriptors
     the formula. What cannot be placed (a crystal no backbone embedded here) is left out, logged.
@@ -151,10 +177,7 @@ def place_related(
         scale = 1.0
         if pool is not None:
             assert X_all is not None
-            row = pool.index_of(key) if key in pool else None
-            if row is None and pool.parameter_columns:
-                match = pool.key_for_params(params)
-                row = pool.index_of(match) if match is not None else None
+            row = related_row(pool, key, params)
             if row is not None and pool.keys[row] not in surrogate.excluded:
                 x, scale = X_all[row], float(surrogate.row_scale()[row])
             elif by_recipe and params_space is not None:
