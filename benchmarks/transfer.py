@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "simulators" / "worlds" / "crossed_barrel.csv"
 PARAMS = ["n", "theta", "r", "t"]
 GP = Strategy(label="gp", model="gp", acquisition="qlognei")
+EARLY = (12, 24, 48)  # experiments after which the top designs found so far are reported
 
 
 def split_pools(df: pd.DataFrame, params: list[str], overlap: float, split: str, seed: int,
@@ -98,7 +99,8 @@ def main() -> None:
     top_in_a = sum(1 for i in top if tuple(ds_b.params[int(i)].values()) in in_a)
     print(f"{args.data.name}: pool A {ds_a.pool_size} designs, pool B {ds_b.pool_size}, shared {shared} "
           f"({args.split} split); B's top {args.top_fraction:g}: {m} designs, {top_in_a} of them in A")
-    results: dict[str, Any] = {arm: {"experiments_to_half": [], "recall_at_budget": [], "wall_s": []} for arm in arms}
+    results: dict[str, Any] = {arm: {"experiments_to_half": [], "recall_at_budget": [], "recall": [], "wall_s": []}
+                               for arm in arms}
     for seed in range(args.seeds):
         t0 = time.perf_counter()
         src = replay(ds_a, GP, seed + 1000, args.source_budget, initial=args.initial, batch_size=args.batch_size)
@@ -120,15 +122,16 @@ def main() -> None:
             to_half = bm.experiments_to(curve, 0.5, m)
             results[arm]["experiments_to_half"].append(to_half)
             results[arm]["recall_at_budget"].append(float(curve[-1]))
+            results[arm]["recall"].append([float(c) for c in curve])
             results[arm]["wall_s"].append(time.perf_counter() - t1)
             line.append(f"{arm} {to_half if to_half is not None else '>' + str(args.budget)}")
         print(", ".join(line), flush=True)
-        write(args, ds_a, ds_b, shared, m, top_in_a, results, summarize(results, arms, seed + 1, args.budget,
+        write(args, ds_a, ds_b, shared, m, top_in_a, results, summarize(results, arms, seed + 1, args.budget, m,
                                                                        quiet=True))
-    write(args, ds_a, ds_b, shared, m, top_in_a, results, summarize(results, arms, args.seeds, args.budget))
+    write(args, ds_a, ds_b, shared, m, top_in_a, results, summarize(results, arms, args.seeds, args.budget, m))
 
 
-def summarize(results: dict[str, Any], arms: list[str], n_seeds: int, budget: int, *,
+def summarize(results: dict[str, Any], arms: list[str], n_seeds: int, budget: int, n_top: int, *,
               quiet: bool = False) -> dict[str, Any]:
     """Median experiments to half of B's top set per arm (+ recall at the budget); printed unless ``quiet``."""
     summary = {}
@@ -136,11 +139,15 @@ def summarize(results: dict[str, Any], arms: list[str], n_seeds: int, budget: in
         st = bm.median_iqr(results[arm]["experiments_to_half"])
         summary[arm] = {"median_experiments_to_half": st, "reached": sum(v is not None for v in
                                                                          results[arm]["experiments_to_half"]),
-                        "median_recall_at_budget": float(np.median(results[arm]["recall_at_budget"]))}
+                        "median_recall_at_budget": float(np.median(results[arm]["recall_at_budget"])),
+                        "median_top_found_at": {str(k): float(np.median([round(c[k - 1] * n_top)
+                                                                         for c in results[arm]["recall"]]))
+                                                for k in EARLY if k <= budget}}
         if not quiet:
+            early = ", ".join(f"{v:g} at {k}" for k, v in summary[arm]["median_top_found_at"].items())
             print(f"{arm:10s} experiments to half of B's top set: median {st.get('median')} (IQR {st.get('q25')}–"
                   f"{st.get('q75')}), reached in {summary[arm]['reached']}/{n_seeds}; recall at {budget}: "
-                  f"{summary[arm]['median_recall_at_budget']:.2f}")
+                  f"{summary[arm]['median_recall_at_budget']:.2f}; top designs found (median): {early}")
     return summary
 
 
@@ -153,7 +160,7 @@ def write(args: argparse.Namespace, ds_a: BenchmarkDataset, ds_b: BenchmarkDatas
             "data": str(args.data), "pool_a": ds_a.pool_size, "pool_b": ds_b.pool_size, "shared": shared,
             "split": args.split, "overlap": args.overlap, "source_budget": args.source_budget, "budget": args.budget,
             "initial": args.initial, "batch_size": args.batch_size, "top_fraction": args.top_fraction, "n_top": m,
-            "top_in_a": top_in_a, "seeds": list(range(len(next(iter(results.values()))["experiments_to_half"]))),
+            "top_in_a": top_in_a, "seeds": list(range(len(results[next(iter(results))]["recall"]))),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "runs": results, "summary": summary,
         }, indent=2))
