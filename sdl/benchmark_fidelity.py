@@ -126,7 +126,7 @@ def _replay(
         if not batch:
             raise bmk.BenchmarkError(f"{name} seed {seed}: engine proposed nothing after {len(keys)} experiments")
         if computing:
-            comps = engine.compute(batch)
+            comps = engine.run_computations(batch)
             engine.observe_computed(comps)
             for c in comps:
                 per_source[c.source] += 1

@@ -75,7 +75,9 @@ __all__ = [
     "SimulatorOptions",
     "ToleranceFactorFailures",
     "StoppingRules",
+    "Transfer",
     "campaign_json_schema",
+    "config_error",
     "expand_env_vars",
     "load_campaign",
     "missing_data_files",
@@ -866,6 +868,43 @@ class Repository(_Frozen):
     )
 
 
+class Transfer(_Frozen):
+    """Warm start: measurements of earlier campaigns in the repository seed the model.
+
+    They are a related task of a multi-task GP, never experiments of this campaign (budget, design,
+    best so far, stopping rules and ``sdl status`` count only this campaign's own). Checked against
+    the repository when ``sdl run`` / ``sdl submit`` start: every named campaign must exist and
+    have measured ``property`` in the objective's unit.
+    """
+
+    campaigns: Annotated[list[Annotated[str, Field(pattern=_NAME_PATTERN)]], Field(min_length=1)] | Literal["all"] = (
+        Field(description="Earlier campaigns whose measurements seed the model, or 'all': every other campaign "
+              "in the repository that measured `property`.")
+    )
+    property: str | None = Field(
+        default=None, min_length=1,
+        description="Property of the source measurements (default: the objective's property; same unit).",
+    )
+    mode: Literal["multitask"] = Field(
+        default="multitask",
+        description="How they seed the model: 'multitask' (ICM multi-task GP; task = source campaign vs this one).",
+    )
+    skip_measured: bool = Field(
+        default=False,
+        description="Never propose a candidate a source campaign measured (default: they stay proposable; "
+        "this campaign measures them itself if the model wants them).",
+    )
+
+    @field_validator("campaigns")
+    @classmethod
+    def _distinct(cls, campaigns: list[str] | str) -> list[str] | str:
+        if isinstance(campaigns, list):
+            repeated = sorted({c for c in campaigns if campaigns.count(c) > 1})
+            if repeated:
+                raise ValueError(f"campaigns listed twice: {repeated}")
+        return campaigns
+
+
 # --------------------------------------------------------------------------- campaign
 
 
@@ -919,6 +958,10 @@ class CampaignConfig(_Frozen):
     compute: Compute | None = Field(
         default=None,
         description="Featurise and score the candidate pool on a Dask cluster (absent: in the campaign's process).",
+    )
+    transfer: Transfer | None = Field(
+        default=None,
+        description="Warm start from earlier campaigns' measurements (never counted as experiments of this one).",
     )
     notifications: list[Annotated[str, AfterValidator(_notification_target)]] = Field(
         default_factory=list,
@@ -1096,6 +1139,21 @@ class CampaignConfig(_Frozen):
                                  "(search_space.candidates with structure_column)")
         return instruments
 
+    @field_validator("transfer")
+    @classmethod
+    def _transfer_fits(cls, t: Transfer | None, info: ValidationInfo) -> Transfer | None:
+        if t is None:
+            return t
+        name, model = info.data.get("name"), info.data.get("model")
+        if isinstance(t.campaigns, list) and name in t.campaigns:
+            raise ValueError(f"campaigns names this campaign itself ({name!r}); list earlier ones")
+        learns = model is None or model.name == "gp" or (
+            isinstance(model, GNNEnsembleModel) and model.options.backbone != "scratch" and model.options.head != "mlp")
+        if not learns and model is not None:
+            raise ValueError(f"model {model.name!r} cannot learn from earlier campaigns (use model gp, or "
+                             "gnn-ensemble with a pretrained backbone and head gp or auto)")
+        return t
+
     def snapshot(self) -> dict[str, Any]:
         """JSON-able dump for the repository: paths relative to :attr:`base_dir`, passwords masked.
 
@@ -1113,6 +1171,8 @@ class CampaignConfig(_Frozen):
             del data["search_space"]["generate"]  # absent, as before the option existed: old hashes hold
         if data.get("compute", 0) is None:
             del data["compute"]
+        if data.get("transfer", 0) is None:
+            del data["transfer"]  # likewise
         candidates = data["search_space"].get("candidates")
         if candidates is not None:
             candidates["file"] = self._relative(self.search_space.candidates.file)  # type: ignore[union-attr]
@@ -1455,6 +1515,24 @@ def validate_campaign_dict(
         return CampaignConfig.model_validate(data, context=context)
     except ValidationError as exc:
         raise _config_error(exc, data, lines, name) from None
+
+
+def config_error(cfg: CampaignConfig, field: str, message: str) -> CampaignConfigError:
+    """A ``file:line field: message`` error found after loading (e.g. against the repository).
+
+    The line is looked up again in the YAML the config came from (none when it is gone or the
+    config was not loaded from a file).
+    """
+    name = str(cfg.source) if cfg.source is not None else None
+    line = None
+    if cfg.source is not None:
+        try:
+            _, lines = _compose(cfg.source.read_text(encoding="utf-8"), str(cfg.source))
+            path: _Path = tuple(int(p) if p.isdigit() else p for p in field.split("."))
+            line = _line_of(path, lines)
+        except (OSError, UnicodeDecodeError, CampaignConfigError):
+            line = None
+    return CampaignConfigError(message, file=name, line=line, field=field)
 
 
 def load_campaign(path: str | Path, *, require_data: bool = True) -> CampaignConfig:

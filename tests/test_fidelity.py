@@ -122,7 +122,7 @@ def test_informative_cheap_source_is_computed_first(pool, table: pd.DataFrame) -
     assert len(batch) == 8  # the compute quota of the round
     measured = eng.measured_keys
     assert not any(p.key in measured for p in batch)
-    comps = eng.compute(batch)
+    comps = eng.run_computations(batch)
     assert [c.value for c in comps] == [float(table.set_index("id").at[p.key, "oqmd_formation_energy"])
                                         for p in batch]
     before = eng.cost_spent

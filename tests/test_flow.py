@@ -159,3 +159,27 @@ def test_flow_resumes_a_finished_campaign_without_new_experiments(harness: None,
 
     started = [r["job_id"] for r in journal(_Lab, "robot0") if r["event"] == "started"]
     assert len(started) == len(set(started)) == 5
+
+
+def test_flow_warm_starts_a_second_campaign_from_the_first(harness: None, tmp_path: Path, sqlite_url: str) -> None:
+    """``transfer:`` end to end: the first campaign's 6 measurements seed the second's GP, not its budget."""
+    from sdl.flows import run_campaign
+    from sdl.repository import Store
+
+    tag = uuid.uuid4().hex[:6]
+    first = run_campaign(write_campaign(tmp_path, name=f"first-{tag}", budget=6, model="gp"), db_url=sqlite_url)
+    path = write_campaign(tmp_path, name=f"second-{tag}", budget=4, model="gp")
+    path.write_text(path.read_text() + f"transfer: {{campaigns: [first-{tag}]}}\n")
+    second = run_campaign(path, db_url=sqlite_url)
+    assert first["counts"]["completed"] == 6
+    assert second["state"] == "completed" and second["counts"]["completed"] == 4  # its own budget, all of it
+    store = Store.from_url(sqlite_url)
+    try:
+        versions = store.model_versions(second["campaign_id"])
+        assert versions and all(v.info["transfer"] == {"campaigns": [f"first-{tag}"], "measurements": 6}
+                                for v in versions)
+        assert all(v.n_train <= 4 for v in versions)  # trained on its own labels (+ the related task)
+        status = {s["name"]: s for s in store.campaign_summaries()}[f"second-{tag}"]
+        assert status["counts"]["completed"] == 4 and status["n_measurements"] == 4
+    finally:
+        store.close()

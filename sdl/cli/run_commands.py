@@ -117,6 +117,14 @@ def _run_with_progress(file: Path, db: str | None, budget: int | None, seed: int
     from sdl.settings import resolve_database_url
 
     url = resolve_database_url(db, cfg)
+    if cfg.transfer is not None:  # warm-start sources are checked before anything runs
+        from sdl.lab.transfer import check_transfer
+
+        step("checking the transfer sources in the repository")
+        try:
+            check_transfer(cfg, url)
+        except CampaignConfigError as exc:
+            _fail(str(exc))
     mode = prepare_client_environment(state_dir_for(url))
     log_file = _log_to_file(state_dir_for(url) / f"{cfg.name}.log", verbose)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))

@@ -128,6 +128,13 @@ def submit(
         check_database(url)
     except WorkpoolError as exc:
         _fail(str(exc), 1)
+    if cfg.transfer is not None:  # warm-start sources are checked before the run is queued
+        from sdl.lab.transfer import check_transfer
+
+        try:
+            check_transfer(cfg, url)
+        except CampaignConfigError as exc:
+            _fail(str(exc), 2)
     from sdl.prefect_server import prepare_client_environment
 
     prepare_client_environment(Path("sdl-runs"))

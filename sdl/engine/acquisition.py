@@ -111,10 +111,12 @@ def build_acquisition(
         best_f = objective.utility(y_baseline.to(torch.float64)).max()
         return qLogExpectedImprovement(model, best_f=best_f, sampler=sampler, objective=mc_obj, X_pending=pending)
     if name == "qlognei":
-        is_ensemble = isinstance(model, EnsembleModel)
+        from botorch.models import MultiTaskGP
+
+        cacheable = not isinstance(model, EnsembleModel | MultiTaskGP)  # BoTorch caches single-task GPs only
         return qLogNoisyExpectedImprovement(
             model, X_baseline=X_baseline, sampler=sampler, objective=mc_obj, X_pending=pending,
-            prune_baseline=True, cache_root=not is_ensemble,
+            prune_baseline=True, cache_root=cacheable,
         )
     if name == "max-variance":
         return qMaxVariance(model, sampler=sampler, X_pending=pending)

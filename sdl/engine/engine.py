@@ -45,6 +45,7 @@ acquisition by P(success) (``acquisition.feasibility``: ``auto``, the default, `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
     from sdl.engine.distributed import DaskCompute
     from sdl.engine.models.backbones import Backbone
     from sdl.engine.models.embedding_store import EmbeddingStore
+    from sdl.engine.models.multitask import RelatedData
     from sdl.engine.models.pretrained import HeadEnsemble
 
 __all__ = [
@@ -617,6 +619,8 @@ class Engine:
         self._obs: list[Observation] = []
         self._obs_index: list[int] = []  # pool row of each observation (pool mode)
         self._measured: set[str] = set()
+        self._related: RelatedData | None = None  # earlier campaigns' measurements (transfer:), no observations
+        self._related_taken: set[str] = set()  # keys they measured, never proposed (transfer.skip_measured)
         self._n_at_fit = -1
         self._design_order: np.ndarray | None = None
         if self.design_method == "prior" and not self.surrogate.provides_prior:
@@ -812,6 +816,45 @@ class Engine:
                 logger.info("no feasibility weighting this round: %s", exc)
         return self._feasibility_p if self.feasibility_model is not None else None
 
+    def add_related(self, related: RelatedData, *, skip_measured: bool = False) -> None:
+        """Seed the model with measurements of earlier campaigns (``transfer:``) as related tasks.
+
+        They are never observations of this campaign: :attr:`n_observed`, :meth:`best_value`, the
+        design quota and the pending/measured bookkeeping ignore them, so the budget and stopping
+        rules count only this campaign's experiments; only the GP learns from them (a multi-task
+        GP, :mod:`sdl.engine.models.multitask`). A candidate a source measured stays proposable
+        unless ``skip_measured``.
+
+        Raises:
+            EngineError: The model cannot learn from related data (random, an MLP head, scratch).
+        """
+        head = str(_get(self.model_options, "head", "auto") or "auto")
+        if not isinstance(self.surrogate, GPSurrogate | PretrainedSurrogate) or (
+                isinstance(self.surrogate, PretrainedSurrogate) and head == "mlp"):
+            raise EngineError(f"transfer: model {self.strategy!r} cannot learn from earlier campaigns; use model gp, "
+                              "or gnn-ensemble with head gp or auto")
+        self._related = related if len(related) else None
+        self._related_taken = set()
+        if skip_measured:
+            from sdl.engine.models.multitask import related_row
+
+            for key, params in zip(related.keys, related.params, strict=True):
+                if self.pool is not None:
+                    row = related_row(self.pool, key, params)
+                    if row is not None:
+                        self._related_taken.add(self.pool.keys[row])
+                else:
+                    with contextlib.suppress(ValueError):  # a recipe outside this space is never proposed anyway
+                        self._related_taken.add(self._space().key_of(params))
+        self._n_at_fit = -1
+        logger.info("warm start: %d measurements of %d earlier campaign(s)%s", len(related), len(related.task_names),
+                    f", {len(self._related_taken)} candidates they measured skipped" if skip_measured else "")
+
+    @property
+    def related(self) -> RelatedData | None:
+        """The earlier campaigns' measurements the model learns from (``transfer:``), if any."""
+        return self._related
+
     def _space(self) -> ParameterSpace:
         if self.space is None:
             raise EngineError("the engine has a candidate pool without a parameter space")
@@ -945,8 +988,8 @@ class Engine:
         keys = tuple(o.key for o in self._obs)
         values = tuple(o.value for o in self._obs)
         if self.pool is not None:
-            return TrainingData(keys, values, rows=np.asarray(self._obs_index, dtype=np.int64))
-        return TrainingData(keys, values, X=self._space().encode([o.params for o in self._obs]))
+            return TrainingData(keys, values, rows=np.asarray(self._obs_index, dtype=np.int64), related=self._related)
+        return TrainingData(keys, values, X=self._space().encode([o.params for o in self._obs]), related=self._related)
 
     def _fit_if_needed(self) -> None:
         n = len(self._obs)
@@ -987,6 +1030,8 @@ class Engine:
         assert pool is not None
         self.prepare()
         taken = self._measured | pending | exclude | set(self.excluded) | set(self._failed)
+
+        taken = self._measured | pending | exclude | set(self.excluded) | self._related_taken
         avail = np.array([i for i, k in enumerate(pool.keys) if k not in taken], dtype=np.int64)
         if avail.size == 0:
             raise EngineError(f"pool exhausted: all {len(pool)} candidates of {pool.source} are measured, pending "
@@ -1063,7 +1108,7 @@ class Engine:
         self, q: int, n_design: int, pending: set[str], exclude: set[str], state_seed: int
     ) -> list[Proposal]:
         space = self._space()
-        taken = self._measured | pending | exclude
+        taken = self._measured | pending | exclude | self._related_taken
         card = space.cardinality()
         if card is not None and len(taken) >= card:
             raise EngineError(f"pool exhausted: all {card} recipes of {space!r} are measured, pending or excluded")

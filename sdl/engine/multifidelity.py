@@ -6,7 +6,7 @@ two kinds of results; everything else (the pool, the seeded design, the rules ab
 pending and excluded keys) is the engine's own and stays there. One round::
 
     batch = engine.propose()                       # FidelityProposal: source 'measured' or a source name
-    engine.observe_computed(engine.compute(batch))  # computed sources: no instrument, never experiments
+    engine.observe_computed(engine.run_computations(batch))  # computed sources: no instrument, never experiments
     engine.observe([Observation(p.key, value=lab(p)) for p in batch if not p.is_computation])
 
 The design measures ``initial_design.size`` candidates and computes every source at them (paired
@@ -134,7 +134,7 @@ class MultiFidelityEngine(Engine):
         raise EngineError(f"unknown fidelity source {name!r}; sources are {[s.name for s in self.sources]}")
 
     # -- computations ------------------------------------------------------------------------
-    def compute(self, proposals: Iterable[Proposal]) -> list[Computation]:
+    def run_computations(self, proposals: Iterable[Proposal]) -> list[Computation]:
         """Run the computations among ``proposals`` (no instrument); the caller records and observes them."""
         pool = self.pool
         assert pool is not None

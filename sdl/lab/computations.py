@@ -49,7 +49,7 @@ def experiments_only(
     for _ in range(MAX_COMPUTE_ROUNDS):
         todo = [p for p in proposals if isinstance(p, FidelityProposal) and p.is_computation]
         if todo:
-            computed: list[Computation] = engine.compute(todo)
+            computed: list[Computation] = engine.run_computations(todo)
             engine.observe_computed(computed)
             store.record_computed_values(campaign_id, [(c.key, c.source, c.value, cost[c.source]) for c in computed],
                                          property=prop, model_version=engine.model_version)

@@ -318,7 +318,9 @@ class Lab:
         """
         import sdl
         from sdl.engine import Observation
+        from sdl.lab.transfer import load_related
 
+        related = load_related(self.cfg, self.store)  # a bad source fails before the campaign row exists
         record = self.store.get_or_create_campaign(
             self.cfg.name,
             snapshot=self.cfg.snapshot(),
@@ -347,6 +349,8 @@ class Lab:
                              values={p: v[o.experiment_id] for p, v in others.items() if o.experiment_id in v})
                  for o in observations]
             )
+        if related is not None and self.cfg.transfer is not None:  # seeds the model; never an experiment
+            self.engine.add_related(related, skip_measured=self.cfg.transfer.skip_measured)
         experiments = self.store.experiments(self.campaign_id)  # read after the values: never a value twice
         self._learn_failures([e.candidate_key for e in experiments
                               if e.state == "failed" and e.failure_kind == "material"])
@@ -699,10 +703,13 @@ class Lab:
         else:
             metrics.update({k: v for k, v in held_out.items() if not isinstance(v, list)})
             n_train = int(held_out.get("n_train", n_train))
+        info: dict[str, Any] = {"version": version, "seed": self.seed}
+        related = self.engine.related
+        if related is not None:  # warm start: which earlier campaigns the model also learnt from
+            info["transfer"] = {"campaigns": list(related.task_names), "measurements": len(related)}
         try:
             self._model_version_id = self.store.add_model_version(
-                self.campaign_id, model=self.engine.strategy, n_train=n_train,
-                metrics=metrics, info={"version": version, "seed": self.seed},
+                self.campaign_id, model=self.engine.strategy, n_train=n_train, metrics=metrics, info=info,
             )
         except Exception:
             self._model_version_id = None

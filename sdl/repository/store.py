@@ -2102,6 +2102,20 @@ class Store:
 
     # ----------------------------------------------------------------- what the loop asks
 
+    def measured_units(self, campaign_id: int) -> dict[str, set[str | None]]:
+        """Property -> the units its ``ok`` measurements in one campaign carry (warm-start checks)."""
+        query = (
+            sa.select(Measurement.property, Measurement.unit)
+            .join(Experiment, Experiment.id == Measurement.experiment_id)
+            .where(Experiment.campaign_id == campaign_id, Measurement.quality == "ok")
+            .distinct()
+        )
+        out: dict[str, set[str | None]] = {}
+        with self._tx("measured_units") as s:
+            for prop, unit in s.execute(query):
+                out.setdefault(prop, set()).add(unit)
+        return out
+
     def observations(self, campaign_id: int, property: str) -> list[ObservationRecord]:  # noqa: A002
         """Completed experiments with ``ok`` measurements of ``property`` (mean per experiment)."""
         query = (

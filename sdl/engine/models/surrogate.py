@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from sdl.engine.distributed import DaskCompute, PoolScores, ShortlistScore
     from sdl.engine.models.backbones import Backbone
     from sdl.engine.models.embedding_store import EmbeddingStore
+    from sdl.engine.models.multitask import RelatedData
     from sdl.engine.space import CandidatePool, ParameterSpace
 
 __all__ = [
@@ -75,12 +76,15 @@ class TrainingData:
         values: Raw measured value of each observation.
         rows: Pool row of each observation (pool mode), else None.
         X: ``n x d`` encoded recipes (space mode), else None.
+        related: Measurements of earlier campaigns (``transfer:``) a GP learns from as related
+            tasks (:mod:`sdl.engine.models.multitask`); never observations of this campaign.
     """
 
     keys: tuple[str, ...]
     values: tuple[float, ...]
     rows: np.ndarray | None = None
     X: torch.Tensor | None = None
+    related: RelatedData | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -142,6 +146,7 @@ class Surrogate(ABC):
         self._scale: torch.Tensor | None = None
         self._fit_rows = np.zeros(0, dtype=np.int64)
         self._model: Model | None = None
+        self._related: RelatedData | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seed={self.seed}, version={self._version!r})"
@@ -192,10 +197,14 @@ class Surrogate(ABC):
         Raises:
             EngineError: Too few usable observations, or a model that cannot fit here.
         """
+        self._related = data.related if data.related is not None and len(data.related) else None
         self._fit(data)
         self.n_fits += 1
         pairs = [(k, round(float(v), 12)) for k, v in zip(data.keys, data.values, strict=True)]
-        self._version = f"{self.name}-{self.n_fits}-{digest(self.name, self.seed, pairs, n=10)}"
+        parts: list[Any] = [self.name, self.seed, pairs]
+        if self._related is not None:  # a warm-started model is another model than a cold one
+            parts.append(self._related.digest_parts())
+        self._version = f"{self.name}-{self.n_fits}-{digest(*parts, n=10)}"
         logger.info("fitted %s on %d observations -> %s", self.name, len(data), self._version)
 
     @abstractmethod
@@ -237,7 +246,12 @@ class Surrogate(ABC):
         from sdl.engine.models.gp import fit_gp
 
         bounds = torch.stack([X_all.min(dim=0).values, X_all.max(dim=0).values])
-        gp = fit_gp(X_all[idx], y, bounds=bounds, kernel=kernel)
+        if self._related is not None:
+            from sdl.engine.models.multitask import fit_with_related
+
+            gp = fit_with_related(self, X_all[idx], y, X_all, self._related, bounds=bounds, kernel=kernel)
+        else:
+            gp = fit_gp(X_all[idx], y, bounds=bounds, kernel=kernel)
         if self.extensive:
             from sdl.engine.models.extensive import RowScaledModel
 
@@ -449,13 +463,19 @@ class GPSurrogate(Surrogate):
 
         assert self.space is not None and data.X is not None
         y = torch.tensor(data.values, dtype=torch.float64)
-        self._model = self._gp = fit_gp(data.X, y, bounds=self.space.bounds, kernel=self.kernel)
+        if self._related is not None:
+            from sdl.engine.models.multitask import fit_with_related
+
+            self._model = self._gp = fit_with_related(self, data.X, y, None, self._related, bounds=self.space.bounds,
+                                                      kernel=self.kernel)
+        else:
+            self._model = self._gp = fit_gp(data.X, y, bounds=self.space.bounds, kernel=self.kernel)
         self.n_train = len(data)
 
     def _held_out(self) -> tuple[HeldOut | None, str, dict[str, float]]:
-        from sdl.engine.models.pretrained import gp_leave_one_out
+        from sdl.engine.models.multitask import leave_one_out
 
-        return gp_leave_one_out(self._gp), "leave-one-out", {}
+        return leave_one_out(self._gp), "leave-one-out", {}
 
 
 class PretrainedSurrogate(Surrogate):
@@ -586,6 +606,8 @@ class PretrainedSurrogate(Surrogate):
         if self._head_for(len(idx)) == "gp":
             self._gp = self._fit_gp_on(X_all, idx, y, self.kernel)
             return
+        if self._related is not None:
+            logger.warning("transfer: the MLP head (%d labels) learns from this campaign's labels only", len(idx))
         opts = HeadOptions.sized_for(len(idx), members=self.members)
         self.heads = HeadEnsemble(opts, seed=self.seed,
                                   prior_column=X_all.shape[1] - 1 if self.use_prior else None).fit(X_all[idx], y)
@@ -594,11 +616,11 @@ class PretrainedSurrogate(Surrogate):
         self._model = PoolEnsembleModel(predict_members(self.heads, X_all, self.compute) * self.row_scale())
 
     def _held_out(self) -> tuple[HeldOut | None, str, dict[str, float]]:
-        from sdl.engine.models.pretrained import gp_leave_one_out
+        from sdl.engine.models.multitask import leave_one_out
 
         if self.heads is not None:
             return self.heads.held_out, "out-of-bag", {"spread_scale": self.heads.spread_scale}
-        return gp_leave_one_out(self._gp), "leave-one-out", {}
+        return leave_one_out(self._gp), "leave-one-out", {}
 
 
 class ScratchEnsembleSurrogate(Surrogate):
