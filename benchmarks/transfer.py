@@ -1,7 +1,7 @@
 """Warm start (``transfer:``): experiments saved on a second campaign over an overlapping pool.
 
 Usage: ``python benchmarks/transfer.py [--data simulators/worlds/crossed_barrel.csv] [--seeds 5]
-[--overlap 0.25] [--split random|COLUMN] [--source-budget 48] [--budget 84] [--initial 2]
+[--overlap 0.25] [--split random|COLUMN] [--source-budget 48] [--budget 120] [--initial 2]
 [--batch-size 6] [--top-fraction 0.05] [--arms cold,warm[,warm-skip]] [--json FILE]``.
 
 * The recorded table (crossed barrel: 600 designs x 3 real replicates) is split into two pools
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=0.25)
     ap.add_argument("--split", default="random", help="'random' or a parameter column")
     ap.add_argument("--source-budget", type=int, default=48)
-    ap.add_argument("--budget", type=int, default=84)
+    ap.add_argument("--budget", type=int, default=120)
     ap.add_argument("--initial", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=6)
     ap.add_argument("--top-fraction", type=float, default=0.05)
