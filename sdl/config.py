@@ -1015,6 +1015,10 @@ class CampaignConfig(_Frozen):
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
                 raise ValueError(f"each property may be one objective only, repeated: {repeated}")
+            space = info.data.get("search_space")
+            if space is not None and space.generate is not None:
+                raise ValueError("search_space.generate (growing the pool) is not supported with several "
+                                 "objectives yet")
         return objectives
 
     @field_validator("reference_point")

@@ -21,7 +21,7 @@ from sdl.engine.models.multi_output import MultiOutputSurrogate
 from sdl.engine.multi_objective import MultiObjectiveEngine, ParetoSelection
 from sdl.engine.objectives import Objective
 from sdl.engine.pareto import Constraint, MultiObjective
-from sdl.engine.space import CandidatePool
+from sdl.engine.space import CandidatePool, ParameterSpace
 
 WORLD = Path(__file__).resolve().parent.parent / "simulators" / "worlds" / "perovskites_demo.csv.gz"
 BACKBONE = "test_pretrained:CompositionBackbone"
@@ -129,3 +129,23 @@ def test_random_stays_random_and_campaigns_with_objectives_get_this_engine(pool:
     built = Engine.from_campaign(cfg, embedding_store=store)
     assert isinstance(built, MultiObjectiveEngine) and built.properties == ["e_form", "gap_gllbsc"]
     assert built.extensive and not built.surrogate.parts["gap_gllbsc"].extensive  # e_form per cell, gap not
+
+
+def test_space_mode_optimises_qlognehvi_in_the_box_over_real_crossed_barrel_recipes() -> None:
+    """Toughness up, strut thickness (the printed material, a cost) down: a ModelList of GPs and optimize_acqf."""
+    from sdl.config import load_campaign
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_campaign(repo / "campaigns" / "crossed-barrel.yaml")
+    space = ParameterSpace.from_config(cfg.search_space.parameters)
+    rows = pd.read_csv(repo / "simulators" / "worlds" / "crossed_barrel.csv").sample(10, random_state=0)
+    mo = MultiObjective([Objective("maximize", property="toughness"), Objective("minimize", property="t")])
+    eng = MultiObjectiveEngine(mo, NS(name="gp", options={}), NS(function="qlognei", batch_size=2), seed=0,
+                               space=space, initial_design=NS(strategy="sobol", size=2))
+    eng.observe([Observation("", {"n": int(r.n), "theta": float(r.theta), "r": float(r.r), "t": float(r.t)},
+                             float(r.toughness), {"t": float(r.t)}) for r in rows.itertuples()])
+    batch = eng.propose()
+    assert len(batch) == 2 and {p.strategy for p in batch} == {"gp"}
+    assert len({p.key for p in batch}) == 2 and not {p.key for p in batch} & eng.measured_keys
+    for p in batch:  # valid recipes inside the box
+        assert 6 <= p.params["n"] <= 12 and space.key_of(p.params) == p.key
