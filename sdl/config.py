@@ -1177,6 +1177,11 @@ class CampaignConfig(_Frozen):
             del data["compute"]
         if data.get("transfer", 0) is None:
             del data["transfer"]  # likewise
+        if data["acquisition"].get("feasibility") == "auto":
+            del data["acquisition"]["feasibility"]  # the default, as before the option existed
+        for dumped in data["instruments"]:
+            if dumped.get("simulator", {}).get("tolerance_factor", 0) is None:
+                del dumped["simulator"]["tolerance_factor"]
         candidates = data["search_space"].get("candidates")
         if candidates is not None:
             candidates["file"] = self._relative(self.search_space.candidates.file)  # type: ignore[union-attr]
