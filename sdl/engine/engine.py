@@ -1029,9 +1029,7 @@ class Engine:
         pool = self.pool
         assert pool is not None
         self.prepare()
-        taken = self._measured | pending | exclude | set(self.excluded) | set(self._failed)
-
-        taken = self._measured | pending | exclude | set(self.excluded) | self._related_taken
+        taken = self._measured | pending | exclude | set(self.excluded) | set(self._failed) | self._related_taken
         avail = np.array([i for i, k in enumerate(pool.keys) if k not in taken], dtype=np.int64)
         if avail.size == 0:
             raise EngineError(f"pool exhausted: all {len(pool)} candidates of {pool.source} are measured, pending "

@@ -29,6 +29,7 @@ from sdl.engine.models.surrogate import PretrainedSurrogate, Surrogate, Training
 from sdl.exceptions import EngineError
 
 if TYPE_CHECKING:
+    from sdl.engine.distributed import PoolScores, ShortlistScore
     from sdl.engine.models.backbones import Backbone
 
 __all__ = ["MultiTrainingData", "MultiOutputSurrogate", "PoolIndexedModel"]
@@ -190,6 +191,10 @@ class MultiOutputSurrogate(Surrogate):
     def predict_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The primary property's mean and std for every pool row."""
         return self.primary.predict_pool()
+
+    def score_pool(self, avail: np.ndarray, score: ShortlistScore, k: int) -> PoolScores:
+        """The primary property's pool scores and shortlist (the other properties are read per row)."""
+        return self.primary.score_pool(avail, score, k)
 
     def predict_pool_all(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Mean and std of every property for every pool row."""
