@@ -17,7 +17,9 @@ Components (each measured on its own, then the whole loop):
 * full loop: ``run_plain`` (threads, no Prefect) and the Prefect flow, per experiment, from the
   first proposal to the last completion (set-up excluded); beside it the process's CPU time per
   experiment between the first and the last completion (what the loop costs whatever the load of
-  the machine: on a shared box the wall time also holds the waits for a core).
+  the machine: on a shared box the wall time also holds the waits for a core), and the CPU of the
+  ephemeral Prefect server process (``prefect_server_cpu_ms_per_experiment``, from the first
+  completion to the flow run's end), which the process's CPU does not hold.
 
 ``--json FILE`` writes every figure (ms) with the machine's load average, for the README and
 ``benchmarks/results``.
@@ -72,19 +74,67 @@ def span_per_experiment(store, campaign_id: int) -> float:
     return (last - first).total_seconds() / max(n, 1)
 
 
+def children_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's descendants, by kind (Linux ``/proc``; else empty).
+
+    ``prefect``: the ephemeral Prefect server (uvicorn) that records task runs, logs and events;
+    ``simulators``: the instrument simulators (gone, with their CPU, once their lab closes). Their
+    work is not in the process's CPU time.
+    """
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = {}
+    todo, seen = [os.getpid()], set()
+    while todo:
+        pid = todo.pop()
+        try:
+            kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            if kid in seen:
+                continue
+            seen.add(kid)
+            todo.append(kid)
+            try:
+                stat = Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()
+                cmd = Path(f"/proc/{kid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            kind = "prefect" if ("prefect" in cmd or "uvicorn" in cmd) else "simulators"
+            out[kind] = out.get(kind, 0.0) + (int(stat[11]) + int(stat[12])) / tick
+    return out
+
+
 class CpuClock:
-    """Process CPU time at each finished experiment (a progress callback of both loops)."""
+    """Process CPU time at each finished experiment (a progress callback of both loops).
+
+    Also the descendants' CPU (:func:`children_cpu_s`) at the first finished experiment and at the
+    last call of :meth:`stop`, so the Prefect server's share of the software can be shown too.
+    """
 
     def __init__(self) -> None:
         self.marks: list[float] = []
+        self.children: list[dict[str, float]] = []
 
     def __call__(self, _: object) -> None:
         self.marks.append(time.process_time())
+        if len(self.marks) == 1:
+            self.children = [children_cpu_s()]
+
+    def stop(self) -> None:
+        self.children = [*self.children[:1], children_cpu_s()]
 
     def per_experiment_ms(self) -> float | None:
         if len(self.marks) < 2:
             return None
         return 1000 * (self.marks[-1] - self.marks[0]) / (len(self.marks) - 1)
+
+    def children_per_experiment_ms(self, kind: str) -> float | None:
+        if len(self.marks) < 2 or len(self.children) < 2:
+            return None
+        first, last = self.children
+        return 1000 * (last.get(kind, 0.0) - first.get(kind, 0.0)) / (len(self.marks) - 1)
 
 
 def main() -> None:
@@ -198,13 +248,16 @@ def main() -> None:
     path = campaign_yaml(work, "overhead-flow", n)
     clock = CpuClock()
     summary = run_campaign(path, db_url=db, on_progress=clock)
+    clock.stop()  # after the flow run's end: the server's share includes the campaign's final report
     store = Store.from_url(db)
     flow = 1000 * span_per_experiment(store, summary["campaign_id"])
     store.close()
     figures["prefect_loop_ms_per_experiment"] = flow
     figures["prefect_loop_cpu_ms_per_experiment"] = clock.per_experiment_ms()
+    figures["prefect_server_cpu_ms_per_experiment"] = clock.children_per_experiment_ms("prefect")
     rows.append(("full loop in the Prefect flow",
-                 f"{flow:8.2f} ms per experiment (CPU {clock.per_experiment_ms() or 0:.2f} ms)"))
+                 f"{flow:8.2f} ms per experiment (CPU {clock.per_experiment_ms() or 0:.2f} ms, "
+                 f"Prefect server {clock.children_per_experiment_ms('prefect') or 0:.2f} ms)"))
     figures["load_average_at_end"] = list(os.getloadavg())
 
     width = max(len(r[0]) for r in rows)

@@ -3,9 +3,11 @@
 Why this shape (KNOWN_FACTS): one flow run per campaign, named after the campaign and tagged with
 it; each experiment is a task run inside it (a flow run per experiment would cost a second each),
 submitted to a thread pool so that several robots and stations work at once. The instrument steps
-are tasks with retries that fire only for *instrument* faults: a retry is safe because the job id
-(the experiment's idempotency key) makes the instrument answer with the job it already has. A
-material failure is not retried: it ends the experiment as ``failed``.
+run inside that one task run (a task run per step cost 12 ms of CPU per experiment) and retry
+there, for *instrument* faults only (``INSTRUMENT_RETRIES`` after ``RETRY_DELAYS``, each retry a
+warning in the experiment's task-run log): a retry is safe because the job id (the experiment's
+idempotency key) makes the instrument answer with the job it already has. A material failure is
+not retried: it ends the experiment as ``failed``.
 
 Monitoring: the campaign's page (:mod:`sdl.report.page`): a fixed set of artifacts, each created
 once per flow run and updated in place every round (the report, one card per plot with the image
@@ -42,8 +44,8 @@ from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from sdl.exceptions import CampaignFailed, InstrumentError
-from sdl.lab import Lab, Outcome, RoundReport, Ticket, drive, open_lab, run_experiment
+from sdl.exceptions import CampaignFailed
+from sdl.lab import Lab, Outcome, RoundReport, Ticket, drive, open_lab, run_experiment, with_retries
 from sdl.lab.alerts import register_prefect_bridge
 from sdl.lab.simulation import world_best, world_rank, world_values
 from sdl.report import CampaignPage, Card, random_best_of_n
@@ -102,17 +104,6 @@ class _PrefectAlerts:
 register_prefect_bridge(_PrefectAlerts())
 
 
-def _instrument_fault(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry condition: only instrument faults are retried (never a material failure or a bug)."""
-    try:
-        state.result()
-    except InstrumentError:
-        return True
-    except BaseException:  # noqa: BLE001 - anything else is not worth a retry
-        return False
-    return False
-
-
 @task(name="propose", cache_policy=NO_CACHE, persist_result=False)
 def propose_task(lab: Lab, n: int, monitor: _Monitor) -> list[Ticket]:
     """Ask the engine for ``n`` experiments (pending = proposed + running) and commit them."""
@@ -122,43 +113,23 @@ def propose_task(lab: Lab, n: int, monitor: _Monitor) -> list[Ticket]:
     return tickets
 
 
-@task(
-    name="synthesize",
-    task_run_name="synthesize-{ticket.key}",
-    retries=INSTRUMENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=_instrument_fault,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-def synthesize_task(lab: Lab, ticket: Ticket) -> str:
-    """The synthesis plan on a free robot; returns the robot's name."""
-    lab.synthesize(ticket)
-    return ticket.robot or ""
-
-
-@task(
-    name="characterize",
-    task_run_name="characterize-{ticket.key}",
-    retries=INSTRUMENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=_instrument_fault,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-def characterize_task(lab: Lab, ticket: Ticket) -> float:
-    """The characterization plan on a free station; returns the objective's ok value."""
-    return lab.characterize(ticket)
-
-
 @task(name="experiment", task_run_name="experiment-{ticket.key}", cache_policy=NO_CACHE, persist_result=False)
 def experiment_task(lab: Lab, ticket: Ticket, monitor: _Monitor) -> Outcome:
-    """One experiment to its end state (synthesis → characterization → record), one log line per step."""
-    def synthesize(t: Ticket) -> str:
-        monitor.log.info(monitor.page.started_line(t))
-        return synthesize_task(lab, t)
+    """One experiment to its end state (synthesis → characterization → record), one log line per step.
 
-    outcome = run_experiment(lab, ticket, synthesize=synthesize, characterize=lambda t: characterize_task(lab, t))
+    One task run per experiment: the instrument steps retry inside it (``with_retries``, the
+    policy Prefect's task retries had: ``INSTRUMENT_RETRIES`` after ``RETRY_DELAYS``, instrument
+    faults only), each retry a warning in this task run's log.
+    """
+    log = get_run_logger()
+    synthesize = with_retries(lab.synthesize, INSTRUMENT_RETRIES + 1, delays=RETRY_DELAYS, log=log)
+    characterize = with_retries(lab.characterize, INSTRUMENT_RETRIES + 1, delays=RETRY_DELAYS, log=log)
+
+    def started(t: Ticket) -> object:
+        monitor.log.info(monitor.page.started_line(t))
+        return synthesize(t)
+
+    outcome = run_experiment(lab, ticket, synthesize=started, characterize=characterize)
     line = monitor.page.outcome_line(outcome)
     if outcome.state == "completed":
         monitor.log.info(line)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
@@ -30,8 +30,30 @@ class _Done(Protocol):
 F = TypeVar("F", bound=_Done)
 
 
-def with_retries(step: Callable[[Ticket], T], attempts: int = 3, delay: float = 0.1) -> Callable[[Ticket], T]:
-    """Plain-Python stand-in for a Prefect task's retries: retry ``step`` on instrument faults only."""
+def with_retries(
+    step: Callable[[Ticket], T],
+    attempts: int = 3,
+    delay: float = 0.1,
+    *,
+    delays: Sequence[float] | None = None,
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+) -> Callable[[Ticket], T]:
+    """Retry ``step`` on instrument faults only (never a material failure or a bug).
+
+    The retry is safe because the job id (the experiment's idempotency key) makes the instrument
+    answer with the job it already has. The flow uses it inside its one task run per experiment
+    (a task run per step cost 12 ms of CPU per experiment) with the task run's logger, so each
+    retry still shows in the UI.
+
+    Args:
+        step: The instrument step (``Lab.synthesize`` / ``Lab.characterize``).
+        attempts: Tries in all (1 + retries).
+        delay: Seconds before retry ``k`` are ``delay * k`` unless ``delays`` is given.
+        delays: Seconds before each retry (the last one repeats), as Prefect's ``retry_delay_seconds``.
+        log: Where each retry is logged (default: this module's logger).
+    """
+    out = log if log is not None else logger
+    name = getattr(step, "__name__", "step")
 
     def run(ticket: Ticket) -> T:
         for attempt in range(1, attempts + 1):
@@ -40,9 +62,10 @@ def with_retries(step: Callable[[Ticket], T], attempts: int = 3, delay: float = 
             except InstrumentError as exc:
                 if attempt == attempts:
                     raise
-                logger.warning("experiment %d: %s; retry %d of %d", ticket.experiment_id, exc, attempt,
-                               attempts - 1)
-                time.sleep(delay * attempt)
+                wait = delays[min(attempt, len(delays)) - 1] if delays else delay * attempt
+                out.warning("experiment %d: %s: %s; retry %d of %d in %.1f s", ticket.experiment_id, name, exc,
+                            attempt, attempts - 1, wait)
+                time.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
     return run
