@@ -105,16 +105,16 @@ def test_classifier_refuses_a_single_outcome() -> None:
 
 
 def test_weigh_combines_values_with_p_success() -> None:
-    from sdl.engine.feasibility import CONFIDENT, weigh, weigh_kind
+    from sdl.engine.feasibility import weigh, weigh_kind
 
     values = torch.tensor([-1.0, 0.5, 2.0, 1.0])
-    p = torch.tensor([0.9, 0.25, 1.0, CONFIDENT])
-    w = torch.tensor([1.0, 0.25 / CONFIDENT, 1.0, 1.0])  # only P below CONFIDENT is penalised
+    p = torch.tensor([0.9, 0.25, 1.0, 0.5])
+    w = p
     assert weigh_kind("qlognei") == "log" and weigh_kind("qucb") == "shifted"
     assert torch.allclose(weigh(values, p.log(), "log"), values + w.log())
     assert torch.allclose(weigh(values.abs(), p.log(), "product"), values.abs() * w)
     # qUCB: a failure is worth the floor (the incumbent); below it nothing is gained either way.
-    assert torch.allclose(weigh(values, p.log(), "shifted", floor=0.0), torch.tensor([0.0, 0.5 * w[1], 2.0, 1.0]))
+    assert torch.allclose(weigh(values, p.log(), "shifted", floor=0.0), torch.tensor([0.0, 0.5 * w[1], 2.0, 0.5]))
 
 
 # -- the engine -------------------------------------------------------------------------------
@@ -145,8 +145,6 @@ def _teach(engine, ok: np.ndarray, tough: np.ndarray, rows: np.ndarray) -> None:
 @pytest.mark.parametrize("function", ["qlognei", "qucb"])
 def test_acquisition_is_down_weighted_where_syntheses_fail(tmp_path: Path, function: str) -> None:
     """When the toughest barrels fail to print, blind picks go there and aware ones do not."""
-    from sdl.engine.feasibility import CONFIDENT
-
     X, _, tough = _barrel()
     ok = ~(tough > np.quantile(tough, 0.6))  # the rule: the toughest 40 % of the designs fail to print
     seen = np.random.default_rng(1).permutation(len(ok))[:200]
@@ -169,7 +167,7 @@ def test_acquisition_is_down_weighted_where_syntheses_fail(tmp_path: Path, funct
     if function == "qlognei":  # EI times P: log a(x) + log P(x)
         assert a_blind + math.log(float(p_all[rows_blind[0]])) - 1e-9 <= a_aware <= a_blind + 1e-9
     else:  # qUCB: the optimistic improvement over the incumbent times P; here it changes the picks
-        assert float(p_all[rows_blind].min()) < CONFIDENT  # the blind batch holds likely failures
+        assert float(p_all[rows_blind].min()) < 0.5  # the blind batch holds likely failures
         assert float(p_all[rows_aware].mean()) > float(p_all[rows_blind].mean())
         assert ok[rows_aware].all() and sum(ok[rows_aware]) > sum(ok[rows_blind])  # blind walks into failures
     failed = set(aware.failed_keys)  # a failed candidate is never proposed again, and never a label

@@ -31,7 +31,7 @@ import torch
 
 from sdl.exceptions import EngineError
 
-__all__ = ["CONFIDENT", "FeasibilityMode", "GPClassifier", "weigh", "weigh_kind"]
+__all__ = ["FeasibilityMode", "GPClassifier", "weigh", "weigh_kind"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +50,8 @@ def weigh_kind(function: str) -> WeighKind:
     return "shifted"
 
 
-CONFIDENT = 0.5
-"""P(success) from which a candidate is not penalised: only what the classifier finds more likely to
-fail than to form is down-weighted (by ``P / CONFIDENT``). Measured on the CMR world: the plain
-weighting (every P < 1 penalised) cut the failures but halved the discovery, because the
-classifier's moderate P (0.6-0.8) around the best crystals outweighed their improvement."""
-
-
 def weigh(values: torch.Tensor, log_p: torch.Tensor, kind: WeighKind, floor: float = 0.0) -> torch.Tensor:
     """Acquisition values of experiments that succeed with probability ``exp(log_p)``.
-
-    The weight is ``min(1, P / CONFIDENT)`` (see :data:`CONFIDENT`).
 
     Args:
         values: ``[n]`` acquisition values (or utility draws).
@@ -69,12 +60,11 @@ def weigh(values: torch.Tensor, log_p: torch.Tensor, kind: WeighKind, floor: flo
             ``shifted`` (values of either sign, a failure worth ``floor``).
         floor: The value of a failure for ``shifted`` (the incumbent's utility).
     """
-    log_w = (log_p - math.log(CONFIDENT)).clamp_max(0.0)
     if kind == "log":
-        return values + log_w
+        return values + log_p
     if kind == "product":
-        return values * log_w.exp()
-    return floor + log_w.exp() * (values - floor).clamp_min(0.0)
+        return values * log_p.exp()
+    return floor + log_p.exp() * (values - floor).clamp_min(0.0)
 
 
 class GPClassifier:
