@@ -308,3 +308,23 @@ def test_campaign_with_the_tolerance_factor_robot_records_failures(
         assert all(0.0 < (e.provenance_extra or {}).get("p_success", -1.0) <= 1.0 for e in later)
     finally:
         store.close()
+
+
+def test_a_resumed_campaign_learns_its_earlier_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Material failures in the repository (from a run, or `sdl tell --failed`) reach the engine on resume."""
+    from sdl.config import load_campaign
+    from sdl.lab import open_lab, run_plain
+
+    monkeypatch.setenv("SDL_STATE_DIR", str(tmp_path / "state"))
+    db = f"sqlite:///{tmp_path / 'resume.db'}"
+    path = _yaml(tmp_path, robot_sim=", tolerance_factor: {low: 0.8, high: 1.07}")
+    text = path.read_text().replace("model: {name: gp}", "model: {name: random}").replace(
+        "experiments: 12, max_failures: 12", "experiments: 8, max_failures: 8")
+    path.write_text(text)
+    cfg = load_campaign(path)
+    with open_lab(cfg, db) as lab:
+        assert run_plain(lab) == "completed"
+        failed = sorted(e.candidate_key for e in lab.store.experiments(lab.campaign_id) if e.state == "failed")
+        assert failed and sorted(lab.engine.failed_keys) == failed
+    with open_lab(load_campaign(path), db) as again:
+        assert sorted(again.engine.failed_keys) == failed
