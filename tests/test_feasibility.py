@@ -87,12 +87,39 @@ def test_gp_classifier_learns_a_rule_on_a_real_table() -> None:
     X, ok, _ = _barrel()
     perm = np.random.default_rng(0).permutation(len(ok))
     train, test = perm[:120], perm[120:]
-    clf = GPClassifier(seed=0).fit(X[train], torch.as_tensor(ok[train]))
+    clf = GPClassifier(seed=0, optimism=0.0).fit(X[train], torch.as_tensor(ok[train]))
     p = clf.probability(X[test]).numpy()
     base = max(ok[test].mean(), 1 - ok[test].mean())
     accuracy = ((p > 0.5) == ok[test]).mean()
     assert 0.5 <= base < 0.6 and accuracy >= base + 0.25, (accuracy, base)
     assert p[ok[test]].mean() > 0.7 > 0.3 > p[~ok[test]].mean()
+
+
+def test_optimistic_p_penalises_only_where_the_classifier_is_sure() -> None:
+    """kappa = 0 is the predictive P; kappa > 0 raises P most where the latent GP is unsure."""
+    import gpytorch
+
+    from sdl.engine.feasibility import GPClassifier
+
+    X, ok, _ = _barrel()
+    train = np.random.default_rng(0).permutation(len(ok))[:120]
+    clf = GPClassifier(seed=0, optimism=0.0).fit(X[train], torch.as_tensor(ok[train]))
+    assert clf._likelihood is not None and clf._model is not None
+    with torch.no_grad(), gpytorch.settings.fast_pred_var():
+        reference = clf._likelihood(clf._model(clf._standardise(X))).mean
+    plain = clf.probability(X)
+    assert torch.allclose(plain, reference.clamp(1e-6, 1.0))
+    clf.optimism = 1.0
+    optimistic = clf.probability(X)
+    assert bool((optimistic >= plain).all())
+    # Far outside the data the latent GP is unsure: P tends to Phi(kappa) = 0.84, not the base rate.
+    far = torch.full((1, X.shape[1]), 25.0, dtype=torch.float64)
+    clf.optimism = 0.0
+    p_far = float(clf.probability(far))
+    clf.optimism = 1.0
+    assert float(clf.probability(far)) > max(p_far, 0.7)
+    # Still a classifier: the infeasible designs keep a lower P than the feasible ones.
+    assert optimistic[torch.as_tensor(~ok)].mean() < optimistic[torch.as_tensor(ok)].mean() - 0.2
 
 
 def test_classifier_refuses_a_single_outcome() -> None:
