@@ -44,7 +44,7 @@ def _fill(url: str) -> None:
 def filled(database_url: str) -> str:
     result = runner.invoke(app, ["db", "upgrade", "--db", database_url])
     assert result.exit_code == 0, result.output
-    assert "→ 0003" in result.output
+    assert "→ 0004" in result.output
     _fill(database_url)
     return database_url
 

@@ -87,12 +87,39 @@ def test_gp_classifier_learns_a_rule_on_a_real_table() -> None:
     X, ok, _ = _barrel()
     perm = np.random.default_rng(0).permutation(len(ok))
     train, test = perm[:120], perm[120:]
-    clf = GPClassifier(seed=0).fit(X[train], torch.as_tensor(ok[train]))
+    clf = GPClassifier(seed=0, optimism=0.0).fit(X[train], torch.as_tensor(ok[train]))
     p = clf.probability(X[test]).numpy()
     base = max(ok[test].mean(), 1 - ok[test].mean())
     accuracy = ((p > 0.5) == ok[test]).mean()
     assert 0.5 <= base < 0.6 and accuracy >= base + 0.25, (accuracy, base)
     assert p[ok[test]].mean() > 0.7 > 0.3 > p[~ok[test]].mean()
+
+
+def test_optimistic_p_penalises_only_where_the_classifier_is_sure() -> None:
+    """kappa = 0 is the predictive P; kappa > 0 raises P most where the latent GP is unsure."""
+    import gpytorch
+
+    from sdl.engine.feasibility import GPClassifier
+
+    X, ok, _ = _barrel()
+    train = np.random.default_rng(0).permutation(len(ok))[:120]
+    clf = GPClassifier(seed=0, optimism=0.0).fit(X[train], torch.as_tensor(ok[train]))
+    assert clf._likelihood is not None and clf._model is not None
+    with torch.no_grad(), gpytorch.settings.fast_pred_var():
+        reference = clf._likelihood(clf._model(clf._standardise(X))).mean
+    plain = clf.probability(X)
+    assert torch.allclose(plain, reference.clamp(1e-6, 1.0))
+    clf.optimism = 1.0
+    optimistic = clf.probability(X)
+    assert bool((optimistic >= plain).all())
+    # Far outside the data the latent GP is unsure: P tends to Phi(kappa) = 0.84, not the base rate.
+    far = torch.full((1, X.shape[1]), 25.0, dtype=torch.float64)
+    clf.optimism = 0.0
+    p_far = float(clf.probability(far))
+    clf.optimism = 1.0
+    assert float(clf.probability(far)) > max(p_far, 0.7)
+    # Still a classifier: the infeasible designs keep a lower P than the feasible ones.
+    assert optimistic[torch.as_tensor(~ok)].mean() < optimistic[torch.as_tensor(ok)].mean() - 0.2
 
 
 def test_classifier_refuses_a_single_outcome() -> None:
@@ -107,13 +134,14 @@ def test_classifier_refuses_a_single_outcome() -> None:
 def test_weigh_combines_values_with_p_success() -> None:
     from sdl.engine.feasibility import weigh, weigh_kind
 
-    values = torch.tensor([-1.0, 0.5, 2.0])
-    log_p = torch.tensor([0.5, 0.25, 1.0]).log()
+    values = torch.tensor([-1.0, 0.5, 2.0, 1.0])
+    p = torch.tensor([0.9, 0.25, 1.0, 0.5])
+    w = p
     assert weigh_kind("qlognei") == "log" and weigh_kind("qucb") == "shifted"
-    assert torch.allclose(weigh(values, log_p, "log"), values + log_p)
-    assert torch.allclose(weigh(values.abs(), log_p, "product"), values.abs() * log_p.exp())
+    assert torch.allclose(weigh(values, p.log(), "log"), values + w.log())
+    assert torch.allclose(weigh(values.abs(), p.log(), "product"), values.abs() * w)
     # qUCB: a failure is worth the floor (the incumbent); below it nothing is gained either way.
-    assert torch.allclose(weigh(values, log_p, "shifted", floor=0.0), torch.tensor([0.0, 0.125, 2.0]))
+    assert torch.allclose(weigh(values, p.log(), "shifted", floor=0.0), torch.tensor([0.0, 0.5 * w[1], 2.0, 0.5]))
 
 
 # -- the engine -------------------------------------------------------------------------------
@@ -143,10 +171,10 @@ def _teach(engine, ok: np.ndarray, tough: np.ndarray, rows: np.ndarray) -> None:
 
 @pytest.mark.parametrize("function", ["qlognei", "qucb"])
 def test_acquisition_is_down_weighted_where_syntheses_fail(tmp_path: Path, function: str) -> None:
-    """The toughest barrels are thin-strutted ones that do not print: blind picks go there, aware ones do not."""
+    """When the toughest barrels fail to print, blind picks go there and aware ones do not."""
     X, _, tough = _barrel()
     ok = ~(tough > np.quantile(tough, 0.6))  # the rule: the toughest 40 % of the designs fail to print
-    seen = np.random.default_rng(1).permutation(len(ok))[:60]
+    seen = np.random.default_rng(1).permutation(len(ok))[:200]
     aware, blind = _barrel_engine(tmp_path, "auto", function), _barrel_engine(tmp_path, "off", function)
     for engine in (aware, blind):
         _teach(engine, ok, tough, seen)
@@ -166,7 +194,7 @@ def test_acquisition_is_down_weighted_where_syntheses_fail(tmp_path: Path, funct
     if function == "qlognei":  # EI times P: log a(x) + log P(x)
         assert a_blind + math.log(float(p_all[rows_blind[0]])) - 1e-9 <= a_aware <= a_blind + 1e-9
     else:  # qUCB: the optimistic improvement over the incumbent times P; here it changes the picks
-        assert float(p_all[rows_aware].min()) > 0.5
+        assert float(p_all[rows_blind].min()) < 0.5  # the blind batch holds likely failures
         assert float(p_all[rows_aware].mean()) > float(p_all[rows_blind].mean())
         assert ok[rows_aware].all() and sum(ok[rows_aware]) > sum(ok[rows_blind])  # blind walks into failures
     failed = set(aware.failed_keys)  # a failed candidate is never proposed again, and never a label
@@ -307,3 +335,23 @@ def test_campaign_with_the_tolerance_factor_robot_records_failures(
         assert all(0.0 < (e.provenance_extra or {}).get("p_success", -1.0) <= 1.0 for e in later)
     finally:
         store.close()
+
+
+def test_a_resumed_campaign_learns_its_earlier_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Material failures in the repository (from a run, or `sdl tell --failed`) reach the engine on resume."""
+    from sdl.config import load_campaign
+    from sdl.lab import open_lab, run_plain
+
+    monkeypatch.setenv("SDL_STATE_DIR", str(tmp_path / "state"))
+    db = f"sqlite:///{tmp_path / 'resume.db'}"
+    path = _yaml(tmp_path, robot_sim=", tolerance_factor: {low: 0.8, high: 1.07}")
+    text = path.read_text().replace("model: {name: gp}", "model: {name: random}").replace(
+        "experiments: 12, max_failures: 12", "experiments: 8, max_failures: 8")
+    path.write_text(text)
+    cfg = load_campaign(path)
+    with open_lab(cfg, db) as lab:
+        assert run_plain(lab) == "completed"
+        failed = sorted(e.candidate_key for e in lab.store.experiments(lab.campaign_id) if e.state == "failed")
+        assert failed and sorted(lab.engine.failed_keys) == failed
+    with open_lab(load_campaign(path), db) as again:
+        assert sorted(again.engine.failed_keys) == failed

@@ -694,12 +694,19 @@ class Store:
         """Apply the packaged Alembic revisions up to ``revision``."""
         from alembic import command
 
-        try:
-            with self.engine.connect() as conn:
-                command.upgrade(alembic_config(conn), revision)
-                conn.commit()
-        except SQLAlchemyError as exc:
-            raise RepositoryError(f"migration of {self.url} failed: {exc}") from exc
+        for attempt in range(3):
+            try:
+                with self.engine.connect() as conn:
+                    command.upgrade(alembic_config(conn), revision)
+                    conn.commit()
+                return
+            except SQLAlchemyError as exc:
+                # Another process migrating the same empty database first: its tables are there now,
+                # and the next attempt finds them recorded (seen on SQLite under load).
+                if attempt < 2 and "already exists" in str(exc):
+                    logger.info("migration of %s raced another process; reading its result", self.url)
+                    continue
+                raise RepositoryError(f"migration of {self.url} failed: {exc}") from exc
 
     def current_revision(self) -> str | None:
         """The Alembic revision the database is at (None for an empty database)."""
