@@ -14,8 +14,12 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from sdl.repository import Store
 
 # Isolate Prefect before anything imports it: no ~/.prefect, no telemetry.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="sdl-test-prefect-")
@@ -24,6 +28,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The task-run recorder of the test servers: big batches and a 1 s flush, so that a test reading
+# task runs right after a flow waits seconds, not minutes, and SQLite behind it is not "locked".
+os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "200")
+os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE", "200")
+os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL", "1")
 # One embedding cache for the session (the demo pool featurises once), never the user's ~/.cache.
 os.environ.setdefault("SDL_EMBEDDING_CACHE", os.path.join(tempfile.mkdtemp(prefix="sdl-test-emb-"), "emb.sqlite"))
 
@@ -101,3 +110,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'sdl.db'}"
     return request.getfixturevalue("fresh_postgres_url")
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    """A migrated repository on ``database_url`` (SQLite and PostgreSQL), closed after the test."""
+    from sdl.repository import Store  # after the environment above is set
+
+    s = Store.from_url(database_url, create=True)
+    yield s
+    s.close()

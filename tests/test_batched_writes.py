@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,13 +15,6 @@ from event_model import compose_run
 from sdl.exceptions import RepositoryError
 from sdl.lab.documents import RepositoryWriter
 from sdl.repository import Store
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    s = Store.from_url(database_url, create=True)
-    yield s
-    s.close()
 
 
 def _experiment(store: Store) -> tuple[int, int]:

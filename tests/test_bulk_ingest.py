@@ -36,11 +36,6 @@ def RE() -> Iterator[RunEngine]:
     yield engine
 
 
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    s = Store.from_url(database_url, create=True)
-    yield s
-    s.close()
 
 
 def _campaign(

@@ -25,11 +25,6 @@ def RE() -> Iterator[RunEngine]:
     engine.halt() if engine.state != "idle" else None
 
 
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    s = Store.from_url(database_url, create=True)
-    yield s
-    s.close()
 
 
 def _experiment(store: Store) -> tuple[int, int]:

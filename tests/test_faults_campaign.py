@@ -8,7 +8,6 @@ campaign in which every synthesis fails makes that check deterministic).
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import uuid
@@ -18,13 +17,6 @@ from pathlib import Path
 
 import pytest
 from test_lab import world_values, write_campaign
-
-for _key, _value in {
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
 
 LINE_FAULTS = "timeout: 0.02, garbled: 0.03, drop: 0.02, busy: 0.03"  # 10 % of commands
 

@@ -11,7 +11,6 @@ import base64
 import csv
 import gzip
 import json
-import os
 import re
 import time
 import uuid
@@ -20,13 +19,6 @@ from pathlib import Path
 
 import pytest
 from test_lab import WORLD, journal, world_values, write_campaign
-
-for _key, _value in {
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ measurements; an injected fault ends up in the event log and as a failed run, wi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from instruments_helpers import CRYSTAL_WORLD, crystal_sim, crystal_truth, simulator  # noqa: F401 - fixtures
 
 from devices.plans import characterize, synthesize_and_characterize
@@ -19,13 +17,6 @@ from sdl.exceptions import InstrumentTimeout, MaterialFailure
 from sdl.lab.documents import RepositoryWriter
 from sdl.lab.runner import run_plan
 from sdl.repository.store import Store
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    repo = Store.from_url(database_url, create=True)
-    yield repo
-    repo.close()
 
 
 def _experiment(store: Store, name: str, candidate: str) -> tuple[int, int]:

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,11 +20,6 @@ ROUNDS = 4
 RACERS = 3
 
 
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    s = Store.from_url(database_url, create=True)
-    yield s
-    s.close()
 
 
 def _campaign(store: Store, name: str = "demo") -> int:

@@ -8,7 +8,6 @@ import io
 import json
 import multiprocessing
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,6 @@ WORLD = Path(__file__).resolve().parents[1] / "simulators/worlds/perovskites_dem
 SRWN3 = ("perov_15400", "perov_16144")  # two perovskite polymorphs of SrWN3 in the shipped world
 
 
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    s = Store.from_url(database_url, create=True)
-    yield s
-    s.close()
 
 
 def _rock_salt() -> Structure:

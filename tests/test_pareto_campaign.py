@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
-for _key, _value in {
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
 
 REPO = Path(__file__).resolve().parent.parent
 CAMPAIGN = REPO / "campaigns" / "perovskite-pareto.yaml"

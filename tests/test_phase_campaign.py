@@ -12,20 +12,12 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-for _key, _value in {
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = ROOT / "simulators" / "worlds" / "perovskites_demo.csv.gz"

@@ -20,11 +20,6 @@ SNAPSHOT = {
 }
 
 
-@pytest.fixture
-def store(database_url: str) -> Store:
-    s = Store.from_url(database_url, create=True)
-    yield s
-    s.close()
 
 
 def _campaign(store: Store, name: str = "perov", snapshot: dict | None = None, **kw):
