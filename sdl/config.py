@@ -121,6 +121,13 @@ def _check_bounds(low: float, high: float, what: str) -> None:
         raise ValueError(f"{what} must be below high, got low={low!r} >= high={high!r}")
 
 
+def _high_above_low(cls: type, high: float, info: ValidationInfo) -> float:
+    """The ``high`` field validator of every model with ``low`` and ``high`` bounds."""
+    if "low" in info.data:
+        _check_bounds(info.data["low"], high, "low")
+    return high
+
+
 # --------------------------------------------------------------------------- search space
 
 
@@ -133,12 +140,7 @@ class ContinuousParameter(_Frozen):
     high: float = Field(description="Upper bound (inclusive), in `unit`; must be above `low`.")
     unit: str | None = Field(default=None, description="Unit of the parameter, e.g. 'mm' or 'deg'.")
 
-    @field_validator("high")
-    @classmethod
-    def _high_above_low(cls, high: float, info: ValidationInfo) -> float:
-        if "low" in info.data:
-            _check_bounds(info.data["low"], high, "low")
-        return high
+    _high_above_low = field_validator("high")(_high_above_low)
 
 
 class IntegerParameter(_Frozen):
@@ -150,12 +152,7 @@ class IntegerParameter(_Frozen):
     high: int = Field(description="Upper bound (inclusive); must be above `low`.")
     unit: str | None = Field(default=None, description="Unit of the parameter, if any.")
 
-    @field_validator("high")
-    @classmethod
-    def _high_above_low(cls, high: int, info: ValidationInfo) -> int:
-        if "low" in info.data:
-            _check_bounds(info.data["low"], high, "low")
-        return high
+    _high_above_low = field_validator("high")(_high_above_low)
 
 
 class CategoricalParameter(_Frozen):
@@ -624,12 +621,7 @@ class ToleranceFactorFailures(_Frozen):
         "radii: succeed (left to the recorded data) or fail.",
     )
 
-    @field_validator("high")
-    @classmethod
-    def _high_above_low(cls, high: float, info: ValidationInfo) -> float:
-        if "low" in info.data:
-            _check_bounds(info.data["low"], high, "low")
-        return high
+    _high_above_low = field_validator("high")(_high_above_low)
 
 
 class SimulatorOptions(_Frozen):

@@ -74,6 +74,8 @@ from sdl.exceptions import EngineError
 from sdl.steps import step
 
 if TYPE_CHECKING:
+    from botorch.acquisition import AcquisitionFunction
+
     from sdl.engine.distributed import DaskCompute
     from sdl.engine.models.backbones import Backbone
     from sdl.engine.models.embedding_store import EmbeddingStore
@@ -262,6 +264,17 @@ class Selection(ABC):
         """Up to ``q`` distinct recipes not in ``taken`` and their values (None: no values)."""
 
 
+def box_recipes(r: SpaceRound, acqf: AcquisitionFunction) -> tuple[list[dict[str, Any]], list[float | None]]:
+    """``optimize_acqf`` of ``acqf`` in the space's box, decoded and rounded to recipes; collisions
+    with taken or repeated recipes replaced by seeded random ones (:func:`_distinct_fill`)."""
+    from sdl.engine.optim import optimize_box
+
+    X, vals = optimize_box(acqf, r.space.bounds, r.q, seed=r.seed)
+    recipes = r.space.decode(X)
+    values = vals.tolist() if vals.numel() == len(recipes) else [float(vals.max())] * len(recipes)
+    return _distinct_fill(r, recipes, values)
+
+
 def _distinct_fill(
     r: SpaceRound, recipes: Sequence[dict[str, Any]], values: Sequence[float]
 ) -> tuple[list[dict[str, Any]], list[float | None]]:
@@ -353,15 +366,11 @@ class AcquisitionSelection(Selection):
     def pick_recipes(self, r: SpaceRound) -> tuple[list[dict[str, Any]], list[float | None] | None]:
         """``optimize_acqf`` in the box, rounded; collisions replaced by seeded random recipes."""
         from sdl.engine.acquisition import build_acquisition
-        from sdl.engine.optim import optimize_box
 
         assert r.X_baseline is not None and r.y is not None
         acqf = build_acquisition(self.function, r.surrogate.model, r.objective, X_baseline=r.X_baseline,
                                  y_baseline=r.y, X_pending=r.X_pending, beta=self.beta, seed=r.seed)
-        X, vals = optimize_box(acqf, r.space.bounds, r.q, seed=r.seed)
-        recipes = r.space.decode(X)
-        values = vals.tolist() if vals.numel() == len(recipes) else [float(vals.max())] * len(recipes)
-        return _distinct_fill(r, recipes, values)
+        return box_recipes(r, acqf)
 
 
 class MaxVarianceSelection(AcquisitionSelection):

@@ -122,16 +122,12 @@ class ParetoSelection(Selection):
 
     def pick_recipes(self, r: SpaceRound) -> tuple[list[dict[str, Any]], list[float | None] | None]:
         """``optimize_acqf`` in the box, rounded; collisions replaced by seeded random recipes."""
-        from sdl.engine.engine import _distinct_fill
-        from sdl.engine.optim import optimize_box
+        from sdl.engine.engine import box_recipes
 
         surrogate = r.surrogate
         assert isinstance(surrogate, MultiOutputSurrogate) and r.X_baseline is not None
         acqf = self.acquisition(surrogate.model, surrogate.sampler(r.seed), r.X_baseline, r.X_pending)
-        X, vals = optimize_box(acqf, r.space.bounds, r.q, seed=r.seed)
-        recipes = r.space.decode(X)
-        values = vals.tolist() if vals.numel() == len(recipes) else [float(vals.max())] * len(recipes)
-        return _distinct_fill(r, recipes, values)
+        return box_recipes(r, acqf)
 
 
 class MultiObjectiveEngine(Engine):
