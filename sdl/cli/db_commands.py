@@ -129,7 +129,8 @@ def status(
     try:
         summaries = store.campaign_summaries()
         shown = control_states(store)  # paused, awaiting approval, cancelled (sdl/repository/control.py)
-        summaries = [{**s, "state": shown.get(s["id"], s["state"]), "stored_state": s["state"]} for s in summaries]
+        summaries = [{**s, "state": shown.get(s["id"], s["state"]), "stored_state": s["state"],
+                      **_several_objectives(store, s["id"])} for s in summaries]
     except RepositoryError as exc:
         _die(str(exc))
     finally:
@@ -159,8 +160,11 @@ def status(
             Text(s["state"], style=colours.get(s["state"], "")),
             "—" if s["budget"] is None else str(s["budget"]),
             *(str(s["counts"][k]) for k in headers),
-            "—" if s["best_value"] is None else f"{s['best_value']:.6g}",
-            f"{goals.get(s['goal'], s['goal'])} {s['objective']}" if s["objective"] else "—",
+            "—" if s["best_value"] is None else f"{s['best_value']:.6g}"
+            + (f"; front {len(s['pareto_front'])}" if "pareto_front" in s else ""),
+            ", ".join(f"{goals.get(o['goal'], o['goal'])} {o['property']}" for o in s["objectives"])
+            if "objectives" in s
+            else f"{goals.get(s['goal'], s['goal'])} {s['objective']}" if s["objective"] else "—",
             str(s["n_measurements"]),
         )
     console = Console()
@@ -170,6 +174,20 @@ def status(
         console.print(f"No campaigns in {store.url} yet.")
         return
     console.print(table)
+
+
+def _several_objectives(store: Store, campaign_id: int) -> dict[str, object]:
+    """A campaign with ``objectives:``: each objective and goal, the measured front and its hypervolume
+    (``best_value`` is the first objective's, as in ``sdl run``'s summary)."""
+    from sdl.engine.pareto import MultiObjective
+    from sdl.lab.pareto import front_summary
+
+    record = store.get_campaign(campaign_id)
+    if record is None or not record.config_snapshot.get("objectives"):
+        return {}
+    objectives = MultiObjective.from_snapshot(record.config_snapshot)
+    return {"objectives": [{"property": o.property, "goal": o.goal} for o in objectives.objectives],
+            **front_summary(store, campaign_id, objectives)}
 
 
 def export(

@@ -110,27 +110,38 @@ def _print_asked(result: AskResult) -> None:
     from rich import box
     from rich.table import Table
 
-    unit = f" ({result.unit})" if result.unit else ""
+    properties = result.properties or {result.property: result.unit}
     table = Table(title=f"{result.campaign}: {len(result.experiments)} experiment(s) to carry out",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("experiment", justify="right")
     table.add_column("what to make")
-    table.add_column(f"predicted {result.property}{unit}", justify="right")
+    for prop, unit in properties.items():
+        table.add_column(f"predicted {prop}" + (f" ({unit})" if unit else ""), justify="right")
     table.add_column("acquisition", justify="right")
     table.add_column("model")
     for a in result.experiments:
         what = ", ".join(f"{k}={_short(v)}" for k, v in a.params.items()) or a.candidate
-        predicted = "—" if a.predicted_mean is None else (
-            f"{a.predicted_mean:.4g}" + ("" if a.predicted_std is None else f" ± {a.predicted_std:.2g}"))
-        table.add_row(str(a.experiment), what, predicted,
+        predicted: dict[str, tuple[float | None, float | None]] = (
+            {p: (v.get("mean"), v.get("std")) for p, v in a.predicted.items()} if a.predicted
+            else {result.property: (a.predicted_mean, a.predicted_std)})
+        cells = []
+        for prop in properties:
+            mean, std = predicted.get(prop, (None, None))
+            cells.append("—" if mean is None else f"{mean:.4g}" + ("" if std is None else f" ± {std:.2g}"))
+        table.add_row(str(a.experiment), what, *cells,
                       "—" if a.acquisition_value is None else f"{a.acquisition_value:.3g}", a.model_version or "—")
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 120))
     console.print(table)
     first = result.experiments[0].experiment
-    console.print(f"tell a result:  sdl tell {result.campaign} --experiment {first} --value <{result.property}>\n"
-                  f"many at once:   sdl tell {result.campaign} --csv results.csv  (columns experiment,value[,failed])\n"
+    if len(properties) > 1:
+        values = " ".join(f"--value {p}=<V>" for p in properties)
+        columns = "experiment," + ",".join(properties)
+    else:
+        values, columns = f"--value <{result.property}>", "experiment,value"
+    console.print(f"tell a result:  sdl tell {result.campaign} --experiment {first} {values}\n"
+                  f"many at once:   sdl tell {result.campaign} --csv results.csv  (columns {columns}[,failed])\n"
                   f"budget left after these: {result.remaining}", highlight=False)
 
 
@@ -141,10 +152,12 @@ def _short(value: object) -> str:
 def tell(
     campaign: str = typer.Argument(..., help="Campaign name (as `sdl status` lists it)."),
     experiment: int | None = typer.Option(None, "--experiment", "-e", help="Experiment id (from `sdl ask`)."),
-    value: str | None = typer.Option(None, "--value", help="The measured value of the campaign's objective."),
+    value: list[str] | None = typer.Option(None, "--value", help="The measured value of the campaign's objective; "
+                                           "with several objectives PROPERTY=V, once per property."),
     failed: str | None = typer.Option(None, "--failed", help="The synthesis failed: the reason, in words."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Many results: a CSV with columns experiment, "
-                                         "value and/or failed (one of the two per row); all or nothing."),
+                                         "value (several objectives: one column per property) and/or failed "
+                                         "(one of the two per row); all or nothing."),
     db: str | None = typer.Option(None, "--db", help=TELL_DB_HELP),
     by: str | None = typer.Option(None, "--by", help=BY_HELP),
     amend: bool = typer.Option(False, "--amend", help="Replace the value of an experiment already completed "
@@ -152,35 +165,44 @@ def tell(
 ) -> None:
     """Complete experiments with what was measured by hand (or mark their synthesis failed)."""
     from sdl.exceptions import RepositoryError
-    from sdl.lab.manual import HandInputError, default_teller, parse_value, read_results_csv
+    from sdl.lab.manual import (
+        HandInputError,
+        campaign_properties,
+        default_teller,
+        hand_result,
+        parse_told,
+        read_results_csv,
+    )
     from sdl.lab.manual import tell as tell_results
     from sdl.repository import CampaignLocked, HandResult, ResultRefused
     from sdl.settings import resolve_database_url
 
+    values = value or []
     if csv_file is not None:
-        if experiment is not None or value is not None or failed is not None:
+        if experiment is not None or values or failed is not None:
             _die("--csv and --experiment/--value/--failed exclude each other: give one result or a file", 2)
-        try:
-            results = read_results_csv(csv_file)
-        except HandInputError as exc:
-            _die(str(exc), 2)
     else:
         if experiment is None:
             _die("--experiment ID (with --value or --failed) or --csv FILE is needed", 2)
-        if (value is None) == (failed is None):
+        if bool(values) == (failed is not None):
             _die(f"experiment {experiment}: give --value V or --failed REASON (one of the two)", 2)
         if failed is not None and not failed.strip():
             _die(f"experiment {experiment}: --failed needs a reason in words", 2)
-        try:
-            number = None if value is None else parse_value(value, f"experiment {experiment}: --value")
-        except HandInputError as exc:
-            _die(str(exc), 2)
-        results = [HandResult(experiment, value=number, failed=None if failed is None else failed.strip(),
-                              origin="")]
     from sdl.cli.db_commands import _open
 
     store = _open(resolve_database_url(db))  # a missing or un-migrated repository: one line, exit 1
     store.close()
+    try:
+        properties = campaign_properties(resolve_database_url(db), campaign)
+        if csv_file is not None:
+            results = read_results_csv(csv_file, properties)
+        else:
+            assert experiment is not None
+            numbers = parse_told(values, properties, f"experiment {experiment}: --value", amend=amend)
+            results = [hand_result(experiment, numbers, properties) if values
+                       else HandResult(experiment, failed=str(failed).strip())]
+    except HandInputError as exc:
+        _die(str(exc), 2)
     try:
         told = tell_results(resolve_database_url(db), campaign, results, by=by or default_teller(), amend=amend)
     except CampaignLocked as exc:
@@ -196,7 +218,14 @@ def _print_told(result: TellResult) -> None:
     unit = f" {result.unit}" if result.unit else ""
     console = Console(soft_wrap=True, highlight=False)
     for o in result.outcomes:
-        if o.failed is not None:
+        if o.values:  # several objectives: every property told
+            told = ", ".join(f"{p} = {v:g}" + (f" {result.properties[p]}" if result.properties.get(p) else "")
+                             + (f" (amended; was {', '.join(f'{w:g}' for w in o.superseded[p]) or 'no value'})"
+                                if p in o.superseded else "")
+                             for p, v in o.values.items())
+            console.print(f"experiment {o.experiment_id} ({o.candidate_key}): {told}"
+                          + (", kept on record" if o.superseded else ""))
+        elif o.failed is not None:
             console.print(f"experiment {o.experiment_id} ({o.candidate_key}): failed: {o.failed}")
         elif o.amended:
             old = ", ".join(f"{v:g}" for v in o.amended)

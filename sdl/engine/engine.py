@@ -128,6 +128,8 @@ class Proposal:
         strategy: ``initial-design``, ``random``, ``gp`` or ``gnn-ensemble``.
         p_success: The feasibility classifier's P(success) when it weighted the acquisition
             (:mod:`sdl.engine.feasibility`), else None.
+        predictions: Several objectives: ``property -> (mean, std)`` of every modelled property
+            (the first is ``predicted_mean`` / ``predicted_std``), else None.
     """
 
     key: str
@@ -139,6 +141,7 @@ class Proposal:
     batch_id: str
     strategy: str
     p_success: float | None = None
+    predictions: Mapping[str, tuple[float, float]] | None = None
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:

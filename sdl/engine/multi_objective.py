@@ -17,6 +17,7 @@ The random baseline stays random (no model), so ``sdl benchmark`` puts it beside
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -246,7 +247,25 @@ class MultiObjectiveEngine(Engine):
         """As :meth:`Engine.propose`; the selection sees every property measured so far."""
         if isinstance(self.selection, ParetoSelection):
             self.selection.Y = self.measured()
-        return super().propose(q, pending, exclude)
+        return self._with_predictions(super().propose(q, pending, exclude))
+
+    def _with_predictions(self, proposals: list[Proposal]) -> list[Proposal]:
+        """Each model-based proposal with every property's predicted mean and std (``sdl ask --json``)."""
+        surrogate = self.surrogate
+        model_based = [p for p in proposals if p.predicted_mean is not None]
+        if not model_based or not isinstance(surrogate, MultiOutputSurrogate) or not surrogate.fitted:
+            return proposals
+        if self.pool is not None:
+            X = torch.tensor([[float(self.pool.index_of(p.key))] for p in model_based], dtype=torch.float64)
+        else:
+            X = self._space().encode([p.params for p in model_based])
+        with torch.no_grad():
+            predicted = surrogate.predict_all(X)
+        out: dict[str, Proposal] = {}
+        for j, p in enumerate(model_based):
+            out[p.key] = dataclasses.replace(p, predictions={
+                prop: (float(mean[j]), float(std[j])) for prop, (mean, std) in predicted.items()})
+        return [out.get(p.key, p) for p in proposals]
 
     def extend_pool(self, *args: Any, **kwargs: Any) -> int:
         """Not with several objectives (the surrogates would need rebuilding per property).

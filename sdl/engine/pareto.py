@@ -19,7 +19,7 @@ Torch is imported only for the acquisition pieces (:meth:`MultiObjective.mc_obje
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -142,6 +142,20 @@ class MultiObjective:
         objectives = cfg.objectives if getattr(cfg, "objectives", None) is not None else [cfg.objective]
         constraints = [Constraint(c.property, c.op, float(c.value)) for c in getattr(cfg, "constraints", []) or []]
         return cls([Objective.from_any(o) for o in objectives], constraints, getattr(cfg, "reference_point", None))
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Mapping[str, Any]) -> MultiObjective:
+        """From a campaign's stored configuration (:meth:`sdl.config.CampaignConfig.snapshot`).
+
+        Raises:
+            ValueError: The snapshot names no objective.
+        """
+        objectives = snapshot.get("objectives") or [snapshot.get("objective")]
+        if not all(isinstance(o, Mapping) and o.get("property") for o in objectives):
+            raise ValueError("the stored configuration names no objective property")
+        constraints = [Constraint(str(c["property"]), c["op"], float(c["value"]))
+                       for c in snapshot.get("constraints") or [] if isinstance(c, Mapping)]
+        return cls([Objective.from_any(dict(o)) for o in objectives], constraints, snapshot.get("reference_point"))
 
     @property
     def n_objectives(self) -> int:

@@ -663,6 +663,8 @@ class Lab:
                     "predicted_mean": p.predicted_mean, "predicted_std": p.predicted_std,
                     "batch_id": p.batch_id, "strategy": p.strategy,
                     **({"p_success": p.p_success} if p.p_success is not None else {}),
+                    **({"predicted": {k: {"mean": m, "std": sd} for k, (m, sd) in p.predictions.items()}}
+                       if p.predictions else {}),
                     **({"source": HANDS, "asked_by": asked_by} if asked_by is not None else {}),
                 },
             )

@@ -30,11 +30,10 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdl.engine.objectives import Objective
 from sdl.exceptions import SDLError
 from sdl.lab.ledger import HANDS, ExperimentLedger, StoppingPolicy, asked_by_hand
 
@@ -82,6 +81,8 @@ class AskedExperiment:
         model_version: The model that proposed it.
         batch_id: Shared by the experiments of one ask.
         strategy: ``initial-design``, ``random``, ``gp`` or ``gnn-ensemble``.
+        predicted: Several objectives: ``property -> {"mean", "std"}`` of every modelled property
+            (None with one objective, and before any model).
     """
 
     experiment: int
@@ -93,10 +94,14 @@ class AskedExperiment:
     model_version: str | None
     batch_id: str | None
     strategy: str | None
+    predicted: dict[str, dict[str, float]] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """A JSON-able dict (the ``sdl ask --json`` object)."""
-        return asdict(self)
+        """A JSON-able dict (the ``sdl ask --json`` object; ``predicted`` only with several objectives)."""
+        data = asdict(self)
+        if self.predicted is None:
+            del data["predicted"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class AskResult:
     experiments: list[AskedExperiment]
     remaining: int
     note: str | None = None
+    properties: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,7 @@ class TellResult:
     stop_reason: str | None
     pending: int | None
     note: str | None = None
+    properties: dict[str, str | None] = field(default_factory=dict)
 
 
 def default_teller() -> str:
@@ -226,7 +233,7 @@ def ask(
             note = (f"the budget ({lab.budget}) allows {q} more, not {n}: "
                     f"{lab.ledger.n_ended} ended, {len(lab.ledger.inflight()) - len(tickets)} pending before this ask")
         return AskResult(cfg.name, record.id, cfg.objective.property, cfg.objective.unit, asked,
-                         lab.ledger.remaining(), note)
+                         lab.ledger.remaining(), note, stored_properties(record.config_snapshot))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -250,11 +257,14 @@ def _asked(store: Store, experiment_id: int, *, pool: bool) -> AskedExperiment:
     if pool:
         params = {"candidate": exp.candidate_key, **params}
     extra = exp.provenance_extra or {}
+    predicted = extra.get("predicted")
     return AskedExperiment(
         experiment=exp.id, candidate=exp.candidate_key, params=params, predicted_mean=exp.predicted_mean,
         predicted_std=exp.predicted_std, acquisition_value=exp.acquisition_value,
         model_version=exp.model_version, batch_id=exp.batch_id,
         strategy=str(extra["strategy"]) if extra.get("strategy") is not None else None,
+        predicted={str(k): {"mean": float(v["mean"]), "std": float(v["std"])} for k, v in predicted.items()}
+        if isinstance(predicted, Mapping) else None,
     )
 
 
@@ -282,28 +292,121 @@ def _parse_experiment(text: object, where: str) -> int:
     return number
 
 
-def read_results_csv(path: Path) -> list[HandResult]:
-    """Results from a CSV file: columns ``experiment`` and ``value`` and/or ``failed``.
+def stored_properties(snapshot: Mapping[str, Any], campaign: str = "") -> dict[str, str | None]:
+    """Property -> unit of what completes one of the campaign's experiments, from its stored config.
 
-    One row per experiment: ``value`` holds the measured number, or ``failed`` the reason the
-    synthesis failed (one of the two, never both). Other columns (``candidate``, ``formula``,
-    notes) are ignored, so the output of ``sdl ask --json`` turned into a table can be filled in.
-    Blank lines are skipped.
+    One objective: just it. Several: each objective's property, then each constrained one (no
+    unit in the config: None), as :attr:`sdl.config.CampaignConfig.modelled_properties` orders them.
+
+    Raises:
+        HandInputError: The stored configuration names no objective.
+    """
+    from sdl.engine.pareto import MultiObjective
+
+    try:
+        objectives = MultiObjective.from_snapshot(snapshot)
+    except ValueError as exc:
+        raise HandInputError(f"campaign {campaign!r}: {exc}") from None
+    units = {o.property: o.unit for o in objectives.objectives}
+    return {p: units.get(p) for p in objectives.properties}
+
+
+def campaign_properties(database_url: str, campaign: str) -> dict[str, str | None]:
+    """:func:`stored_properties` of a campaign in the repository (what ``--value`` and a CSV may name).
+
+    Raises:
+        HandInputError: No campaign of that name.
+    """
+    from sdl.repository import Store
+
+    store = Store.from_url(database_url)
+    try:
+        return stored_properties(_record(store, campaign).config_snapshot, campaign)
+    finally:
+        store.close()
+
+
+def parse_told(texts: Sequence[str], properties: Mapping[str, str | None], where: str, *,
+               amend: bool = False) -> dict[str, float]:
+    """``--value`` as typed: ``PROPERTY=V`` once per property, or a bare ``V`` with one objective.
+
+    Without ``amend`` every property is needed (an experiment completes with all of them at once);
+    an amendment may name some.
+
+    Raises:
+        HandInputError: One line naming the unknown, repeated or missing property, or the bad number.
+    """
+    names = list(properties)
+    told: dict[str, float] = {}
+    for text in texts:
+        name, sep, number = str(text).partition("=")
+        if not sep:
+            if len(names) > 1:
+                raise HandInputError(
+                    f"{where}: {text!r} names no property; the campaign has several objectives: give "
+                    + " ".join(f"--value {p}=V" for p in names))
+            name, number = names[0], str(text)
+        name = name.strip()
+        if name not in properties:
+            raise HandInputError(f"{where}: {name!r} is not one of the campaign's properties "
+                                 f"({', '.join(names)})")
+        if name in told:
+            raise HandInputError(f"{where}: {name} is given twice")
+        told[name] = parse_value(number, f"{where} {name}" if len(names) > 1 else where)
+    missing = [p for p in names if p not in told]
+    if missing and not amend:
+        raise HandInputError(f"{where}: no value of {', '.join(missing)} (an experiment completes with "
+                             f"{', '.join(names)})")
+    return told
+
+
+def hand_result(experiment: int, told: Mapping[str, float], properties: Mapping[str, str | None], *,
+                failed: str | None = None, origin: str = "") -> HandResult:
+    """The :class:`~sdl.repository.HandResult` of one experiment (one objective: ``value``, as before)."""
+    from sdl.repository import HandResult
+
+    if len(properties) > 1:
+        return HandResult(experiment, failed=failed, origin=origin, values=dict(told))
+    return HandResult(experiment, value=next(iter(told.values()), None), failed=failed, origin=origin)
+
+
+def read_results_csv(path: Path, properties: Mapping[str, str | None] | None = None) -> list[HandResult]:
+    """Results from a CSV file: column ``experiment``, the measured values, and/or ``failed``.
+
+    The values: one column per property the campaign measures (its header names the property);
+    with one objective the column may be called ``value``, as before. One row per experiment: the
+    values, or in ``failed`` the reason the synthesis failed (never both). Other columns
+    (``candidate``, ``formula``, notes) are ignored, so the output of ``sdl ask --json`` turned
+    into a table can be filled in. Blank lines are skipped.
+
+    Args:
+        path: The file.
+        properties: Property -> unit (:func:`stored_properties`); None: one unnamed objective.
 
     Raises:
         HandInputError: One line naming the file and the line of the first bad row.
     """
-    from sdl.repository import HandResult
-
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise HandInputError(f"{path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+    props = dict(properties or {"value": None})
+    names = list(props)
     reader = csv.DictReader(text.splitlines())
     columns = [c.strip().lower() for c in (reader.fieldnames or [])]
-    if "experiment" not in columns or not {"value", "failed"} & set(columns):
-        raise HandInputError(f"{path} line 1: the header must name 'experiment' and 'value' and/or 'failed' "
+    by_column = {p.lower(): p for p in names}
+    if len(names) == 1:
+        by_column["value"] = names[0]
+    elif "value" in columns:
+        raise HandInputError(f"{path} line 1: the campaign has several objectives: name one column per property "
+                             f"({', '.join(names)}), not 'value'")
+    value_columns = [c for c in columns if c in by_column]
+    if "experiment" not in columns or not (value_columns or "failed" in columns):
+        wanted = "'value'" if len(names) == 1 else ", ".join(repr(p) for p in names)
+        raise HandInputError(f"{path} line 1: the header must name 'experiment' and {wanted} and/or 'failed' "
                              f"(found {', '.join(columns) or 'nothing'})")
+    if len({by_column[c] for c in value_columns}) < len(value_columns):
+        raise HandInputError(f"{path} line 1: two columns hold {names[0]} ({', '.join(value_columns)})")
     reader.fieldnames = columns
     results: list[HandResult] = []
     for row in reader:
@@ -314,16 +417,25 @@ def read_results_csv(path: Path) -> list[HandResult]:
         if not any(cells.values()):
             continue
         experiment = _parse_experiment(cells.get("experiment", ""), where)
-        value_text, failed = cells.get("value", ""), cells.get("failed", "")
-        if value_text and failed:
+        failed = cells.get("failed", "")
+        filled = {by_column[c]: cells[c] for c in value_columns if cells.get(c)}
+        if filled and failed:
             raise HandInputError(f"{where}: experiment {experiment} has both a value and a failure reason")
-        if not value_text and not failed:
+        if not filled and not failed:
             raise HandInputError(f"{where}: experiment {experiment} has neither a value nor a failure reason")
-        value = parse_value(value_text, where) if value_text else None
-        results.append(HandResult(experiment, value=value, failed=failed or None, origin=where))
+        told = {p: parse_value(v, f"{where} {p}" if len(names) > 1 else where) for p, v in filled.items()}
+        results.append(hand_result(experiment, told, props, failed=failed or None, origin=where))
     if not results:
         raise HandInputError(f"{path}: no results in it")
     return results
+
+
+def _record(store: Store, campaign: str) -> CampaignRecord:
+    record = store.get_campaign(campaign)
+    if record is None:
+        known = ", ".join(c.name for c in store.campaigns()) or "none"
+        raise HandInputError(f"no campaign named {campaign!r} in {store.url} (known: {known})")
+    return record
 
 
 def tell(
@@ -361,28 +473,36 @@ def tell(
         raise HandInputError("nothing to tell")
     store = Store.from_url(database_url)
     try:
-        record = store.get_campaign(campaign)
-        if record is None:
-            known = ", ".join(c.name for c in store.campaigns()) or "none"
-            raise HandInputError(f"no campaign named {campaign!r} in {store.url} (known: {known})")
-        objective = _objective(record)
+        record = _record(store, campaign)
+        properties = stored_properties(record.config_snapshot, record.name)
+        first = next(iter(properties))
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(hold_lease(store, record.id, holder=f"sdl tell ({by})"))
             except CampaignLocked as locked:
-                return _tell_beside_a_run(store, record, objective, results, by=by, amend=amend, locked=locked)
-            outcomes = store.record_hand_results_bulk(record.id, results, by=by, property=objective.property,
-                                                      unit=objective.unit, amend=amend)
-            state, reason, pending = _settle(store, record, objective)
-        return TellResult(record.name, objective.property, objective.unit, outcomes, state, reason, pending)
+                return _tell_beside_a_run(store, record, properties, results, by=by, amend=amend, locked=locked)
+            outcomes = _record_results(store, record, properties, results, by=by, amend=amend)
+            state, reason, pending = _settle(store, record)
+        return TellResult(record.name, first, properties[first], outcomes, state, reason, pending,
+                          properties=properties)
     finally:
         store.close()
+
+
+def _record_results(store: Store, record: CampaignRecord, properties: Mapping[str, str | None],
+                    results: Sequence[HandResult], *, by: str, amend: bool,
+                    source: str | None = None) -> list[HandOutcome]:
+    """One transaction: each experiment's state change with every property's value (several objectives)."""
+    first = next(iter(properties))
+    return store.record_hand_results_bulk(
+        record.id, results, by=by, property=first, unit=properties[first], amend=amend, source=source,
+        others=dict(properties) if len(properties) > 1 else None)
 
 
 def _tell_beside_a_run(
     store: Store,
     record: CampaignRecord,
-    objective: Objective,
+    properties: dict[str, str | None],
     results: Sequence[HandResult],
     *,
     by: str,
@@ -398,22 +518,16 @@ def _tell_beside_a_run(
     from sdl.repository import CampaignLocked
 
     try:
-        outcomes = store.record_hand_results_bulk(record.id, results, by=by, property=objective.property,
-                                                  unit=objective.unit, amend=amend, source=HANDS)
+        outcomes = _record_results(store, record, properties, results, by=by, amend=amend, source=HANDS)
     except RepositoryError as exc:
         if "another process runs the campaign" not in str(exc):
             raise
         raise CampaignLocked(f"{exc}: {locked}", campaign=record.name, holder=locked.holder, host=locked.host,
                              pid=locked.pid, since=locked.since) from exc
     note = f"{locked.holder} (pid {locked.pid}) runs {record.name!r} and learns these before it proposes again"
-    return TellResult(record.name, objective.property, objective.unit, outcomes, record.state, None, None, note)
-
-
-def _objective(record: CampaignRecord) -> Objective:
-    objective = record.config_snapshot.get("objective")
-    if not isinstance(objective, Mapping) or not objective.get("property"):
-        raise HandInputError(f"campaign {record.name!r}: its stored configuration names no objective property")
-    return Objective.from_any(dict(objective))
+    first = next(iter(properties))
+    return TellResult(record.name, first, properties[first], outcomes, record.state, None, None, note,
+                      properties=properties)
 
 
 def _policy(record: CampaignRecord) -> StoppingPolicy:
@@ -436,9 +550,20 @@ def _policy(record: CampaignRecord) -> StoppingPolicy:
     )
 
 
-def _settle(store: Store, record: CampaignRecord, objective: Objective) -> tuple[str, str | None, int]:
-    """Check the rules on the repository's counts; end the campaign when nothing is left to do."""
-    ledger = ExperimentLedger(objective, _policy(record))
+def _settle(store: Store, record: CampaignRecord) -> tuple[str, str | None, int]:
+    """Check the rules on the repository's counts; end the campaign when nothing is left to do.
+
+    With ``objectives:`` the ledger counts progress as ``sdl run`` does: a new point on the
+    measured Pareto front (:mod:`sdl.lab.pareto`), not a better first objective.
+    """
+    from sdl.engine.pareto import MultiObjective
+    from sdl.lab.pareto import progress_for
+
+    objectives = MultiObjective.from_snapshot(record.config_snapshot)
+    objective = objectives.objectives[0]
+    several = record.config_snapshot.get("objectives") is not None
+    ledger = ExperimentLedger(objective, _policy(record),
+                              improvement=progress_for(objectives, store) if several else None)
     experiments = store.experiments(record.id)
     ledger.load(((e.id, e.candidate_key, e.state) for e in experiments),
                 ((o.experiment_id, o.value) for o in store.observations(record.id, objective.property)))

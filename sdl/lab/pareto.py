@@ -22,7 +22,7 @@ from sdl.engine.pareto import MultiObjective
 if TYPE_CHECKING:
     from sdl.repository import Store
 
-__all__ = ["MeasuredTable", "ParetoProgress", "measured_table", "progress_for"]
+__all__ = ["MeasuredTable", "ParetoProgress", "front_summary", "measured_table", "progress_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,22 @@ def measured_table(store: Store, campaign_id: int, properties: Sequence[str]) ->
     Y = np.asarray([[o.value] + [other.get(o.experiment_id, math.nan) for other in others] for o in first],
                    dtype=np.float64).reshape(-1, len(properties))
     return MeasuredTable([o.experiment_id for o in first], [o.candidate_key for o in first], Y)
+
+
+def front_summary(store: Store, campaign_id: int, objectives: MultiObjective) -> dict[str, object]:
+    """The measured front (rows of property values) and its hypervolume: ``sdl run``'s and ``sdl status``'s."""
+    table = measured_table(store, campaign_id, objectives.properties)
+    if not table.keys:
+        return {"pareto_front": [], "hypervolume": 0.0}
+    front = objectives.front(table.Y)
+    try:
+        volume = objectives.hypervolume(table.Y, objectives.reference_utility(table.Y))
+    except ValueError:
+        volume = 0.0
+    rows = [{"candidate": table.keys[i], "experiment": table.experiment_ids[i],
+             **{p: float(table.Y[i, j]) for j, p in enumerate(objectives.properties)}}
+            for i in np.flatnonzero(front)]
+    return {"pareto_front": rows, "hypervolume": volume}
 
 
 class ParetoProgress:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sdl.engine.pareto import MultiObjective
-from sdl.lab.pareto import measured_table
+from sdl.lab.pareto import front_summary, measured_table
 from sdl.plots import plot_pareto_front, png_data_url
 
 if TYPE_CHECKING:
@@ -27,19 +27,7 @@ __all__ = ["pareto_cards", "pareto_summary"]
 
 def pareto_summary(lab: Lab) -> dict[str, object]:
     """The measured front (rows of property values) and its hypervolume, for the flow's summary."""
-    objectives = MultiObjective.from_campaign(lab.cfg)
-    table = measured_table(lab.store, lab.campaign_id, objectives.properties)
-    if not table.keys:
-        return {"pareto_front": [], "hypervolume": 0.0}
-    front = objectives.front(table.Y)
-    try:
-        volume = objectives.hypervolume(table.Y, objectives.reference_utility(table.Y))
-    except ValueError:
-        volume = 0.0
-    rows = [{"candidate": table.keys[i], "experiment": table.experiment_ids[i],
-             **{p: float(table.Y[i, j]) for j, p in enumerate(objectives.properties)}}
-            for i in np.flatnonzero(front)]
-    return {"pareto_front": rows, "hypervolume": volume}
+    return front_summary(lab.store, lab.campaign_id, MultiObjective.from_campaign(lab.cfg))
 
 
 def pareto_cards(page: CampaignPage, report: RoundReport) -> list[Card]:

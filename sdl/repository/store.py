@@ -467,17 +467,29 @@ class HandResult:
     """One result a person tells (``sdl tell``): a value, or the reason the synthesis failed.
 
     ``origin`` says where it came from (``results.csv line 3``) so that an error can name it.
+    With several objectives ``values`` holds one value per property told (``value`` is then None).
     """
 
     experiment_id: int
     value: float | None = None
     failed: str | None = None
     origin: str = ""
+    values: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def told(self, property: str) -> dict[str, float]:  # noqa: A002 - the domain's word
+        """Property -> value told (``value`` is ``property``'s); empty for a failure."""
+        if self.values:
+            return dict(self.values)
+        return {} if self.value is None else {property: self.value}
 
 
 @dataclasses.dataclass(frozen=True)
 class HandOutcome:
-    """What :meth:`Store.record_hand_results` did to one experiment (``amended``: the old values)."""
+    """What :meth:`Store.record_hand_results` did to one experiment (``amended``: the old values).
+
+    ``value`` and ``amended`` are of the campaign's first property; ``values`` and ``superseded``
+    of every property told (several objectives), empty otherwise.
+    """
 
     experiment_id: int
     candidate_key: str
@@ -485,6 +497,8 @@ class HandOutcome:
     value: float | None
     failed: str | None
     amended: list[float]
+    values: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    superseded: Mapping[str, list[float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1619,6 +1633,9 @@ class Store:
                 seen[eid] = result.origin or "?"
                 if (result.value is None) == (result.failed is None):
                     raise RepositoryError(f"{where}experiment {eid}: give either a value or a failure reason")
+                if result.values:
+                    raise RepositoryError(f"{where}experiment {eid}: values of several properties are told by "
+                                          "record_hand_results_bulk")
                 row = s.get(Experiment, eid, with_for_update=True)
                 if row is None or row.campaign_id != campaign_id:
                     raise RepositoryError(f"{where}campaign {name!r} has no experiment {eid}")
@@ -2206,8 +2223,8 @@ class Store:
 
     @staticmethod
     def _objective_of(snapshot: object) -> tuple[str | None, str, Sequence[float] | None]:
-        objective = snapshot.get("objective") if isinstance(snapshot, Mapping) else None
-        if isinstance(objective, list) and objective:  # tolerate a list of objectives: first one
+        objective = snapshot.get("objective") or snapshot.get("objectives") if isinstance(snapshot, Mapping) else None
+        if isinstance(objective, list) and objective:  # several objectives: the first (what sdl run's best shows)
             objective = objective[0]
         if not isinstance(objective, Mapping):
             return None, "maximize", None
@@ -2419,6 +2436,7 @@ class Store:
         unit: str | None = None,
         amend: bool = False,
         source: str | None = None,
+        others: Mapping[str, str | None] | None = None,
     ) -> list[HandOutcome]:
         """:meth:`record_hand_results` for a whole file: same rules, errors and rows, fewer statements.
 
@@ -2426,9 +2444,20 @@ class Store:
         checked transition plus one event row per state change; what changes is that the
         experiments, their latest samples and the values an amendment supersedes are read in a
         few ``IN`` queries, and the measurements go in as one executemany.
+
+        Args:
+            others: Several objectives: every other property an experiment is completed with, and
+                its unit. A result that completes an experiment must then tell ``property`` and each
+                of these (:attr:`HandResult.values`), in the transaction of the state change; an
+                amendment may tell some of them, and supersedes the old values of those only.
+
+        Raises:
+            RepositoryError: As :meth:`record_hand_results`; also a property the campaign does not
+                measure, or one missing from a result that completes an experiment.
         """
         hand = f"hands:{by}"
         now = utcnow()
+        units: dict[str, str | None] = {property: unit, **{p: u for p, u in (others or {}).items() if p != property}}
         outcomes: list[HandOutcome] = []
         with self._tx("record_hand_results_bulk") as s:
             name = self._campaign_name(s, campaign_id)
@@ -2442,7 +2471,7 @@ class Store:
             for chunk in _chunks(done):
                 for m in s.scalars(
                     sa.select(Measurement)
-                    .where(Measurement.experiment_id.in_(chunk), Measurement.property == property,
+                    .where(Measurement.experiment_id.in_(chunk), Measurement.property.in_(list(units)),
                            Measurement.quality == "ok")
                     .order_by(Measurement.id)
                 ):
@@ -2456,7 +2485,8 @@ class Store:
                 if eid in seen:
                     raise RepositoryError(f"{where}experiment {eid} is told twice (also at {seen[eid]})")
                 seen[eid] = result.origin or "?"
-                if (result.value is None) == (result.failed is None):
+                told = result.told(property)
+                if bool(told) == (result.failed is not None):
                     raise RepositoryError(f"{where}experiment {eid}: give either a value or a failure reason")
                 row = experiments.get(eid)
                 if row is None or row.campaign_id != campaign_id:
@@ -2464,19 +2494,27 @@ class Store:
                 if source is not None and (row.provenance_extra or {}).get("source") != source:
                     raise RepositoryError(f"{where}experiment {eid} is not one of the campaign's {source!r} "
                                           f"experiments, and another process runs the campaign now")
-                value: dict[str, Any] | None = None
-                if result.value is not None:
+                unknown = [p for p in told if p not in units]
+                if unknown:
+                    raise RepositoryError(f"{where}experiment {eid}: campaign {name!r} does not measure "
+                                          f"{', '.join(unknown)} (its properties: {', '.join(units)})")
+                missing = [p for p in units if p not in told]
+                if told and missing and row.state != "completed":
+                    raise RepositoryError(f"{where}experiment {eid}: no value of {', '.join(missing)} (campaign "
+                                          f"{name!r} completes an experiment with {', '.join(units)})")
+                rows: dict[str, dict[str, Any]] = {}
+                for prop, number in told.items():
                     try:
-                        value = _measurement_values(
-                            eid, {"property": property, "value": result.value, "unit": unit, "instrument": hand,
+                        rows[prop] = _measurement_values(
+                            eid, {"property": prop, "value": number, "unit": units[prop], "instrument": hand,
                                   "timestamp": now}, now)
                     except RepositoryError as exc:
                         raise RepositoryError(f"{where}{exc}") from exc
-                    value["sample_id"] = samples.get(eid)
-                outcomes.append(self._tell_bulk_one(s, row, result, value, superseded.get(eid, []), where,
-                                                    hand=hand, by=by, property=property, amend=amend, now=now))
-                if value is not None:
-                    values.append(value)
+                    rows[prop]["sample_id"] = samples.get(eid)
+                outcomes.append(self._tell_bulk_one(s, row, result, rows, superseded.get(eid, []), where,
+                                                    hand=hand, by=by, property=property, amend=amend, now=now,
+                                                    several=len(units) > 1))
+                values.extend(rows.values())
             if values:
                 self._insert_rows(s, values)
         return outcomes
@@ -2486,7 +2524,7 @@ class Store:
         s: Session,
         row: Experiment,
         result: HandResult,
-        value: dict[str, Any] | None,
+        rows: Mapping[str, dict[str, Any]],
         old: list[Measurement],
         where: str,
         *,
@@ -2495,47 +2533,66 @@ class Store:
         property: str,  # noqa: A002
         amend: bool,
         now: dt.datetime,
+        several: bool,
     ) -> HandOutcome:
-        """One result of :meth:`record_hand_results_bulk`: the checks and rows of ``_tell_one``."""
+        """One result of :meth:`record_hand_results_bulk`: the checks and rows of ``_tell_one``.
+
+        ``rows``: the measurement rows told, per property; ``old``: the experiment's ``ok`` values
+        of the campaign's properties; ``several``: the campaign completes experiments with more than
+        one property (events and outcomes then name each).
+        """
         eid = row.id
+        told = {p: float(r["value"]) for p, r in rows.items()}
         if row.state == "completed":
-            shown = ", ".join(f"{m.value:g}" for m in old) or "no value"
-            if value is None:
-                raise ResultRefused(f"{where}experiment {eid} is already completed ({property} {shown}): "
+            props = list(dict.fromkeys([property, *(m.property for m in old)])) if several else [property]
+            shown = "; ".join(f"{p} " + (", ".join(f"{m.value:g}" for m in old if m.property == p) or "no value")
+                              for p in props)
+            if not rows:
+                raise ResultRefused(f"{where}experiment {eid} is already completed ({shown}): "
                                     "it cannot be marked failed")
             if not amend:
                 raise ResultRefused(
-                    f"{where}experiment {eid} is already completed ({property} {shown}); rerun with --amend "
+                    f"{where}experiment {eid} is already completed ({shown}); rerun with --amend "
                     "to replace its value (the old one stays on record)"
                 )
-            for m in old:
-                m.quality = "superseded"
+            replaced = {p: [m for m in old if m.property == p] for p in told}
+            for ms in replaced.values():
+                for m in ms:
+                    m.quality = "superseded"
+            before = {p: [m.value for m in ms] for p, ms in replaced.items()}
+            change = ", ".join(f"{p} {', '.join(f'{v:g}' for v in before[p]) or 'no value'} → {v:g}"
+                               for p, v in told.items())
+            payload: dict[str, Any] = (
+                {"old": before, "new": told} if several
+                else {"old": before[property], "new": told[property]})
             self._event(
-                s, "experiment.amended", f"experiment {eid}: {property} {shown} → {value['value']:g} (by {by})",
+                s, "experiment.amended", f"experiment {eid}: {change} (by {by})",
                 campaign_id=row.campaign_id, experiment_id=eid, level="warning",
-                payload={"old": [m.value for m in old], "new": value["value"], "by": by, "origin": result.origin},
+                payload={**payload, "by": by, "origin": result.origin},
             )
-            return HandOutcome(eid, row.candidate_key, "completed", value["value"], None, [m.value for m in old])
+            return HandOutcome(eid, row.candidate_key, "completed", told.get(property), None,
+                               before.get(property, []), told if several else {}, before if several else {})
         if row.state in ("failed", "abandoned"):
             raise ResultRefused(f"{where}experiment {eid} is {row.state} ({row.failure_reason or 'no reason'}): "
                                 "it cannot be told a result")
         if row.state == "proposed":
             self._move(s, row, "running", f"carried out by {hand}", payload={"instruments": [hand]},
                        instruments=[hand], started_at=now)
-        if value is None:
+        if not rows:
             reason = str(result.failed)
             self._move(s, row, "failed", f"material: {reason}", payload={"kind": "material", "reason": reason},
                        failure_kind="material", failure_reason=reason, finished_at=now)
         else:
             self._move(s, row, "completed", f"told by {by}", finished_at=now)
-        told = None if value is None else float(value["value"])
+        first = told.get(property)
         self._event(
             s, "experiment.told", f"experiment {eid} told by {by}: " + (
-                f"{property} = {told:g}" if told is not None else f"failed ({result.failed})"),
+                ", ".join(f"{p} = {v:g}" for p, v in told.items()) if told else f"failed ({result.failed})"),
             campaign_id=row.campaign_id, experiment_id=eid,
-            payload={"by": by, "value": told, "failed": result.failed, "origin": result.origin},
+            payload={"by": by, "value": first, "failed": result.failed, "origin": result.origin,
+                     **({"values": told} if several else {})},
         )
-        return HandOutcome(eid, row.candidate_key, row.state, told, result.failed, [])
+        return HandOutcome(eid, row.candidate_key, row.state, first, result.failed, [], told if several else {})
 
     def _bulk_values(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict[str, Any]]:
         """Validated column values of every row, each with its ``origin``; the first bad row raises."""

@@ -188,6 +188,13 @@ class MultiOutputSurrogate(Surrogate):
             return self.primary.predict(self.primary.inputs()[X[..., 0].round().long()])
         return self.primary.predict(X)
 
+    def predict_all(self, X: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Mean and std of every property at ``X`` (as :meth:`predict` reads it), primary first."""
+        if self.pool is not None:
+            rows = X[..., 0].round().long()
+            return {prop: part.predict(part.inputs()[rows]) for prop, part in self.parts.items()}
+        return {prop: part.predict(X) for prop, part in self.parts.items()}
+
     def predict_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The primary property's mean and std for every pool row."""
         return self.primary.predict_pool()
