@@ -1,12 +1,50 @@
-"""Campaign YAML files that tests write: one crossed-barrel GP campaign, shared by the CLI tests."""
+"""Campaign YAML files that tests write: a crossed-barrel GP campaign and a small several-objective one."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-__all__ = ["TABLE_WORLD", "write_table_campaign"]
+import yaml
 
-TABLE_WORLD = Path(__file__).resolve().parent.parent / "simulators" / "worlds" / "crossed_barrel.csv"
+__all__ = ["PARETO_CAMPAIGN", "PEROVSKITE_WORLD", "TABLE_WORLD", "write_pareto_campaign", "write_table_campaign"]
+
+REPO = Path(__file__).resolve().parent.parent
+TABLE_WORLD = REPO / "simulators" / "worlds" / "crossed_barrel.csv"
+PARETO_CAMPAIGN = REPO / "campaigns" / "perovskite-pareto.yaml"
+PEROVSKITE_WORLD = REPO / "simulators" / "worlds" / "perovskites_demo.csv.gz"
+
+
+def write_pareto_campaign(tmp_path: Path, name: str, *, budget: int = 6, constrained: bool = True,
+                          instruments: bool = True, stopping: dict[str, Any] | None = None) -> Path:
+    """``campaigns/perovskite-pareto.yaml`` made small: the 400-crystal demo world, the composition GP,
+    4 random designs, batches of 2 (e_form minimised, gap_gllbsc in 1.5-3.0 eV, gap >= 0.5).
+
+    ``instruments=False`` drops the simulated robot and station (a campaign run by hand);
+    ``stopping`` replaces the YAML's stopping rules.
+    """
+    data = yaml.safe_load(PARETO_CAMPAIGN.read_text())
+    data["name"] = name
+    if not constrained:  # a random design of 4 from 400 crystals rarely holds a gapped one
+        data.pop("constraints")
+    data["search_space"]["candidates"]["file"] = str(PEROVSKITE_WORLD)
+    data["model"] = {"name": "gp"}
+    data["acquisition"] = {"batch_size": 2}
+    data["initial_design"] = {"strategy": "random", "size": 4}
+    data["budget"] = {"experiments": budget}
+    data["retrain"] = {"every": 2}
+    data["repository"] = {"url": f"sqlite:///{tmp_path / 'sdl.db'}"}
+    if stopping is not None:
+        data["stopping"] = stopping
+    if instruments:
+        for inst in data["instruments"]:
+            inst["world"] = str(PEROVSKITE_WORLD)
+            inst["simulator"] = {"time_scale": 0.002}
+    else:
+        del data["instruments"]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def write_table_campaign(tmp_path: Path, name: str, *, budget: int, time_scale: float | None = None,

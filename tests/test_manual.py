@@ -16,7 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from campaign_files import TABLE_WORLD, write_table_campaign
+import pytest
+from campaign_files import PEROVSKITE_WORLD, TABLE_WORLD, write_pareto_campaign, write_table_campaign
 from typer.testing import CliRunner
 
 from sdl.cli.main import app
@@ -359,3 +360,194 @@ def test_a_crystal_pool_asks_for_candidates_with_their_formulas(tmp_path: Path, 
     second = ask_json(campaign, sqlite_url, 2)
     assert {a["candidate"] for a in second}.isdisjoint(a["candidate"] for a in first)
     assert all(a["predicted_mean"] is not None and a["predicted_std"] > 0 for a in second)
+
+
+# ---------------------------------------------------------------------------- several objectives
+
+
+def perovskite_truth() -> dict[str, dict[str, float]]:
+    """The recorded e_form and gap_gllbsc of each demo crystal (what a person at the bench would measure)."""
+    with gzip.open(PEROVSKITE_WORLD, "rt", newline="") as handle:
+        return {r["id"]: {"e_form": float(r["e_form"]), "gap_gllbsc": float(r["gap_gllbsc"])}
+                for r in csv.DictReader(handle)}
+
+
+def test_several_objectives_are_asked_and_told_property_by_property(tmp_path: Path, database_url: str) -> None:
+    """The composition GP over 400 real perovskites, two objectives and a constraint, told by hand."""
+    campaign = write_pareto_campaign(tmp_path, "mo-hand", budget=6, instruments=False)
+    truth = perovskite_truth()
+    first = ask_json(campaign, database_url, 4)
+    assert [set(a) for a in first] == [ASK_KEYS] * 4  # no model yet: nothing predicted, no "predicted" key
+    a, b, c, d = first
+    ea, eb = str(a["experiment"]), str(b["experiment"])
+
+    code, out, err = sdl("tell", "mo-hand", "-e", ea, "--value", f"e_form={truth[a['candidate']]['e_form']}",
+                         "--value", f"gap_gllbsc = {truth[a['candidate']]['gap_gllbsc']}", "--by", "bob",
+                         "--db", database_url)
+    assert code == 0 and f"e_form = {truth[a['candidate']]['e_form']:g} eV, gap_gllbsc = " in out, err
+    for args, message in [  # bad input: one line naming the property, exit 2, nothing written
+        (("--value", "0.5"), "'0.5' names no property; the campaign has several objectives: give "
+                             "--value e_form=V --value gap_gllbsc=V"),
+        (("--value", "e_form=0.5"), "no value of gap_gllbsc (an experiment completes with e_form, gap_gllbsc)"),
+        (("--value", "e_form=0.5", "--value", "band_gap=2"), "'band_gap' is not one of the campaign's properties "
+                                                               "(e_form, gap_gllbsc)"),
+        (("--value", "e_form=0.5", "--value", "e_form=0.6"), "e_form is given twice"),
+        (("--value", "e_form=lots", "--value", "gap_gllbsc=1"), "--value e_form: value 'lots' is not a number"),
+        (("--value", "gap_gllbsc=2", "--amend"), "no value of e_form"),  # an amendment completes nothing
+    ]:
+        code, _, err = sdl("tell", "mo-hand", "-e", eb, *args, "--db", database_url)
+        assert code == 2 and message in only_error_line(err), (args, err)
+    sheet = tmp_path / "mo.csv"
+    for text, (line, message) in {
+        f"experiment,value\n{eb},1.0\n": ("line 1", "name one column per property (e_form, gap_gllbsc), not 'value'"),
+        f"experiment,e_form,gap_gllbsc\n{eb},0.1,2.0\n{c['experiment']},0.2,\n":
+            ("line 3", f"experiment {c['experiment']}: no value of gap_gllbsc"),
+        f"experiment,e_form,gap_gllbsc,failed\n{eb},0.1,,cracked\n": ("line 2", "both a value and a failure"),
+        f"experiment,e_form,gap_gllbsc\n{eb},0.1,wide\n": ("line 2 gap_gllbsc", "value 'wide' is not a number"),
+        f"id,e_form\n{eb},0.1\n": ("line 1", "the header must name 'experiment' and 'e_form', 'gap_gllbsc'"),
+    }.items():
+        sheet.write_text(text)
+        code, _, err = sdl("tell", "mo-hand", "--csv", sheet, "--db", database_url)
+        assert code == 2 and f"{sheet} {line}" in only_error_line(err) and message in err, (text, err)
+
+    # b and c by CSV with one column per property (a note column beside them), d a failed synthesis.
+    sheet.write_text("experiment,gap_gllbsc,E_form,failed,note\n"
+                     + "".join(f"{x['experiment']},{truth[x['candidate']]['gap_gllbsc']},"
+                               f"{truth[x['candidate']]['e_form']},,by eye\n" for x in (b, c))
+                     + f"{d['experiment']},,,powder did not react,\n")
+    code, out, err = sdl("tell", "mo-hand", "--csv", sheet, "--db", database_url)
+    assert code == 0 and "failed: powder did not react" in out, err
+
+    store = Store.from_url(database_url)
+    try:
+        record = store.get_campaign("mo-hand")
+        assert record is not None
+        for x in (a, b, c):  # every property in the campaign's unit, in the transaction of the completion
+            got = {m.property: (m.value, m.unit, m.quality) for m in store.measurements(experiment_id=x["experiment"])}
+            want = truth[x["candidate"]]
+            assert got == {p: (want[p], "eV", "ok") for p in ("e_form", "gap_gllbsc")}
+        told = {e.experiment_id: e.payload for e in store.events(record.id, "experiment.told")}
+        assert told[a["experiment"]]["values"] == truth[a["candidate"]] and told[a["experiment"]]["by"] == "bob"
+    finally:
+        store.close()
+
+    # The model now predicts every objective; the first is also predicted_mean / predicted_std, as before.
+    second = ask_json(campaign, database_url, 2)
+    keys = [x["candidate"] for x in first + second]
+    assert len(set(keys)) == 6
+    for x in second:
+        assert set(x) == ASK_KEYS | {"predicted"} and set(x["predicted"]) == {"e_form", "gap_gllbsc"}
+        assert x["predicted"]["e_form"] == {"mean": x["predicted_mean"], "std": x["predicted_std"]}
+        assert all(v["std"] > 0 for v in x["predicted"].values())
+    code, out, _ = sdl("ask", campaign, "-n", "1", "--db", database_url)  # the budget is taken
+    assert code == 1
+
+    # --amend supersedes one property, the other stays as told; without --amend: refused, naming both.
+    code, _, err = sdl("tell", "mo-hand", "-e", ea, "--value", "e_form=1", "--value", "gap_gllbsc=1",
+                       "--db", database_url)
+    old = truth[a["candidate"]]
+    assert code == 1 and (f"experiment {ea} is already completed (e_form {old['e_form']:g}; gap_gllbsc "
+                          f"{old['gap_gllbsc']:g}); rerun with --amend") in only_error_line(err)
+    code, out, err = sdl("tell", "mo-hand", "-e", ea, "--value", "gap_gllbsc=2.25", "--amend", "--by", "carol",
+                         "--db", database_url)
+    assert code == 0 and f"gap_gllbsc = 2.25 eV (amended; was {old['gap_gllbsc']:g})" in out, err
+
+    sheet.write_text("experiment,e_form,gap_gllbsc\n" + "".join(
+        f"{x['experiment']},{truth[x['candidate']]['e_form']},{truth[x['candidate']]['gap_gllbsc']}\n"
+        for x in second))
+    code, out, err = sdl("tell", "mo-hand", "--csv", sheet, "--db", database_url)
+    assert code == 0 and "campaign mo-hand completed: budget of 6 experiments reached" in out, err
+
+    store = Store.from_url(database_url)
+    try:
+        record = store.get_campaign("mo-hand")
+        assert record is not None
+        values = {m.property: [(v.value, v.quality) for v in store.measurements(experiment_id=a["experiment"])
+                               if v.property == m.property]
+                  for m in store.measurements(experiment_id=a["experiment"])}
+        assert values == {"e_form": [(old["e_form"], "ok")],
+                          "gap_gllbsc": [(old["gap_gllbsc"], "superseded"), (2.25, "ok")]}
+        (amended,) = store.events(record.id, "experiment.amended")
+        assert amended.payload == {"old": {"gap_gllbsc": [old["gap_gllbsc"]]}, "new": {"gap_gllbsc": 2.25},
+                                   "by": "carol", "origin": ""}
+    finally:
+        store.close()
+
+    # sdl status: the first objective's best (as sdl run's summary), the objectives and the measured front.
+    from sdl.engine.pareto import MultiObjective
+
+    code, out, _ = sdl("status", "--json", "--db", database_url)
+    (summary,) = json.loads(out)
+    measured = {x["candidate"]: dict(truth[x["candidate"]]) for x in (a, b, c, *second)}
+    measured[a["candidate"]]["gap_gllbsc"] = 2.25
+    assert summary["objective"] == "e_form" and summary["best_value"] == min(v["e_form"] for v in measured.values())
+    assert summary["objectives"] == [{"property": "e_form", "goal": "minimize"},
+                                     {"property": "gap_gllbsc", "goal": "target"}]
+    objectives = MultiObjective.from_snapshot({"objectives": [
+        {"property": "e_form", "unit": "eV", "goal": "minimize"},
+        {"property": "gap_gllbsc", "unit": "eV", "goal": "target", "target_range": [1.5, 3.0]}],
+        "constraints": [{"property": "gap_gllbsc", "op": ">=", "value": 0.5}], "reference_point": [1.0, 1.5]})
+    import numpy as np
+
+    names = list(measured)
+    Y = np.asarray([[measured[k]["e_form"], measured[k]["gap_gllbsc"]] for k in names])
+    assert sorted(r["candidate"] for r in summary["pareto_front"]) == sorted(
+        names[i] for i in np.flatnonzero(objectives.front(Y)))
+    assert summary["hypervolume"] == pytest.approx(objectives.hypervolume(Y, objectives.reference_utility(Y)))
+    code, out, _ = sdl("status", "--db", database_url)
+    (row,) = [line for line in out.splitlines() if line.strip().startswith("mo-hand")]
+    assert code == 0 and f"; front {len(summary['pareto_front'])}" in row and "min e_form, target" in row
+
+
+def test_several_objectives_stop_when_the_front_stops_growing(tmp_path: Path, sqlite_url: str) -> None:
+    """Patience counts experiments since the measured front grew, as in sdl run, not since a better e_form."""
+    campaign = write_pareto_campaign(tmp_path, "mo-patience", budget=20, instruments=False,
+                                     stopping={"patience": 1})
+    design = ask_json(campaign, sqlite_url, 4)
+    # Measured (e_form, gap): the first two and the last join the front; the third is dominated by the
+    # second. A better-e_form rule would have stopped after three experiments without a lower e_form.
+    told = [(-1.0, 0.6), (0.5, 2.0), (0.8, 1.0), (-0.5, 1.2)]
+    sheet = tmp_path / "front.csv"
+    sheet.write_text("experiment,e_form,gap_gllbsc\n" + "".join(
+        f"{x['experiment']},{e},{g}\n" for x, (e, g) in zip(design, told, strict=True)))
+    code, out, err = sdl("tell", "mo-patience", "--csv", sheet, "--db", sqlite_url)
+    assert code == 0 and "stopped" not in out and "no improvement" not in out, out + err
+    more = ask_json(campaign, sqlite_url, 2)
+    sheet.write_text("experiment,e_form,gap_gllbsc\n" + "".join(
+        f"{x['experiment']},0.9,{g}\n" for x, g in zip(more, (0.6, 0.7), strict=True)))  # both dominated
+    code, out, err = sdl("tell", "mo-patience", "--csv", sheet, "--db", sqlite_url)
+    assert code == 0 and "campaign mo-patience stopped: no improvement in 1 rounds (2 experiments)" in out, err
+    code, _, err = sdl("ask", campaign, "--db", sqlite_url)
+    assert code == 1 and "no improvement in 1 rounds" in only_error_line(err)
+
+
+def test_a_run_learns_every_property_told_by_hand(tmp_path: Path, sqlite_url: str) -> None:
+    """Lab.sync_hands (what sdl run calls before it proposes) reads back both objectives of a told experiment."""
+    from sdl.config import load_campaign
+    from sdl.engine import Engine
+    from sdl.lab.instruments import InstrumentPool
+    from sdl.lab.laboratory import Lab
+
+    campaign = write_pareto_campaign(tmp_path, "mo-sync", budget=6, instruments=False)
+    truth = perovskite_truth()
+    asked = ask_json(campaign, sqlite_url, 4)
+    cfg = load_campaign(campaign)
+    store = Store.from_url(sqlite_url)
+    try:
+        lab = Lab(cfg, store, Engine.from_campaign(cfg), InstrumentPool({}), state_dir=tmp_path / "state")
+        lab.load()
+        assert lab.engine.n_observed == 0 and len(lab.ledger.by_hand()) == 4
+        sheet = tmp_path / "bench.csv"
+        sheet.write_text("experiment,e_form,gap_gllbsc\n" + "".join(
+            f"{x['experiment']},{truth[x['candidate']]['e_form']},{truth[x['candidate']]['gap_gllbsc']}\n"
+            for x in asked[:3]))
+        assert sdl("tell", "mo-sync", "--csv", sheet, "--db", sqlite_url)[0] == 0
+        assert lab.sync_hands() == 3
+        measured = lab.engine.measured()  # n x (e_form, gap_gllbsc): no property left unknown
+        want = [[truth[x["candidate"]]["e_form"], truth[x["candidate"]]["gap_gllbsc"]] for x in asked[:3]]
+        assert measured.tolist() == want
+        assert lab.ledger.counts()["completed"] == 3 and len(lab.ledger.by_hand()) == 1
+        proposals = lab.engine.propose(q=1, pending=lab.ledger.pending_keys(), exclude=lab.ledger.excluded_keys())
+        assert proposals[0].predictions is not None and set(proposals[0].predictions) == {"e_form", "gap_gllbsc"}
+    finally:
+        store.close()

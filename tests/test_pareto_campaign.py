@@ -15,31 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-CAMPAIGN = REPO / "campaigns" / "perovskite-pareto.yaml"
-WORLD = REPO / "simulators" / "worlds" / "perovskites_demo.csv.gz"
+from campaign_files import PEROVSKITE_WORLD as WORLD
+from campaign_files import write_pareto_campaign
 
 
 def small_campaign(tmp_path: Path, name: str, budget: int = 6, constrained: bool = True) -> Path:
-    data = yaml.safe_load(CAMPAIGN.read_text())
-    data["name"] = name
-    if not constrained:  # a random design of 4 from 400 crystals rarely holds a gapped one
-        data.pop("constraints")
-    data["search_space"]["candidates"]["file"] = str(WORLD)
-    data["model"] = {"name": "gp"}
-    data["acquisition"] = {"batch_size": 2}
-    data["initial_design"] = {"strategy": "random", "size": 4}
-    data["budget"] = {"experiments": budget}
-    data["retrain"] = {"every": 2}
-    data["repository"] = {"url": f"sqlite:///{tmp_path / 'sdl.db'}"}
-    for inst in data["instruments"]:
-        inst["world"] = str(WORLD)
-        inst["simulator"] = {"time_scale": 0.002}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return write_pareto_campaign(tmp_path, name, budget=budget, constrained=constrained)
 
 
 def truth() -> pd.DataFrame:

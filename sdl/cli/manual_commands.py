@@ -198,9 +198,11 @@ def tell(
             results = read_results_csv(csv_file, properties)
         else:
             assert experiment is not None
-            numbers = parse_told(values, properties, f"experiment {experiment}: --value", amend=amend)
-            results = [hand_result(experiment, numbers, properties) if values
-                       else HandResult(experiment, failed=str(failed).strip())]
+            if values:
+                numbers = parse_told(values, properties, f"experiment {experiment}: --value", amend=amend)
+                results = [hand_result(experiment, numbers, properties)]
+            else:
+                results = [HandResult(experiment, failed=str(failed).strip())]
     except HandInputError as exc:
         _die(str(exc), 2)
     try:

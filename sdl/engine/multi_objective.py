@@ -262,9 +262,11 @@ class MultiObjectiveEngine(Engine):
         with torch.no_grad():
             predicted = surrogate.predict_all(X)
         out: dict[str, Proposal] = {}
-        for j, p in enumerate(model_based):
-            out[p.key] = dataclasses.replace(p, predictions={
-                prop: (float(mean[j]), float(std[j])) for prop, (mean, std) in predicted.items()})
+        first = self.properties[0]
+        for j, p in enumerate(model_based):  # the first property: exactly what the proposal reports
+            values = {prop: (float(mean[j]), float(std[j])) for prop, (mean, std) in predicted.items()}
+            values[first] = (float(p.predicted_mean or 0.0), float(p.predicted_std or 0.0))
+            out[p.key] = dataclasses.replace(p, predictions=values)
         return [out.get(p.key, p) for p in proposals]
 
     def extend_pool(self, *args: Any, **kwargs: Any) -> int:
