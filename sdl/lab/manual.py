@@ -19,6 +19,11 @@ in behind its back could repeat one of its candidates or overrun its budget. ``t
 lease too; when ``sdl run`` holds it, results of experiments asked by hand are still recorded (the
 runner never touches those, and :meth:`Lab.sync_hands` reads them back before it proposes again),
 while a result for one of the run's own experiments is refused.
+
+Several objectives. An experiment completes with a value of every property the campaign models
+(:func:`stored_properties`), in the transaction of its state change: a half-told experiment would
+be "completed" while neither the engine nor the Pareto front could use it, so it is refused with
+one line naming what is missing. An amendment may name some properties and supersedes only those.
 """
 
 from __future__ import annotations
@@ -48,9 +53,13 @@ __all__ = [
     "HandInputError",
     "TellResult",
     "ask",
+    "campaign_properties",
     "default_teller",
+    "hand_result",
+    "parse_told",
     "parse_value",
     "read_results_csv",
+    "stored_properties",
     "tell",
 ]
 
