@@ -105,7 +105,7 @@ def approved(lab: Lab, proposals: Sequence[Proposal], decided: Sequence[Approval
         if record.decision == "edited" and record.edited_candidate_key:
             proposal = dataclasses.replace(proposal, key=record.edited_candidate_key,
                                            params=dict(record.edited_params or {}), acquisition_value=None,
-                                           predicted_mean=None, predicted_std=None, strategy="person")
+                                           predicted_mean=None, predicted_std=None, predictions=None, strategy="person")
         out.append((proposal, record.id))
     return out
 
