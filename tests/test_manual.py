@@ -547,6 +547,9 @@ def test_a_run_learns_every_property_told_by_hand(tmp_path: Path, sqlite_url: st
         want = [[truth[x["candidate"]]["e_form"], truth[x["candidate"]]["gap_gllbsc"]] for x in asked[:3]]
         assert measured.tolist() == want
         assert lab.ledger.counts()["completed"] == 3 and len(lab.ledger.by_hand()) == 1
+        learnt = {e.experiment_id: e.payload for e in store.events(lab.campaign_id, "experiment.learnt")}
+        assert {i: p["values"] for i, p in learnt.items()} == {
+            x["experiment"]: {"gap_gllbsc": truth[x["candidate"]]["gap_gllbsc"]} for x in asked[:3]}
         proposals = lab.engine.propose(q=1, pending=lab.ledger.pending_keys(), exclude=lab.ledger.excluded_keys())
         assert proposals[0].predictions is not None and set(proposals[0].predictions) == {"e_form", "gap_gllbsc"}
     finally:

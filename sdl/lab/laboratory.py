@@ -477,19 +477,23 @@ class Lab:
                 self.ledger.started(record.id)
                 continue
             value = self.measured_value(record.id) if record.state == "completed" else None
+            others: dict[str, float] = {}
             if record.state == "completed":
                 if value is None:
                     continue
+                others = self.other_values(record.id)  # several objectives: told with the first, in one transaction
                 with self._engine_lock:
                     self.engine.observe([Observation(key=record.candidate_key, params=dict(record.params or {}),
-                                                     value=value, values=self.other_values(record.id))])
+                                                     value=value, values=others)])
             elif record.state == "failed" and record.failure_kind == "material":
                 self._learn_failures([record.candidate_key])
             self.ledger.ended(record.id, record.state, from_state=entry.state, candidate_key=record.candidate_key,
                               value=value)
             self.event("experiment.learnt", f"experiment {record.id} ({record.candidate_key}) {record.state} by hand"
-                       + ("" if value is None else f": {self.property} = {value:g}"),
-                       experiment_id=record.id, payload={"state": record.state, "value": value})
+                       + ("" if value is None else f": {self.property} = {value:g}")
+                       + "".join(f", {p} = {v:g}" for p, v in others.items()),
+                       experiment_id=record.id, payload={"state": record.state, "value": value,
+                                                         **({"values": others} if others else {})})
             ended += 1
         return ended
 
