@@ -350,14 +350,14 @@ class AcquisitionSelection(Selection):
         )
         transform = None
         if r.log_p_success is not None:
-            from sdl.engine.feasibility import weigh_greedy, weigh_kind
+            from sdl.engine.feasibility import weigh, weigh_kind
 
             log_p = r.log_p_success[torch.as_tensor(short)]
             kind = weigh_kind(self.function)
-            incumbent = float(r.objective.utility(r.y).max())
+            floor = float(r.objective.utility(r.y).max())
 
             def transform(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-                return weigh_greedy(values, log_p[rows], kind, incumbent, pending=acqf.X_pending is not None)
+                return weigh(values, log_p[rows], kind, floor)
 
         rows, values = greedy_select(acqf, X_all[torch.as_tensor(short)], r.q, chunk=r.chunk_size,
                                      transform=transform)

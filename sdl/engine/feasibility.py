@@ -35,7 +35,7 @@ import torch
 
 from sdl.exceptions import EngineError
 
-__all__ = ["FeasibilityMode", "GPClassifier", "weigh", "weigh_greedy", "weigh_kind"]
+__all__ = ["FeasibilityMode", "GPClassifier", "weigh", "weigh_kind"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,35 +71,6 @@ def weigh(values: torch.Tensor, log_p: torch.Tensor, kind: WeighKind, floor: flo
     if kind == "product":
         return values * log_p.exp()
     return floor + log_p.exp() * (values - floor).clamp_min(0.0)
-
-
-def weigh_greedy(values: torch.Tensor, log_p: torch.Tensor, kind: WeighKind, incumbent: float,
-                 pending: bool) -> torch.Tensor:
-    """:func:`weigh` for one step of a sequential greedy batch: P(success) times what the candidate
-    *adds* to the pending experiments.
-
-    Why: with pending experiments a q-acquisition's value is the joint value of the pending batch
-    plus the candidate, mostly the pending batch's own value. Weighting that by the candidate's P
-    ranked the 2nd to q-th picks by P alone (measured on the tolerance-factor world: recall at the
-    budget 0.75 instead of the blind model's 0.92). The pending batch alone is worth at most the
-    smallest joint value (a candidate that adds nothing), so that value is the floor a failure
-    returns to: ``floor + P · (a - floor)`` in the value's own scale (log acquisitions: in the
-    exp scale).
-
-    Args:
-        values: ``[n]`` acquisition values of the pending batch plus each candidate.
-        log_p: ``[n]`` log P(success) of the candidates.
-        kind: :func:`weigh_kind` of the acquisition.
-        incumbent: The best utility measured (the floor of ``shifted`` values without pending).
-        pending: Whether the values include pending experiments.
-    """
-    if not pending or values.numel() == 0:
-        return weigh(values, log_p, kind, incumbent)
-    base = values.min()
-    if kind == "log":  # log(P (e^a - e^base) + e^base)
-        gain = (-torch.expm1((base - values).clamp_max(0.0))).clamp_min(torch.finfo(values.dtype).tiny).log()
-        return torch.logaddexp(values + gain + log_p, base.expand_as(values))
-    return weigh(values, log_p, "shifted", max(float(base), incumbent) if kind == "shifted" else float(base))
 
 
 class GPClassifier:
