@@ -336,17 +336,14 @@ class AcquisitionSelection(Selection):
 
     def pick_rows(self, r: PoolRound) -> tuple[list[int], list[float] | None]:
         """Greedy q-batch over the shortlist, pending rows joined as ``X_pending``."""
-        from sdl.engine.acquisition import build_acquisition
+        from sdl.engine.acquisition import pool_acquisition
         from sdl.engine.optim import greedy_select
 
         assert r.y is not None
         short = self.shortlist(r)
-        X_all = r.surrogate.inputs()
-        acqf = build_acquisition(
-            self.function, r.surrogate.model, r.objective, X_baseline=X_all[torch.as_tensor(r.baseline_rows)],
-            y_baseline=r.y,
-            X_pending=X_all[torch.as_tensor(r.pending_rows, dtype=torch.long)] if r.pending_rows else None,
-            beta=self.beta, seed=r.seed,
+        acqf, choices = pool_acquisition(
+            self.function, r.surrogate.model, r.objective, r.surrogate.inputs(), short,
+            baseline_rows=r.baseline_rows, y_baseline=r.y, pending_rows=r.pending_rows, beta=self.beta, seed=r.seed,
         )
         transform = None
         if r.log_p_success is not None:
@@ -359,8 +356,7 @@ class AcquisitionSelection(Selection):
             def transform(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
                 return weigh(values, log_p[rows], kind, floor)
 
-        rows, values = greedy_select(acqf, X_all[torch.as_tensor(short)], r.q, chunk=r.chunk_size,
-                                     transform=transform)
+        rows, values = greedy_select(acqf, choices, r.q, chunk=r.chunk_size, transform=transform)
         return short[rows].tolist(), values
 
     def pick_recipes(self, r: SpaceRound) -> tuple[list[dict[str, Any]], list[float | None] | None]:

@@ -113,8 +113,9 @@ class GPPredictor:
 
         self.row_scaled = isinstance(model, RowScaledModel)
         gp = model.base if self.row_scaled else model
-        if not isinstance(gp, SingleTaskGP):
-            raise TypeError(f"GPPredictor needs a SingleTaskGP, got {type(gp).__name__}")
+        if not isinstance(gp, SingleTaskGP) or gp.num_outputs != 1:
+            raise TypeError(f"GPPredictor needs a single-output SingleTaskGP, got {type(gp).__name__} "
+                            f"with {getattr(gp, 'num_outputs', '?')} outputs")
         with torch.no_grad():
             X = gp.train_inputs[0]  # already through the input transform (eval mode)
             t = gp.train_targets
@@ -134,14 +135,19 @@ class GPPredictor:
     def __repr__(self) -> str:
         return f"GPPredictor(n_train={self.X_train.shape[0]}, row_scaled={self.row_scaled})"
 
+    def _inputs(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Model-space inputs (input transform applied) and the per-row scale (None unless row-scaled)."""
+        X = X.to(torch.float64)
+        scale = X[:, -1] if self.row_scaled else None
+        Z = X[:, :-1] if self.row_scaled else X
+        if self.input_transform is not None:
+            Z = self.input_transform(Z)
+        return Z, scale
+
     def __call__(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the latent function (raw units) at ``X`` (``c x d``, acquisition inputs), each ``[c]``."""
         with torch.no_grad():
-            X = X.to(torch.float64)
-            scale = X[:, -1] if self.row_scaled else None
-            Z = X[:, :-1] if self.row_scaled else X
-            if self.input_transform is not None:
-                Z = self.input_transform(Z)
+            Z, scale = self._inputs(X)
             Ks = self.covar(Z, self.X_train).to_dense()  # c x n
             mean = self.mean_module(Z) + Ks @ self.alpha
             V = torch.linalg.solve_triangular(self.L, Ks.T, upper=False)  # n x c
@@ -152,3 +158,22 @@ class GPPredictor:
             if scale is not None:
                 mean, std = mean * scale, std * scale
         return mean, std
+
+    def joint(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``[c]`` and full joint covariance ``[c, c]`` of the latent function (raw units) at ``X``.
+
+        Why: a proposal evaluates its acquisition many times over one finite set (shortlist,
+        pending, baseline); its joint posterior, computed once here, is all those calls need
+        (:class:`sdl.engine.models.candidate_set.CandidateSetGP`). Costs one ``c x c`` kernel and
+        one ``c x n`` solve; ``c`` of a few thousand is a few tens of MB.
+        """
+        with torch.no_grad():
+            Z, scale = self._inputs(X)
+            Ks = self.covar(Z, self.X_train).to_dense()  # c x n
+            mean = (self.mean_module(Z) + Ks @ self.alpha) * self.y_scale + self.y_shift
+            V = torch.linalg.solve_triangular(self.L, Ks.T, upper=False)  # n x c
+            cov = (self.covar(Z).to_dense() - V.T @ V) * self.y_scale**2
+            if scale is not None:
+                mean = mean * scale
+                cov = cov * scale.unsqueeze(-1) * scale.unsqueeze(-2)
+        return mean, cov
