@@ -3,9 +3,10 @@
 Why: a pool proposal runs q sequential-greedy steps, each scoring every shortlisted candidate
 jointly with the pending points (and, for qLogNEI, the baseline). Through the GP's own
 ``posterior`` every step rebuilds the joint train + test kernel of every candidate's q-batch. But
-all those inputs lie in one finite set (shortlist, pending, baseline): its mean vector and full
+all those inputs lie in one finite set (shortlist, pending, baseline): its mean vector and
 posterior covariance, computed once from the cached Cholesky factor
-(:meth:`sdl.engine.models.gp.GPPredictor.joint`), hold every joint posterior the steps ask for.
+(:meth:`sdl.engine.models.gp.GPPredictor.joint`; covariance columns as they are asked for), hold
+every joint posterior the steps ask for.
 :class:`CandidateSetGP` serves them by gathering: its inputs are float-coded row numbers into
 the set (``... x q x 1``), ``posterior`` returns the sub-vector and sub-matrix as a
 ``GPyTorchPosterior``, so BoTorch's acquisitions (qUCB, qLogEI, qLogNEI with its cached root,
@@ -28,41 +29,68 @@ from botorch.posteriors.posterior import Posterior
 from gpytorch.distributions import MultivariateNormal
 from linear_operator.operators import DenseLinearOperator
 
+from sdl.engine.models.gp import JointPosterior
+
 __all__ = ["CandidateSetGP", "candidate_set_model"]
 
 logger = logging.getLogger(__name__)
 
 
 class CandidateSetGP(GPyTorchModel):
-    """Gaussian joint posterior over ``c`` fixed points; ``posterior(X)`` at rows ``X[..., 0]`` of them.
+    """Gaussian joint posterior over ``c`` fixed rows; ``posterior(X)`` at rows ``X[..., 0]`` of them.
 
     A ``GPyTorchModel`` because it returns a ``GPyTorchPosterior`` of the latent function, which is
     what BoTorch asks of a model before it caches qLogNEI's baseline root (``supports_cache_root``).
 
+    Covariance columns are computed when first asked for and kept: in a greedy step the q-batch
+    positions that hold the same row across the whole batch (pending, baseline, chosen) get
+    their columns; the one position that varies (the candidate) needs only its variance. A
+    batch with several varying positions gets the columns of those rows too.
+
     Args:
-        mean: ``[c]`` posterior mean of the set (raw units).
-        covar: ``[c, c]`` joint posterior covariance of the set.
+        joint: The GP's joint posterior over the set (:meth:`sdl.engine.models.gp.GPPredictor.joint`).
     """
 
     _num_outputs = 1
-    mean: torch.Tensor
-    covar: torch.Tensor
 
-    def __init__(self, mean: torch.Tensor, covar: torch.Tensor) -> None:
+    def __init__(self, joint: JointPosterior) -> None:
         super().__init__()
-        if mean.dim() != 1 or covar.shape != (mean.shape[0], mean.shape[0]):
-            raise ValueError(f"CandidateSetGP: mean {tuple(mean.shape)} and covariance {tuple(covar.shape)} "
-                             "must be [c] and [c, c]")
-        self.register_buffer("mean", mean)
-        self.register_buffer("covar", covar)
+        self.joint = joint
+        c = joint.mean.shape[0]
+        self._slot = torch.full((c,), -1, dtype=torch.long)  # row -> its column in _cols, -1: none yet
+        self._cols = torch.zeros(c, 0, dtype=joint.mean.dtype)
 
     def __repr__(self) -> str:
-        return f"CandidateSetGP(c={self.mean.shape[0]})"
+        return f"CandidateSetGP(c={self.joint.mean.shape[0]}, columns={self._cols.shape[1]})"
 
     @property
     def batch_shape(self) -> torch.Size:
         """No model batch: one set, one output."""
         return torch.Size([])
+
+    def _ensure_columns(self, rows: torch.Tensor) -> None:
+        new = torch.unique(rows[self._slot[rows] < 0])
+        if new.numel():
+            self._slot[new] = torch.arange(self._cols.shape[1], self._cols.shape[1] + new.numel())
+            self._cols = torch.cat([self._cols, self.joint.columns(new)], dim=-1)
+
+    def covariance(self, idx: torch.Tensor) -> torch.Tensor:
+        """``... x q x q`` joint covariance of the rows ``idx`` (``... x q`` long)."""
+        q = idx.shape[-1]
+        flat = idx.reshape(-1, q)
+        shared = (flat == flat[:1]).all(dim=0)
+        self._ensure_columns(flat[0, shared])
+        if int((~shared).sum()) > 1:
+            self._ensure_columns(flat[:, ~shared].reshape(-1))
+        a, b = flat.unsqueeze(-1).expand(-1, q, q), flat.unsqueeze(-2).expand(-1, q, q)
+        var = self.joint.var[a]
+        if self._cols.shape[1] == 0:  # q = 1 with a varying row: the variance is all there is
+            return var.reshape(*idx.shape, q)
+        sa, sb = self._slot[a], self._slot[b]
+        by_b = self._cols[a, sb.clamp_min(0)]
+        by_a = self._cols[b, sa.clamp_min(0)]
+        cov = torch.where(a == b, var, torch.where(sb >= 0, by_b, torch.where(sa >= 0, by_a, var)))
+        return (0.5 * (cov + cov.transpose(-1, -2))).reshape(*idx.shape, q)
 
     def posterior(  # type: ignore[override]
         self,
@@ -74,9 +102,9 @@ class CandidateSetGP(GPyTorchModel):
         """Joint posterior of the latent function at rows ``X[..., 0]`` (``batch x q x 1``) of the set."""
         if observation_noise is not False:
             raise NotImplementedError("CandidateSetGP holds the latent posterior only (no observation noise)")
-        idx = X[..., 0].round().long()
-        mean = self.mean[idx]
-        cov = self.covar[idx.unsqueeze(-1), idx.unsqueeze(-2)]
+        with torch.no_grad():
+            idx = X[..., 0].round().long()
+            mean, cov = self.joint.mean[idx], self.covariance(idx)
         # lazily: a dense tensor would be factorised at construction, and a q-batch that repeats a
         # row (a candidate equal to a pending point) is singular; sampling adds jitter as the GP's does
         post = GPyTorchPosterior(MultivariateNormal(mean, DenseLinearOperator(cov)))
@@ -97,5 +125,4 @@ def candidate_set_model(model: object, X: torch.Tensor) -> CandidateSetGP | None
         predictor = GPPredictor(model)
     except TypeError:
         return None
-    mean, covar = predictor.joint(X)
-    return CandidateSetGP(mean, covar)
+    return CandidateSetGP(predictor.joint(X))

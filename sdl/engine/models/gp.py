@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["fit_gp", "predict_gp"]
+__all__ = ["GPPredictor", "JointPosterior", "fit_gp", "predict_gp"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,21 +160,54 @@ class GPPredictor:
                 mean, std = mean * scale, std * scale
         return mean, std
 
-    def joint(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``[c]`` and full joint covariance ``[c, c]`` of the latent function (raw units) at ``X``.
+    def joint(self, X: torch.Tensor) -> JointPosterior:
+        """The joint posterior of the latent function (raw units) over the rows of ``X`` (``c x d``).
 
         Why: a proposal evaluates its acquisition many times over one finite set (shortlist,
-        pending, baseline); its joint posterior, computed once here, is all those calls need
-        (:class:`sdl.engine.models.candidate_set.CandidateSetGP`). Costs one ``c x c`` kernel and
-        one ``c x n`` solve; ``c`` of a few thousand is a few tens of MB.
+        pending, baseline); mean and variance of every row, and the covariance columns the
+        acquisition asks for, are all it needs
+        (:class:`sdl.engine.models.candidate_set.CandidateSetGP`). Costs one ``c x n`` cross-covariance
+        and solve here, then ``c`` kernel values per covariance column.
         """
         with torch.no_grad():
             Z, scale = self._inputs(X)
             Ks = self.covar(Z, self.X_train).to_dense()  # c x n
             mean = (self.mean_module(Z) + Ks @ self.alpha) * self.y_scale + self.y_shift
             V = torch.linalg.solve_triangular(self.L, Ks.T, upper=False)  # n x c
-            cov = (self.covar(Z).to_dense() - V.T @ V) * self.y_scale**2
-            if scale is not None:
-                mean = mean * scale
-                cov = cov * scale.unsqueeze(-1) * scale.unsqueeze(-2)
-        return mean, cov
+            var = (self.covar(Z, diag=True) - (V * V).sum(dim=0)) * self.y_scale**2
+            s = torch.ones_like(mean) if scale is None else scale
+        return JointPosterior(mean * s, var * s * s, Z, V, s, self.covar, self.y_scale)
+
+
+@dataclass(frozen=True)
+class JointPosterior:
+    """A GP's joint posterior over ``c`` fixed rows: mean, variance, and covariance columns on demand.
+
+    Why columns and not the ``c x c`` matrix: a greedy pick needs the covariance of every row with
+    the few pending, baseline and chosen rows only; ``c`` kernel values per column instead of
+    ``c^2`` for the whole matrix.
+
+    Attributes:
+        mean: ``[c]`` posterior mean (raw units, row-scaled).
+        var: ``[c]`` posterior variance.
+        Z: ``c x d`` model-space inputs.
+        V: ``n x c`` ``L^-1 K(train, rows)``.
+        scale: ``[c]`` per-row scale (ones unless row-scaled).
+        covar: The GP's kernel module.
+        y_scale: Outcome standardisation scale.
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    Z: torch.Tensor
+    V: torch.Tensor
+    scale: torch.Tensor
+    covar: Any
+    y_scale: float
+
+    def columns(self, rows: torch.Tensor) -> torch.Tensor:
+        """``c x k`` posterior covariance of every row with the rows ``rows`` (``[k]`` long)."""
+        with torch.no_grad():
+            K = self.covar(self.Z, self.Z[rows]).to_dense() - self.V.T @ self.V[:, rows]
+            out: torch.Tensor = K * (self.y_scale**2) * self.scale.unsqueeze(-1) * self.scale[rows].unsqueeze(-2)
+        return out
