@@ -223,6 +223,28 @@ def _designed(barrel: CandidatePool, acq: str) -> Engine:
     return eng
 
 
+def test_pool_scores_are_kept_per_model_version(barrel: CandidatePool) -> None:
+    """A later proposal of the same model cuts its shortlist from kept scores: same as scoring afresh."""
+    eng = _designed(barrel, "qucb")
+    first = eng.propose(3)
+    version = eng.surrogate.version
+    avail = np.array([i for i, k in enumerate(barrel.keys) if k not in eng.measured_keys
+                      and k not in {p.key for p in first}], dtype=np.int64)
+
+    def score(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return -m + 2.0 * s
+
+    kept = eng.surrogate.score_pool(avail, score, 50)
+    eng.surrogate._scored = None  # score afresh
+    fresh = eng.surrogate.score_pool(avail, score, 50)
+    assert kept.shortlist.tolist() == fresh.shortlist.tolist() and len(kept.shortlist) == 50
+    assert torch.equal(kept.mean, fresh.mean) and torch.equal(kept.std, fresh.std)
+    eng.observe([Observation(first[0].key, first[0].params, 1.0)])
+    eng.propose(3)  # a new measurement: a refit, and its own scores
+    assert eng.surrogate.version != version and eng.surrogate._scored is not None
+    assert eng.surrogate._scored[0][0] == eng.surrogate.version
+
+
 @pytest.mark.parametrize("acq", ["qucb", "qlognei"])
 def test_pending_points_change_the_acquisition_and_excluded_ones_do_not(
     barrel: CandidatePool, acq: str, monkeypatch: pytest.MonkeyPatch
