@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from gpytorch.kernels import Kernel
 
 __all__ = ["GPPredictor", "JointPosterior", "fit_gp", "predict_gp"]
 
@@ -202,7 +205,7 @@ class JointPosterior:
     Z: torch.Tensor
     V: torch.Tensor
     scale: torch.Tensor
-    covar: Any
+    covar: Kernel
     y_scale: float
 
     def columns(self, rows: torch.Tensor) -> torch.Tensor:
