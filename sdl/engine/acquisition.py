@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any, cast
 
+import numpy as np
 import torch
 from botorch.acquisition import (
     AcquisitionFunction,
@@ -32,7 +34,7 @@ from botorch.utils.transforms import concatenate_pending_points, t_batch_mode_tr
 from sdl.engine.models.pool_ensemble import MemberSampler
 from sdl.engine.objectives import Objective
 
-__all__ = ["ACQUISITIONS", "qMaxVariance", "build_acquisition", "default_sampler"]
+__all__ = ["ACQUISITIONS", "qMaxVariance", "build_acquisition", "default_sampler", "pool_acquisition"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +123,53 @@ def build_acquisition(
     if name == "max-variance":
         return qMaxVariance(model, sampler=sampler, X_pending=pending)
     raise ValueError(f"acquisition.function: unknown {name!r}; known: {', '.join(ACQUISITIONS)}")
+
+
+def pool_acquisition(
+    name: str,
+    model: Any,
+    objective: Objective,
+    X_all: torch.Tensor,
+    choices: np.ndarray,
+    *,
+    baseline_rows: Sequence[int],
+    y_baseline: torch.Tensor,
+    pending_rows: Sequence[int] = (),
+    beta: float = 2.0,
+    seed: int = 0,
+) -> tuple[AcquisitionFunction, torch.Tensor]:
+    """The acquisition ``name`` for a greedy pick among the pool rows ``choices``, and one input per choice.
+
+    A single-output GP gets its joint posterior over ``choices``, pending and baseline rows computed once
+    (:func:`sdl.engine.models.candidate_set.candidate_set_model`): the acquisition is built on that
+    and its inputs are row numbers into the set, so each greedy step gathers instead of running the
+    GP's posterior. Every other model acquires on ``X_all`` rows through its own posterior.
+
+    Args:
+        X_all: ``N x d`` acquisition inputs of every pool row.
+        choices: Pool rows to pick from (the shortlist).
+        baseline_rows: Measured pool rows (qLogNEI's baseline).
+        pending_rows: Pool rows of pending experiments (``X_pending``).
+        name, model, objective, y_baseline, beta, seed: As for :func:`build_acquisition`.
+
+    Returns:
+        The acquisition and the ``len(choices) x d'`` inputs that :func:`sdl.engine.optim.greedy_select`
+        picks from (in the order of ``choices``).
+    """
+    from sdl.engine.models.candidate_set import candidate_set_model
+
+    base = torch.as_tensor(np.asarray(baseline_rows, dtype=np.int64))
+    pend = torch.as_tensor(np.asarray(pending_rows, dtype=np.int64))
+    rows = torch.cat([torch.as_tensor(np.asarray(choices, dtype=np.int64)), pend, base])
+    fast = candidate_set_model(model, X_all[rows])
+    if fast is None:
+        inputs, acq_model = X_all, model
+    else:
+        inputs, acq_model = torch.arange(rows.shape[0], dtype=torch.float64).unsqueeze(-1), fast
+        rows = torch.arange(rows.shape[0])
+    n_c, n_p = len(choices), pend.shape[0]
+    acqf = build_acquisition(
+        name, acq_model, objective, X_baseline=inputs[rows[n_c + n_p:]], y_baseline=y_baseline,
+        X_pending=inputs[rows[n_c:n_c + n_p]] if n_p else None, beta=beta, seed=seed,
+    )
+    return acqf, inputs[rows[:n_c]]

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["fit_gp", "predict_gp"]
+if TYPE_CHECKING:
+    from gpytorch.kernels import Kernel
+
+__all__ = ["GPPredictor", "JointPosterior", "fit_gp", "predict_gp"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +117,9 @@ class GPPredictor:
 
         self.row_scaled = isinstance(model, RowScaledModel)
         gp = model.base if self.row_scaled else model
-        if not isinstance(gp, SingleTaskGP):
-            raise TypeError(f"GPPredictor needs a SingleTaskGP, got {type(gp).__name__}")
+        if not isinstance(gp, SingleTaskGP) or gp.num_outputs != 1:
+            raise TypeError(f"GPPredictor needs a single-output SingleTaskGP, got {type(gp).__name__} "
+                            f"with {getattr(gp, 'num_outputs', '?')} outputs")
         with torch.no_grad():
             X = gp.train_inputs[0]  # already through the input transform (eval mode)
             t = gp.train_targets
@@ -134,14 +139,19 @@ class GPPredictor:
     def __repr__(self) -> str:
         return f"GPPredictor(n_train={self.X_train.shape[0]}, row_scaled={self.row_scaled})"
 
+    def _inputs(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Model-space inputs (input transform applied) and the per-row scale (None unless row-scaled)."""
+        X = X.to(torch.float64)
+        scale = X[:, -1] if self.row_scaled else None
+        Z = X[:, :-1] if self.row_scaled else X
+        if self.input_transform is not None:
+            Z = self.input_transform(Z)
+        return Z, scale
+
     def __call__(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the latent function (raw units) at ``X`` (``c x d``, acquisition inputs), each ``[c]``."""
         with torch.no_grad():
-            X = X.to(torch.float64)
-            scale = X[:, -1] if self.row_scaled else None
-            Z = X[:, :-1] if self.row_scaled else X
-            if self.input_transform is not None:
-                Z = self.input_transform(Z)
+            Z, scale = self._inputs(X)
             Ks = self.covar(Z, self.X_train).to_dense()  # c x n
             mean = self.mean_module(Z) + Ks @ self.alpha
             V = torch.linalg.solve_triangular(self.L, Ks.T, upper=False)  # n x c
@@ -152,3 +162,55 @@ class GPPredictor:
             if scale is not None:
                 mean, std = mean * scale, std * scale
         return mean, std
+
+    def joint(self, X: torch.Tensor) -> JointPosterior:
+        """The joint posterior of the latent function (raw units) over the rows of ``X`` (``c x d``).
+
+        Why: a proposal evaluates its acquisition many times over one finite set (shortlist,
+        pending, baseline); mean and variance of every row, and the covariance columns the
+        acquisition asks for, are all it needs
+        (:class:`sdl.engine.models.candidate_set.CandidateSetGP`). Costs one ``c x n`` cross-covariance
+        and solve here, then ``c`` kernel values per covariance column.
+        """
+        with torch.no_grad():
+            Z, scale = self._inputs(X)
+            Ks = self.covar(Z, self.X_train).to_dense()  # c x n
+            mean = (self.mean_module(Z) + Ks @ self.alpha) * self.y_scale + self.y_shift
+            V = torch.linalg.solve_triangular(self.L, Ks.T, upper=False)  # n x c
+            var = (self.covar(Z, diag=True) - (V * V).sum(dim=0)) * self.y_scale**2
+            s = torch.ones_like(mean) if scale is None else scale
+        return JointPosterior(mean * s, var * s * s, Z, V, s, self.covar, self.y_scale)
+
+
+@dataclass(frozen=True)
+class JointPosterior:
+    """A GP's joint posterior over ``c`` fixed rows: mean, variance, and covariance columns on demand.
+
+    Why columns and not the ``c x c`` matrix: a greedy pick needs the covariance of every row with
+    the few pending, baseline and chosen rows only; ``c`` kernel values per column instead of
+    ``c^2`` for the whole matrix.
+
+    Attributes:
+        mean: ``[c]`` posterior mean (raw units, row-scaled).
+        var: ``[c]`` posterior variance.
+        Z: ``c x d`` model-space inputs.
+        V: ``n x c`` ``L^-1 K(train, rows)``.
+        scale: ``[c]`` per-row scale (ones unless row-scaled).
+        covar: The GP's kernel module.
+        y_scale: Outcome standardisation scale.
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    Z: torch.Tensor
+    V: torch.Tensor
+    scale: torch.Tensor
+    covar: Kernel
+    y_scale: float
+
+    def columns(self, rows: torch.Tensor) -> torch.Tensor:
+        """``c x k`` posterior covariance of every row with the rows ``rows`` (``[k]`` long)."""
+        with torch.no_grad():
+            K = self.covar(self.Z, self.Z[rows]).to_dense() - self.V.T @ self.V[:, rows]
+            out: torch.Tensor = K * (self.y_scale**2) * self.scale.unsqueeze(-1) * self.scale[rows].unsqueeze(-2)
+        return out

@@ -146,6 +146,7 @@ class Surrogate(ABC):
         self._scale: torch.Tensor | None = None
         self._fit_rows = np.zeros(0, dtype=np.int64)
         self._model: Model | None = None
+        self._scored: tuple[tuple[str | None, int], torch.Tensor, torch.Tensor] | None = None
         self._related: RelatedData | None = None
 
     def __repr__(self) -> str:
@@ -305,22 +306,32 @@ class Surrogate(ABC):
         A GP scores chunks through its cached Cholesky factor (:class:`~sdl.engine.models.gp.GPPredictor`),
         on :attr:`compute` when set; an ensemble looks its member matrix up. Either way the
         shortlist is a streaming top-k over the chunks (:func:`sdl.engine.distributed.score_pool`).
+        Mean and std are kept per model version and pool size: a later proposal of the same model
+        (experiments pending, nothing new measured) only cuts the shortlist again.
         """
         from sdl.engine.distributed import DEFAULT_CHUNK, score_pool
         from sdl.engine.models.gp import GPPredictor, predict_gp
         from sdl.engine.models.pool_ensemble import PoolEnsembleModel
 
         model = self.model
+        key = (self._version, len(self._pool()))
+        if self._scored is not None and self._scored[0] == key:
+            mean, std = self._scored[1], self._scored[2]
+            rows = torch.arange(mean.shape[0], dtype=torch.float64).unsqueeze(-1)
+            return score_pool(_RowLookup(mean, std), rows, avail, score, k, chunk=mean.shape[0] or 1)
         if isinstance(model, PoolEnsembleModel):
             mean, std = model.mean_std()
             rows = torch.arange(mean.shape[0], dtype=torch.float64).unsqueeze(-1)
-            return score_pool(_RowLookup(mean, std), rows, avail, score, k, chunk=DEFAULT_CHUNK)
-        chunk = self.compute.chunk if self.compute is not None else DEFAULT_CHUNK
-        try:
-            predictor: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = GPPredictor(model)
-        except TypeError:  # another BoTorch model: its own posterior, chunk by chunk
-            predictor = functools.partial(predict_gp, model)
-        return score_pool(predictor, self.inputs(), avail, score, k, compute=self.compute, chunk=chunk)
+            scores = score_pool(_RowLookup(mean, std), rows, avail, score, k, chunk=DEFAULT_CHUNK)
+        else:
+            chunk = self.compute.chunk if self.compute is not None else DEFAULT_CHUNK
+            try:
+                predictor: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = GPPredictor(model)
+            except TypeError:  # another BoTorch model: its own posterior, chunk by chunk
+                predictor = functools.partial(predict_gp, model)
+            scores = score_pool(predictor, self.inputs(), avail, score, k, compute=self.compute, chunk=chunk)
+        self._scored = (key, scores.mean, scores.std)
+        return scores
 
     def sample(self, X: torch.Tensor, n: int, seed: int) -> torch.Tensor:
         """``s x len(X)`` posterior draws at inputs ``X``, reproducible under ``seed``.
