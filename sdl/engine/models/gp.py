@@ -16,25 +16,28 @@ from typing import Any
 
 import torch
 
-__all__ = ["fit_gp", "gamma_prior_modules", "predict_gp"]
+__all__ = ["PRIORS", "fit_gp", "gamma_prior_modules", "predict_gp"]
 
 logger = logging.getLogger(__name__)
 
+PRIORS = ("gamma", "lognormal")
+
 
 def gamma_prior_modules(d: int, kernel: str = "matern52") -> tuple[Any, Any]:
-    """ARD kernel and Gaussian likelihood with dimension-scaled Gamma priors (BayBE 0.15's numeric recipe).
+    """ARD kernel with BayBE 0.15's dimension-scaled Gamma lengthscale prior; BoTorch's LogNormal noise likelihood.
 
-    Why Gamma and not BoTorch's LogNormal (Hvarfner et al. 2024): both put the lengthscale mode at
-    ``exp(sqrt(2) - 3) * sqrt(d)`` on the unit cube and the noise mode at ``exp(-5)`` (standardised
-    units), but the LogNormal's heavy right tail lets a few dozen points push lengthscales long,
-    and the model then ranks the unmeasured pool worse (benchmarks/surrogate_diagnosis.py:
-    Spearman 0.72 vs 0.76 on AutoAM after 20 experiments). Gamma(3, .) and Gamma(2, .) keep the
-    modes and shrink the tails.
+    Why Gamma and not BoTorch's LogNormal lengthscale prior (Hvarfner et al. 2024): both put the
+    mode at ``exp(sqrt(2) - 3) * sqrt(d)`` on the unit cube, but the LogNormal's heavy right tail
+    lets a few dozen points push lengthscales long, and the model then ranks the unmeasured pool
+    worse (benchmarks/surrogate_diagnosis.py: Spearman 0.72 vs 0.76 on AutoAM after 20
+    experiments). Why not BayBE's Gamma(2, e^5) noise prior too: it rules out noise above a few
+    percent of the variance, and on the replicated tables (crossed barrel, AgNP) the engine then
+    needed more experiments. The price of the light tail: no column can be switched off by a long
+    lengthscale, so descriptor features keep the LogNormal (see :func:`fit_gp`).
     """
-    from botorch.models.utils.gpytorch_modules import MIN_INFERRED_NOISE_LEVEL
+    from botorch.models.utils.gpytorch_modules import get_gaussian_likelihood_with_lognormal_prior
     from gpytorch.constraints import GreaterThan
     from gpytorch.kernels import MaternKernel, RBFKernel
-    from gpytorch.likelihoods import GaussianLikelihood
     from gpytorch.priors import GammaPrior
 
     ls_prior = GammaPrior(3.0, 2.0 / (math.exp(math.sqrt(2.0) - 3.0) * math.sqrt(d)))
@@ -43,10 +46,7 @@ def gamma_prior_modules(d: int, kernel: str = "matern52") -> tuple[Any, Any]:
         covar: Any = RBFKernel(ard_num_dims=d, lengthscale_prior=ls_prior, lengthscale_constraint=ls_constraint)
     else:
         covar = MaternKernel(nu=2.5, ard_num_dims=d, lengthscale_prior=ls_prior, lengthscale_constraint=ls_constraint)
-    noise_prior = GammaPrior(2.0, 1.0 / math.exp(-5.0))
-    likelihood = GaussianLikelihood(noise_prior=noise_prior, noise_constraint=GreaterThan(
-        MIN_INFERRED_NOISE_LEVEL, transform=None, initial_value=noise_prior.mode))
-    return covar, likelihood
+    return covar, get_gaussian_likelihood_with_lognormal_prior()
 
 
 def fit_gp(
@@ -55,6 +55,7 @@ def fit_gp(
     bounds: torch.Tensor | None = None,
     maxiter: int = 150,
     kernel: str = "matern52",
+    priors: str = "lognormal",
 ) -> Any:
     """Fit a GP to ``X`` (``n x d``) and ``y`` (``n``) by maximising the marginal likelihood.
 
@@ -64,7 +65,10 @@ def fit_gp(
         bounds: ``2 x d`` bounds for ``Normalize``; the range of ``X`` when None.
         maxiter: L-BFGS iterations for the hyperparameters; 30 ARD lengthscales on a few dozen
             points otherwise take several hundred iterations for a negligible gain.
-        kernel: ``matern52`` or ``rbf``, ARD, with :func:`gamma_prior_modules`' priors.
+        kernel: ``matern52`` or ``rbf``, ARD.
+        priors: ``lognormal`` (BoTorch's dimension-scaled LogNormal lengthscale and noise priors:
+            heavy tails switch off irrelevant columns, right for descriptor features) or ``gamma``
+            (:func:`gamma_prior_modules`, right for a few recipe parameters that all matter).
 
     Returns:
         A fitted ``botorch.models.SingleTaskGP`` in eval mode.
@@ -72,6 +76,7 @@ def fit_gp(
     from botorch.fit import fit_gpytorch_mll
     from botorch.models import SingleTaskGP
     from botorch.models.transforms import Normalize, Standardize
+    from botorch.models.utils.gpytorch_modules import get_covar_module_with_dim_scaled_prior
     from gpytorch.mlls import ExactMarginalLogLikelihood
 
     X = X.to(torch.float64)
@@ -85,7 +90,13 @@ def fit_gp(
     bounds[1, flat] = bounds[0, flat] + 1.0
     if kernel not in ("matern52", "rbf"):
         raise ValueError(f"fit_gp: kernel must be 'matern52' or 'rbf', got {kernel!r}")
-    covar, likelihood = gamma_prior_modules(X.shape[-1], kernel)
+    if priors not in PRIORS:
+        raise ValueError(f"fit_gp: priors must be one of {PRIORS}, got {priors!r}")
+    if priors == "gamma":
+        covar, likelihood = gamma_prior_modules(X.shape[-1], kernel)
+    else:
+        covar, likelihood = get_covar_module_with_dim_scaled_prior(
+            ard_num_dims=X.shape[-1], use_rbf_kernel=kernel == "rbf"), None  # SingleTaskGP's LogNormal noise prior
     model = SingleTaskGP(
         X, Y, covar_module=covar, likelihood=likelihood, input_transform=Normalize(d=X.shape[-1], bounds=bounds),
         outcome_transform=Standardize(m=1),

@@ -241,17 +241,23 @@ class Surrogate(ABC):
         self._fit_rows = idx.numpy()
         return idx, y
 
-    def _fit_gp_on(self, X_all: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, kernel: str) -> Any:
-        """A GP on pool rows ``idx`` of ``X_all`` (bounds over the whole pool); row-scaled if extensive."""
+    def _fit_gp_on(
+        self, X_all: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, kernel: str, priors: str = "lognormal"
+    ) -> Any:
+        """A GP on pool rows ``idx`` of ``X_all`` (bounds over the whole pool); row-scaled if extensive.
+
+        ``priors``: see :func:`sdl.engine.models.gp.fit_gp` (``gamma`` for recipe parameters).
+        """
         from sdl.engine.models.gp import fit_gp
 
         bounds = torch.stack([X_all.min(dim=0).values, X_all.max(dim=0).values])
         if self._related is not None:
             from sdl.engine.models.multitask import fit_with_related
 
-            gp = fit_with_related(self, X_all[idx], y, X_all, self._related, bounds=bounds, kernel=kernel)
+            gp = fit_with_related(self, X_all[idx], y, X_all, self._related, bounds=bounds, kernel=kernel,
+                                  priors=priors)
         else:
-            gp = fit_gp(X_all[idx], y, bounds=bounds, kernel=kernel)
+            gp = fit_gp(X_all[idx], y, bounds=bounds, kernel=kernel, priors=priors)
         if self.extensive:
             from sdl.engine.models.extensive import RowScaledModel
 
@@ -443,10 +449,14 @@ class GPSurrogate(Surrogate):
         self._feature_matrix: torch.Tensor | None = None
         self._gp: Any = None
 
+    def _on_parameters(self) -> bool:
+        """True when the pool's recipe parameter columns are the features (else composition descriptors)."""
+        return bool(self._pool().parameter_columns) and self.descriptors != "composition"
+
     def _features(self) -> torch.Tensor:
         if self._feature_matrix is None:
             pool = self._pool()
-            if pool.parameter_columns and self.descriptors != "composition":
+            if self._on_parameters():
                 self._feature_matrix = pool.parameter_matrix()
             else:
                 from sdl.engine.models.composition import composition_features
@@ -454,10 +464,14 @@ class GPSurrogate(Surrogate):
                 self._feature_matrix = torch.as_tensor(composition_features(pool.formulas()))
         return self._feature_matrix
 
+    def _priors(self) -> str:
+        """``gamma`` on recipe parameters (a few columns that all matter), ``lognormal`` on descriptors."""
+        return "gamma" if self._on_parameters() else "lognormal"
+
     def _fit(self, data: TrainingData) -> None:
         if self.pool is not None:
             idx, y = self._pool_labels(data)
-            self._gp = self._fit_gp_on(self._features(), idx, y, self.kernel)
+            self._gp = self._fit_gp_on(self._features(), idx, y, self.kernel, priors=self._priors())
             return
         from sdl.engine.models.gp import fit_gp
 
@@ -467,9 +481,9 @@ class GPSurrogate(Surrogate):
             from sdl.engine.models.multitask import fit_with_related
 
             self._model = self._gp = fit_with_related(self, data.X, y, None, self._related, bounds=self.space.bounds,
-                                                      kernel=self.kernel)
+                                                      kernel=self.kernel, priors="gamma")
         else:
-            self._model = self._gp = fit_gp(data.X, y, bounds=self.space.bounds, kernel=self.kernel)
+            self._model = self._gp = fit_gp(data.X, y, bounds=self.space.bounds, kernel=self.kernel, priors="gamma")
         self.n_train = len(data)
 
     def _held_out(self) -> tuple[HeldOut | None, str, dict[str, float]]:
