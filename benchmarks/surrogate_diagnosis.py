@@ -3,9 +3,11 @@
 Why: the side-by-side tables say *that* BayBE's default needs fewer experiments on some sets, not
 *why*. This script takes the training sets BayBE itself measured (its recorded ``order`` in a peer
 results file, prefixes of ``--at`` experiments, the harness's replicate draws of that seed) and fits
-on each: ``engine`` (:func:`sdl.engine.models.gp.fit_gp`, the engine default), ``baybe`` (BayBE's
-own ``GaussianProcessSurrogate``, fitted through BayBE's API) and recipe mixes in plain BoTorch
-(``gamma``: the engine with BayBE 0.15's Gamma lengthscale and noise priors). Per fit: Spearman
+on each: ``engine`` (:func:`sdl.engine.models.gp.fit_gp` with BoTorch's LogNormal priors, the
+engine's recipe before this script), ``engine-gamma`` (``fit_gp(priors="gamma")``: BayBE's Gamma
+lengthscale prior, LogNormal noise), ``baybe`` (BayBE's own ``GaussianProcessSurrogate``, fitted
+through BayBE's API) and ``gamma`` (plain BoTorch with BayBE 0.15's Gamma lengthscale *and* noise
+priors: it reproduces ``baybe``'s numbers exactly). Per fit: Spearman
 correlation of the predicted mean with the true pool means on the unmeasured rows, whether the
 arg-max of the mean / of qLogEI (best_f = best posterior mean at the measured rows, as BayBE) / of
 qLogNEI (the engine's) is a top row, and the fitted lengthscales and noise. Run it with the peers
@@ -164,8 +166,9 @@ def main() -> int:
             idx = np.asarray(order[:n])
             y = sign * np.array([pool.reps[i][rep_pick[i]] for i in idx])
             for rc in recipes:
-                if rc == "engine":
-                    model = gp.fit_gp(Xall[idx], torch.as_tensor(y), bounds=bounds)
+                if rc in ("engine", "engine-gamma"):  # the engine's LogNormal priors / its Gamma lengthscale prior
+                    model = gp.fit_gp(Xall[idx], torch.as_tensor(y), bounds=bounds,
+                                      priors="lognormal" if rc == "engine" else "gamma")
                 elif rc == "gamma":
                     model = fit_gamma(Xall[idx], torch.as_tensor(y), bounds)
                 elif rc == "baybe":

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One engine variant inside the peer harness on the tables of run_sdl.sh (same seeds, budgets), for
 # the quick loop against the stored BayBE runs. VARIANT names the output folder; ACQ (optional) is
-# passed as --sdl-acquisition; SETS picks the sets (default: all of run_sdl.sh's small sets + crossed barrel).
-# Run from the repository root; the GP recipe is the one in the checked-out code.
+# passed as --sdl-acquisition, PRIORS (optional) as --sdl-gp-priors; SETS picks the sets (default: all of
+# run_sdl.sh's small sets + crossed barrel). Run from the repository root. E.g.
+#   VARIANT=gammals_lognei PRIORS=gamma SETS="autoam agnp" bash benchmarks/results/peers/run_variant.sh
 set -u
 export OMP_NUM_THREADS=1 PYTHONPATH=$PWD
 PY=${PY:-/work/main/.venv/bin/python}
@@ -10,7 +11,7 @@ L=../shared/data/liang2021_bo_benchmark
 O=../shared/data/olympus
 R=benchmarks/results/variants/${VARIANT:?set VARIANT}
 mkdir -p $R
-EXTRA=(); [ -n "${ACQ:-}" ] && EXTRA=(--sdl-acquisition $ACQ)
+EXTRA=(); [ -n "${ACQ:-}" ] && EXTRA+=(--sdl-acquisition $ACQ); [ -n "${PRIORS:-}" ] && EXTRA+=(--sdl-gp-priors $PRIORS)
 run() { name=$1; shift; case " ${SETS:-autoam agnp suzuki colors snar cb} " in *" $key "*) ;; *) return;; esac
   echo "== $name $(date -u +%H:%M:%S)"; $PY benchmarks/peer_side_by_side.py "${EXTRA[@]}" --merge benchmarks/results/peers/$name/results.json -- "$@" --strategies sdl --seeds ${SEEDS:-10} --out $R/$name > $R/$name.log 2>&1; echo "   rc=$? $(date -u +%H:%M:%S)"; }
 key=autoam run liang_autoam --data $L/AutoAM_dataset.csv --target Score --goal max --params "Prime Delay,Print Speed,X Offset Correction,Y Offset Correction" --budget 45

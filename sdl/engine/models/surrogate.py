@@ -417,6 +417,7 @@ class GPSurrogate(Surrogate):
             its formulas, are the features.
         space: Parameter space (space mode, when ``pool`` is None).
         kernel: ``matern52`` or ``rbf``.
+        priors: ``lognormal`` or ``gamma`` (see :func:`sdl.engine.models.gp.fit_gp`).
         descriptors: Pool features: ``auto`` (parameter columns when the pool has them, else
             composition), ``parameters`` or ``composition``.
         extensive: See :class:`Surrogate`.
@@ -431,10 +432,11 @@ class GPSurrogate(Surrogate):
     def __init__(
         self, *, seed: int = 0, pool: CandidatePool | None = None, space: ParameterSpace | None = None,
         kernel: str = "matern52", descriptors: str = "auto", extensive: bool = False,
-        compute: DaskCompute | None = None,
+        compute: DaskCompute | None = None, priors: str = "lognormal",
     ) -> None:
         super().__init__(seed=seed, pool=pool, space=space, extensive=extensive, compute=compute)
         self.kernel = kernel
+        self.priors = priors
         self.descriptors = descriptors
         if pool is None and space is None:
             raise EngineError("model gp needs a candidate pool or a parameter space")
@@ -449,14 +451,10 @@ class GPSurrogate(Surrogate):
         self._feature_matrix: torch.Tensor | None = None
         self._gp: Any = None
 
-    def _on_parameters(self) -> bool:
-        """True when the pool's recipe parameter columns are the features (else composition descriptors)."""
-        return bool(self._pool().parameter_columns) and self.descriptors != "composition"
-
     def _features(self) -> torch.Tensor:
         if self._feature_matrix is None:
             pool = self._pool()
-            if self._on_parameters():
+            if pool.parameter_columns and self.descriptors != "composition":
                 self._feature_matrix = pool.parameter_matrix()
             else:
                 from sdl.engine.models.composition import composition_features
@@ -464,14 +462,10 @@ class GPSurrogate(Surrogate):
                 self._feature_matrix = torch.as_tensor(composition_features(pool.formulas()))
         return self._feature_matrix
 
-    def _priors(self) -> str:
-        """``gamma`` on recipe parameters (a few columns that all matter), ``lognormal`` on descriptors."""
-        return "gamma" if self._on_parameters() else "lognormal"
-
     def _fit(self, data: TrainingData) -> None:
         if self.pool is not None:
             idx, y = self._pool_labels(data)
-            self._gp = self._fit_gp_on(self._features(), idx, y, self.kernel, priors=self._priors())
+            self._gp = self._fit_gp_on(self._features(), idx, y, self.kernel, priors=self.priors)
             return
         from sdl.engine.models.gp import fit_gp
 
@@ -481,9 +475,10 @@ class GPSurrogate(Surrogate):
             from sdl.engine.models.multitask import fit_with_related
 
             self._model = self._gp = fit_with_related(self, data.X, y, None, self._related, bounds=self.space.bounds,
-                                                      kernel=self.kernel, priors="gamma")
+                                                      kernel=self.kernel, priors=self.priors)
         else:
-            self._model = self._gp = fit_gp(data.X, y, bounds=self.space.bounds, kernel=self.kernel, priors="gamma")
+            self._model = self._gp = fit_gp(data.X, y, bounds=self.space.bounds, kernel=self.kernel,
+                                            priors=self.priors)
         self.n_train = len(data)
 
     def _held_out(self) -> tuple[HeldOut | None, str, dict[str, float]]:
