@@ -48,6 +48,8 @@ class SDLStrategy:
     """``ask``/``tell`` over :class:`sdl.engine.Engine` in pool mode, engine defaults."""
 
     name = "sdl"
+    acquisition: str | None = None  # None: the engine default; --sdl-acquisition sets it for a variant run
+    priors: str | None = None  # None: the engine default; --sdl-gp-priors sets it for a variant run
 
     def __init__(self, pool: Any, seed: int) -> None:
         from sdl import config as cfgmod
@@ -65,8 +67,10 @@ class SDLStrategy:
         goal = "maximize" if pool.goal == "max" else "minimize"
         self.engine = Engine(
             objective=cfgmod.ObjectiveSpec(property=pool.target, unit="", goal=goal),
-            model=cfgmod.GPModel(name="gp"),
-            acquisition=cfgmod.Acquisition(),
+            model=cfgmod.GPModel(name="gp") if self.priors is None
+            else cfgmod.GPModel(name="gp", options=cfgmod.GPOptions(priors=self.priors)),  # type: ignore[arg-type]
+            acquisition=cfgmod.Acquisition() if self.acquisition is None
+            else cfgmod.Acquisition(function=self.acquisition),  # type: ignore[arg-type]
             seed=seed,
             pool=cpool,
             initial_design=cfgmod.InitialDesign(strategy="random", size=1),
@@ -108,6 +112,10 @@ def main() -> int:
     ap.add_argument("--peers", type=Path, default=Path("../shared/peers"), help="folder of peer_bench.py")
     ap.add_argument("--merge", type=Path, help="a peer results.json to add (same data, seeds, budget)")
     ap.add_argument("--merge-only", type=Path, metavar="OUT", help="only merge --merge into OUT/results.json")
+    ap.add_argument("--sdl-acquisition", choices=("qlogei", "qlognei", "qucb", "thompson"),
+                    help="a non-default acquisition for the engine (a variant run; default: the engine's)")
+    ap.add_argument("--sdl-gp-priors", choices=("lognormal", "gamma"),
+                    help="the engine GP's model.options.priors for a variant run (default: the engine's)")
     ap.add_argument("rest", nargs=argparse.REMAINDER, help="-- then peer_bench.py's arguments")
     a = ap.parse_args()
     if a.merge_only is not None:
@@ -117,6 +125,7 @@ def main() -> int:
         return 0
     rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
     pb = load_peer_bench(a.peers)
+    SDLStrategy.acquisition, SDLStrategy.priors = a.sdl_acquisition, a.sdl_gp_priors  # class level: --jobs 1 only
     pb.STRATEGIES["sdl"] = SDLStrategy
     rc = int(pb.main(rest) or 0)
     if rc == 0 and a.merge is not None:

@@ -396,6 +396,13 @@ class GPOptions(_Frozen):
         description="GP inputs: the process parameters, composition features of the formula, or "
         "'auto' (parameters if any, else composition).",
     )
+    priors: Literal["lognormal", "gamma"] = Field(
+        default="lognormal",
+        description="Hyperpriors: 'lognormal' (default; BoTorch's dimension-scaled LogNormal lengthscale and noise "
+        "priors, whose heavy tails switch off irrelevant inputs) or 'gamma' (BayBE 0.15's dimension-scaled "
+        "Gamma lengthscale prior with the same mode and a light tail, for a few recipe parameters that all matter; "
+        "see sdl.engine.models.gp.gamma_prior_modules).",
+    )
 
 
 class GPModel(_Frozen):
@@ -1169,6 +1176,8 @@ class CampaignConfig(_Frozen):
             del data["compute"]
         if data.get("transfer", 0) is None:
             del data["transfer"]  # likewise
+        if data["model"].get("options", {}).get("priors") == "lognormal":
+            del data["model"]["options"]["priors"]  # the default, as before the option existed
         if data["acquisition"].get("feasibility") == "auto":
             del data["acquisition"]["feasibility"]  # the default, as before the option existed
         for dumped in data["instruments"]:

@@ -169,6 +169,15 @@ def test_hash_ignores_key_order_and_location_but_not_content(tmp_path: Path) -> 
     explicit["retrain"] = {"every": 4}
     explicit["stopping"] = {"goal_value": None}
     assert validate_campaign_dict(explicit, file=demo).config_hash() == cfg.config_hash()
+    # model.options.priors came later: at its default it leaves a GP campaign's hash as before.
+    gp, gp_explicit, gp_gamma = demo_data(), demo_data(), demo_data()
+    gp["model"] = {"name": "gp"}
+    gp_explicit["model"] = {"name": "gp", "options": {"priors": "lognormal"}}
+    gp_gamma["model"] = {"name": "gp", "options": {"priors": "gamma"}}
+    h = validate_campaign_dict(gp, file=demo)
+    assert "priors" not in h.snapshot()["model"]["options"]
+    assert validate_campaign_dict(gp_explicit, file=demo).config_hash() == h.config_hash()
+    assert validate_campaign_dict(gp_gamma, file=demo).config_hash() != h.config_hash()
 
 
 def test_snapshot_round_trips(campaign_path: Path) -> None:

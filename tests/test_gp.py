@@ -51,3 +51,31 @@ def test_composition_features_and_composition_gp() -> None:
 def test_gp_rejects_too_little_data() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         fit_gp(torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+
+
+def test_gp_priors_option_reaches_the_fit() -> None:
+    """``model.options.priors``: LogNormal by default (parameters and descriptors), Gamma lengthscales on request."""
+    from gpytorch.priors import GammaPrior, LogNormalPrior
+
+    from sdl import config as cfgmod
+    from sdl.engine.engine import build_surrogate
+    from sdl.engine.models.surrogate import TrainingData
+
+    barrel = CandidatePool.from_csv(
+        WORLDS / "crossed_barrel.csv", id_column=None, parameter_columns=["n", "theta", "r", "t"]
+    )
+    frame = pd.read_csv(WORLDS / "perovskites_2k.csv.gz", usecols=["id", "formula", "e_form"]).iloc[:400]
+    perov = CandidatePool.from_frame(frame, formula_column="formula", source="perovskites_2k[:400]")
+    rows = np.arange(0, 400, 20)
+    for pool, target, priors, prior in [(barrel, "toughness", None, LogNormalPrior),
+                                        (barrel, "toughness", "gamma", GammaPrior),
+                                        (perov, "e_form", None, LogNormalPrior)]:
+        opts = cfgmod.GPOptions() if priors is None else cfgmod.GPOptions(priors=priors)
+        sur = build_surrogate(cfgmod.GPModel(name="gp", options=opts), seed=0, pool=pool, space=None)
+        y = pool.values(target)[rows]
+        sur.fit(TrainingData(tuple(pool.keys[i] for i in rows), tuple(float(v) for v in y), rows=rows))
+        gp = sur._gp  # type: ignore[attr-defined]
+        assert isinstance(gp.covar_module.lengthscale_prior, prior), (target, priors, gp.covar_module)
+        assert isinstance(gp.likelihood.noise_covar.noise_prior, LogNormalPrior)
+    with pytest.raises(ValueError, match="priors must be one of"):
+        fit_gp(torch.rand(4, 2, dtype=torch.float64), torch.rand(4, dtype=torch.float64), priors="flat")

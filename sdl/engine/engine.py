@@ -519,7 +519,8 @@ def build_surrogate(
     if name == "gp":
         return GPSurrogate(seed=seed, pool=pool, space=space, extensive=extensive,
                            kernel=str(_get(options, "kernel", "matern52") or "matern52"),
-                           descriptors=str(_get(options, "descriptors", "auto") or "auto"), compute=compute)
+                           descriptors=str(_get(options, "descriptors", "auto") or "auto"),
+                           priors=str(_get(options, "priors", "lognormal") or "lognormal"), compute=compute)
     if name == "gnn-ensemble":
         if pool is None or pool.structure_column is None:
             raise EngineError("model gnn-ensemble needs a candidate pool with a structure column")

@@ -205,12 +205,13 @@ def place_related(
 
 def fit_with_related(
     surrogate: Surrogate, X: torch.Tensor, y: torch.Tensor, X_all: torch.Tensor | None, related: RelatedData, *,
-    bounds: torch.Tensor, kernel: str,
+    bounds: torch.Tensor, kernel: str, priors: str = "lognormal",
 ) -> Any:
     """The surrogate's GP on its own ``(X, y)`` and the related data it can place (:func:`place_related`).
 
     A ``MultiTaskGP`` when any related measurement could be placed, else the plain GP
-    (:func:`sdl.engine.models.gp.fit_gp`) as without ``transfer:``.
+    (:func:`sdl.engine.models.gp.fit_gp`, with ``priors``) as without ``transfer:``. The multi-task GP
+    keeps BoTorch's dimension-scaled priors.
     """
     from sdl.engine.models.gp import fit_gp
 
@@ -218,7 +219,7 @@ def fit_with_related(
     if not len(y_rel):
         logger.warning("transfer: none of the %d source measurements fits this campaign's inputs; fitting cold",
                        len(related))
-        return fit_gp(X, y, bounds=bounds, kernel=kernel)
+        return fit_gp(X, y, bounds=bounds, kernel=kernel, priors=priors)
     return fit_multitask_gp(X, y, X_rel, y_rel, tasks, bounds=bounds, kernel=kernel)
 
 

@@ -242,17 +242,23 @@ class Surrogate(ABC):
         self._fit_rows = idx.numpy()
         return idx, y
 
-    def _fit_gp_on(self, X_all: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, kernel: str) -> Any:
-        """A GP on pool rows ``idx`` of ``X_all`` (bounds over the whole pool); row-scaled if extensive."""
+    def _fit_gp_on(
+        self, X_all: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, kernel: str, priors: str = "lognormal"
+    ) -> Any:
+        """A GP on pool rows ``idx`` of ``X_all`` (bounds over the whole pool); row-scaled if extensive.
+
+        ``priors``: see :func:`sdl.engine.models.gp.fit_gp` (``gamma`` for recipe parameters).
+        """
         from sdl.engine.models.gp import fit_gp
 
         bounds = torch.stack([X_all.min(dim=0).values, X_all.max(dim=0).values])
         if self._related is not None:
             from sdl.engine.models.multitask import fit_with_related
 
-            gp = fit_with_related(self, X_all[idx], y, X_all, self._related, bounds=bounds, kernel=kernel)
+            gp = fit_with_related(self, X_all[idx], y, X_all, self._related, bounds=bounds, kernel=kernel,
+                                  priors=priors)
         else:
-            gp = fit_gp(X_all[idx], y, bounds=bounds, kernel=kernel)
+            gp = fit_gp(X_all[idx], y, bounds=bounds, kernel=kernel, priors=priors)
         if self.extensive:
             from sdl.engine.models.extensive import RowScaledModel
 
@@ -422,6 +428,7 @@ class GPSurrogate(Surrogate):
             its formulas, are the features.
         space: Parameter space (space mode, when ``pool`` is None).
         kernel: ``matern52`` or ``rbf``.
+        priors: ``lognormal`` or ``gamma`` (see :func:`sdl.engine.models.gp.fit_gp`).
         descriptors: Pool features: ``auto`` (parameter columns when the pool has them, else
             composition), ``parameters`` or ``composition``.
         extensive: See :class:`Surrogate`.
@@ -436,10 +443,11 @@ class GPSurrogate(Surrogate):
     def __init__(
         self, *, seed: int = 0, pool: CandidatePool | None = None, space: ParameterSpace | None = None,
         kernel: str = "matern52", descriptors: str = "auto", extensive: bool = False,
-        compute: DaskCompute | None = None,
+        compute: DaskCompute | None = None, priors: str = "lognormal",
     ) -> None:
         super().__init__(seed=seed, pool=pool, space=space, extensive=extensive, compute=compute)
         self.kernel = kernel
+        self.priors = priors
         self.descriptors = descriptors
         if pool is None and space is None:
             raise EngineError("model gp needs a candidate pool or a parameter space")
@@ -468,7 +476,7 @@ class GPSurrogate(Surrogate):
     def _fit(self, data: TrainingData) -> None:
         if self.pool is not None:
             idx, y = self._pool_labels(data)
-            self._gp = self._fit_gp_on(self._features(), idx, y, self.kernel)
+            self._gp = self._fit_gp_on(self._features(), idx, y, self.kernel, priors=self.priors)
             return
         from sdl.engine.models.gp import fit_gp
 
@@ -478,9 +486,10 @@ class GPSurrogate(Surrogate):
             from sdl.engine.models.multitask import fit_with_related
 
             self._model = self._gp = fit_with_related(self, data.X, y, None, self._related, bounds=self.space.bounds,
-                                                      kernel=self.kernel)
+                                                      kernel=self.kernel, priors=self.priors)
         else:
-            self._model = self._gp = fit_gp(data.X, y, bounds=self.space.bounds, kernel=self.kernel)
+            self._model = self._gp = fit_gp(data.X, y, bounds=self.space.bounds, kernel=self.kernel,
+                                            priors=self.priors)
         self.n_train = len(data)
 
     def _held_out(self) -> tuple[HeldOut | None, str, dict[str, float]]:
