@@ -1217,6 +1217,31 @@ class Store:
             raise RepositoryError(f"no material for these parameters: {exc}") from exc
         return self.upsert_material(key, params=json.loads(key.removeprefix("params:")))
 
+    def material_of_cif(self, cif: str, *, formula: str, source_id: str | None = None) -> int | None:
+        """The stored crystal whose CIF text is exactly ``cif``, or None: no parse, no matcher.
+
+        Why: one text is one crystal, so a candidate met before (a resumed campaign, another
+        campaign on the same candidate file) needs neither pymatgen's CIF parser nor the matcher,
+        which cost ~10 ms per candidate together. Only the rows of the reduced ``formula`` are
+        read (an index): a formula that is not the crystal's finds nothing, and the caller then
+        matches the structure (:meth:`material_for_structure`, which stores the text it is given).
+
+        Args:
+            cif: The candidate's CIF text, as its file gives it.
+            formula: Its formula (any order of elements).
+            source_id: Filled into the row if it lacks one, as a match does.
+        """
+        query = (sa.select(Material.id, Material.source_id)
+                 .where(Material.formula == _reduced_formula(formula), Material.cif == cif)
+                 .order_by(Material.id).limit(1))
+        with self._tx("material_of_cif") as s:
+            found = s.execute(query).first()
+            if found is None:
+                return None
+            if source_id is not None and found.source_id is None:
+                self._fill_material(s, found.id, source_id=source_id, cif=None)
+            return int(found.id)
+
     def material_for_structure(
         self,
         structure: Structure,
