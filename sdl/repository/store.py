@@ -1910,10 +1910,9 @@ class Store:
             )
             campaign_id = None
             if experiment_id is not None:
-                exp = s.get(Experiment, experiment_id)
-                if exp is None:
+                campaign_id = self._campaign_of(s, experiment_id)
+                if campaign_id is None:
                     raise RepositoryError(f"run {uid}: no experiment with id={experiment_id}")
-                campaign_id = exp.campaign_id
             self._event(
                 s,
                 "run.start",
@@ -1922,6 +1921,17 @@ class Store:
                 experiment_id=experiment_id,
                 payload={"run_uid": uid, "plan_name": plan_name},
             )
+
+    @staticmethod
+    def _campaign_of(s: Session, experiment_id: int) -> int | None:
+        """An experiment's campaign id (None: no such experiment): one column, not the whole row.
+
+        Why: a run's start and stop name their campaign in their event rows, four times per
+        experiment; loading the experiment's whole row for it (JSON columns decoded, an ORM
+        object) took about twice as long as reading the one column.
+        """
+        campaign_id = s.scalar(sa.select(Experiment.campaign_id).where(Experiment.id == experiment_id))
+        return None if campaign_id is None else int(campaign_id)
 
     def record_run_stop(
         self,
@@ -1939,7 +1949,7 @@ class Store:
             run.exit_status = exit_status
             run.reason = reason or None
             run.stop_time = stop_time or utcnow()
-            campaign_id = s.get(Experiment, run.experiment_id).campaign_id if run.experiment_id else None  # type: ignore[union-attr]
+            campaign_id = self._campaign_of(s, run.experiment_id) if run.experiment_id else None
             self._event(
                 s,
                 "run.stop",
