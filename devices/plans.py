@@ -9,16 +9,24 @@ With an :class:`~devices.phase_detector.XRDPhaseDetector`, ``characterize`` anal
 pattern the station streamed and puts the verdict (target phase fraction, target formed) in the
 same event as the station's values, whose quality then comes from the detector: a property value
 measured on a sample in which the target did not form is flagged ``not_target``.
+
+The plans yield :class:`~bluesky.utils.Msg` objects themselves, through the small helpers below,
+which send the same messages as the ``bluesky.plan_stubs`` / ``bluesky.preprocessors`` they are
+named after (tests/test_plans.py compares the two): bluesky 1.15 wraps every stub call in a
+``Plan`` that formats the whole call stack (``traceback.format_stack``) in case it is never
+iterated, and inside a Prefect task that stack is deep; 18 stub calls per experiment made it a
+few ms of CPU each.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
-from bluesky import plan_stubs as bps
-from bluesky import preprocessors as bpp
-from bluesky.utils import MsgGenerator
+from bluesky.protocols import Readable, Triggerable
+from bluesky.utils import Msg, MsgGenerator, RunEngineControlException
 
 from devices.phase_detector import XRDPhaseDetector
 from devices.robot import SynthesisRobot
@@ -33,6 +41,59 @@ def _sdl_md(md: dict[str, Any] | None, recipe: dict[str, Any], instrument: str, 
     sdl.update({"recipe": dict(recipe), "instrument": instrument, **extra})
     caller["sdl"] = sdl
     return caller
+
+
+def _run(md: dict[str, Any], body: MsgGenerator[None]) -> MsgGenerator[str]:
+    """``bpp.run_wrapper``: open a run, run ``body``, close the run (``fail`` and re-raise on an error)."""
+    uid = yield Msg("open_run", **md)
+    try:
+        yield from body
+    except GeneratorExit:
+        raise
+    except RunEngineControlException as exc:  # a stop or an abort: the subclass names the exit status
+        yield Msg("close_run", exit_status=getattr(exc, "exit_status", "abort"), reason=None)
+        raise
+    except Exception as exc:
+        yield Msg("close_run", exit_status="fail", reason=str(exc))
+        raise
+    yield Msg("close_run", exit_status=None, reason=None)
+    return str(uid)
+
+
+def _set_and_wait(obj: Any, value: Any) -> MsgGenerator[None]:
+    """``bps.abs_set(obj, value, wait=True)``."""
+    group = str(uuid.uuid4())
+    yield Msg("set", obj, value, group=group)
+    yield Msg("wait", None, group=group)
+
+
+def _trigger_and_wait(obj: Triggerable) -> MsgGenerator[None]:
+    """``bps.trigger(obj, wait=True)``."""
+    yield Msg("trigger", obj, group=None)
+    yield Msg("wait", None, group=None)
+
+
+def _trigger_and_read(devices: Sequence[Readable[Any]]) -> MsgGenerator[None]:
+    """``bps.trigger_and_read(devices)`` for devices that may be re-triggered (no ``rewindable`` signal).
+
+    One event in the ``primary`` stream; a failed read drops the event and re-raises.
+    """
+    group = f"trigger-{str(uuid.uuid4())[:6]}"
+    triggered = [device for device in devices if isinstance(device, Triggerable)]
+    for device in triggered:
+        yield Msg("trigger", device, group=group)
+    if triggered:
+        yield Msg("wait", None, group=group, error_on_timeout=True, timeout=None, watch=())
+    yield Msg("create", name="primary")
+    try:
+        for obj in devices:
+            yield Msg("read", obj)
+    except GeneratorExit:
+        raise
+    except Exception:
+        yield Msg("drop")
+        raise
+    yield Msg("save")
 
 
 def synthesize(robot: SynthesisRobot, recipe: dict[str, Any], *, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
@@ -50,13 +111,11 @@ def synthesize(robot: SynthesisRobot, recipe: dict[str, Any], *, md: dict[str, A
     }
     _md.update(_sdl_md(md, recipe, robot.name, measurements={}, quality_key=None))
 
-    @bpp.run_decorator(md=_md)  # type: ignore[untyped-decorator] # bluesky's decorators are untyped
     def inner() -> MsgGenerator[None]:
-        yield from bps.abs_set(robot, recipe, wait=True)
-        yield from bps.trigger_and_read([robot])
+        yield from _set_and_wait(robot, recipe)
+        yield from _trigger_and_read([robot])
 
-    uid = yield from inner()
-    return str(uid)
+    return (yield from _run(_md, inner()))
 
 
 def characterize(
@@ -89,23 +148,21 @@ def characterize(
     }
     _md.update(_sdl_md(md, recipe, station.name, measurements=measurements, quality_key=station.quality_key))
 
-    @bpp.run_decorator(md=_md)  # type: ignore[untyped-decorator] # bluesky's decorators are untyped
     def inner() -> MsgGenerator[None]:
-        yield from bps.abs_set(station.recipe, json.dumps(recipe, sort_keys=True), wait=True)
+        yield from _set_and_wait(station.recipe, json.dumps(recipe, sort_keys=True))
         if phases is None:
-            yield from bps.trigger_and_read([station])
+            yield from _trigger_and_read([station])
             return
         # The detector analyses what the station published: trigger one after the other, then
         # read both into one event, so the verdict and the values it judges are never apart.
-        yield from bps.trigger(station, wait=True)
-        yield from bps.trigger(phases, wait=True)
-        yield from bps.create("primary")
-        yield from bps.read(station)
-        yield from bps.read(phases)
-        yield from bps.save()
+        yield from _trigger_and_wait(station)
+        yield from _trigger_and_wait(phases)
+        yield Msg("create", name="primary")
+        yield Msg("read", station)
+        yield Msg("read", phases)
+        yield Msg("save")
 
-    uid = yield from inner()
-    return str(uid)
+    return (yield from _run(_md, inner()))
 
 
 def synthesize_and_characterize(

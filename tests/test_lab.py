@@ -382,6 +382,16 @@ def test_every_experiment_links_a_material_and_its_sample(tmp_path: Path, databa
             assert ok and all(m.sample_id == samples[0].id for m in ok)
             history = store.material_measurements(e.material_id, "e_form")
             assert [h.campaign for h in history] == ["materials"]
+            assert material.cif == lab.engine.pool.structure_texts([lab.engine.pool.index_of(e.candidate_key)])[0]
+        first = {e.candidate_key: e.material_id for e in store.experiments(lab.campaign_id)}
+        n_materials = len(store.materials())
+    # Another campaign on the same candidates (the same seed picks them again) links the same rows.
+    again = load_campaign(write_campaign(tmp_path, name="materials-again", budget=3))
+    with open_lab(again, database_url, state_dir=tmp_path / "state") as lab:
+        run_plain(lab)
+        assert {e.candidate_key: e.material_id for e in lab.store.experiments(lab.campaign_id)} == first
+        assert len(lab.store.materials()) == n_materials
+        assert not lab.engine.pool._parsed  # no CIF parsed, no matcher: each found by its text
 
 
 def test_a_driver_named_in_yaml_is_used_without_touching_the_lab(tmp_path: Path, sqlite_url: str) -> None:

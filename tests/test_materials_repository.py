@@ -106,6 +106,24 @@ def test_real_perovskite_polymorphs_are_two_materials(store: Store) -> None:
     assert [m.source_id for m in store.materials("SrWN3")] == list(SRWN3)
 
 
+def test_a_stored_crystal_is_found_by_its_cif_text(store: Store) -> None:
+    cifs = _world_cifs(SRWN3)
+    first = Structure.from_str(cifs[SRWN3[0]], fmt="cif")
+    assert store.material_of_cif(cifs[SRWN3[0]], formula="SrWN3") is None  # nothing stored yet
+    mid = store.material_for_structure(first, cif=cifs[SRWN3[0]])
+    assert store.material_of_cif(cifs[SRWN3[0]], formula="N3SrW", source_id=SRWN3[0]) == mid  # any element order
+    assert store.get_material(mid).source_id == SRWN3[0]  # type: ignore[union-attr]  # filled in when missing
+    assert store.material_of_cif(cifs[SRWN3[0]], formula="SrWN3", source_id="other") == mid
+    assert store.get_material(mid).source_id == SRWN3[0]  # type: ignore[union-attr]  # never overwritten
+    assert store.material_of_cif(cifs[SRWN3[1]], formula="SrWN3") is None  # the other polymorph's text
+    assert store.material_of_cif(cifs[SRWN3[0]], formula="MgO") is None  # a formula that is not the crystal's
+    # another text of the same crystal is not found by text: the matcher decides (and keeps the first text)
+    other_text = first.to(fmt="cif")
+    assert store.material_of_cif(other_text, formula="SrWN3") is None
+    assert store.material_for_structure(Structure.from_str(other_text, fmt="cif"), cif=other_text) == mid
+    assert store.get_material(mid).cif == cifs[SRWN3[0]]  # type: ignore[union-attr]
+
+
 def test_crystals_the_matcher_tells_apart_get_their_own_row_even_on_a_shared_key(store: Store) -> None:
     from sdl.materials import canonical_key
 

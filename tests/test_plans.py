@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import event_model
+import pytest
+from bluesky import plan_stubs as bps
+from bluesky import preprocessors as bpp
 from instruments_helpers import crystal_sim, crystal_truth  # noqa: F401 - fixtures
 
-from devices.plans import synthesize_and_characterize
+from devices.phase_detector import XRDPhaseDetector
+from devices.plans import characterize, synthesize, synthesize_and_characterize
 from devices.robot import SynthesisRobot
 from devices.station import CharacterizationStation
 from sdl.lab.runner import run_plan
@@ -100,3 +105,85 @@ def test_one_engine_per_key_lets_instruments_work_at_once(tmp_path) -> None:
         assert finished == ["station", "robot"]  # the measurement did not wait for the synthesis
         assert robot_still_busy
         assert get_run_engine("robot") is not get_run_engine("station")
+
+
+def _stub_synthesize(robot, recipe, md):
+    """The synthesis plan as bluesky's stubs compose it (the reference the plain generator must match)."""
+    @bpp.run_decorator(md=md)
+    def inner():
+        yield from bps.abs_set(robot, recipe, wait=True)
+        yield from bps.trigger_and_read([robot])
+
+    return (yield from inner())
+
+
+def _stub_characterize(station, recipe, md, phases=None):
+    @bpp.run_decorator(md=md)
+    def inner():
+        yield from bps.abs_set(station.recipe, json.dumps(recipe, sort_keys=True), wait=True)
+        if phases is None:
+            yield from bps.trigger_and_read([station])
+            return
+        yield from bps.trigger(station, wait=True)
+        yield from bps.trigger(phases, wait=True)
+        yield from bps.create("primary")
+        yield from bps.read(station)
+        yield from bps.read(phases)
+        yield from bps.save()
+
+    return (yield from inner())
+
+
+def _messages(plan, fail_at: str | None = None) -> list[tuple]:
+    """Drive a plan as a RunEngine would (``open_run`` answers a uid), groups renamed in order of use.
+
+    ``fail_at``: throw an error into the plan at the first message with that command.
+    """
+    groups: dict[object, str] = {}
+    out: list[tuple] = []
+    reply: object = None
+    throw: BaseException | None = None
+    while True:
+        try:
+            msg = plan.throw(throw) if throw is not None else plan.send(reply)
+        except StopIteration as stop:
+            out.append(("return", stop.value))
+            return out
+        except RuntimeError as exc:
+            out.append(("raised", str(exc)))
+            return out
+        throw = None
+        kwargs = dict(msg.kwargs)
+        if kwargs.get("group") is not None:
+            kwargs["group"] = groups.setdefault(kwargs["group"], f"g{len(groups)}")
+        out.append((msg.command, msg.obj, msg.args, kwargs))
+        reply = "run-uid" if msg.command == "open_run" else None
+        if msg.command == fail_at:
+            throw, fail_at = RuntimeError(f"{msg.command} failed"), None
+
+
+@pytest.mark.parametrize("fail_at", [None, "wait", "read"])
+def test_plans_send_the_messages_of_the_bluesky_stubs(crystal_sim, fail_at) -> None:  # noqa: F811
+    """The plain generators (no ``Plan`` wrapper, no stack formatted per stub) make the same runs, failed ones too."""
+    robot, station = _devices(crystal_sim.url)
+    raw = CharacterizationStation(name="station", url=crystal_sim.url, properties=["e_form"], raw=True)
+    phases = XRDPhaseDetector(name="station_phases", station=raw, references=lambda key: (None, []),
+                              identifier=None)
+    recipe = {"job_id": "msgs-1", "candidate": "perov_60"}
+    md = {"sdl": {"campaign_id": 1, "experiment_id": 2}, "operator": "ci"}
+    cases = [
+        (synthesize(robot, recipe, md=md), lambda run_md: _stub_synthesize(robot, recipe, run_md)),
+        (characterize(station, recipe, md=md), lambda run_md: _stub_characterize(station, recipe, run_md)),
+        (characterize(raw, recipe, md=md, phases=phases),
+         lambda run_md: _stub_characterize(raw, recipe, run_md, phases)),
+    ]
+    for ours, stubs in cases:
+        mine = _messages(ours, fail_at)
+        assert mine[0][0] == "open_run" and mine[0][3]["operator"] == "ci"
+        assert mine == _messages(stubs(mine[0][3]), fail_at)
+        close = next(m for m in mine if m[0] == "close_run")
+        assert close[3] == ({"exit_status": "fail", "reason": f"{fail_at} failed"} if fail_at
+                            else {"exit_status": None, "reason": None})
+        assert mine[-1] == (("raised", f"{fail_at} failed") if fail_at else ("return", "run-uid"))
+    for device in (robot, station, raw, phases):
+        device.close()

@@ -592,7 +592,9 @@ class Lab:
         """The ``materials`` row of a candidate (crystals de-duplicated by structure, recipes by key).
 
         Cached per candidate key: a key names one crystal (or one recipe) for the pool's lifetime
-        and material rows are never edited, so a second proposal of it needs no matcher.
+        and material rows are never edited, so a second proposal of it needs no matcher. A crystal
+        is stored with its CIF text, so a later campaign (or a resumed one) on the same candidate
+        file finds it by that text (:meth:`Store.material_of_cif`) before parsing and matching.
         """
         cached = self._materials.get(candidate_key)
         if cached is not None:
@@ -600,8 +602,15 @@ class Lab:
         pool = self.engine.pool
         try:
             if pool is not None and pool.structure_column is not None and candidate_key in pool:
-                structure = pool.structures([pool.index_of(candidate_key)])[0]
-                material = self.store.material_for_structure(structure, source_id=candidate_key)
+                index = pool.index_of(candidate_key)
+                cif = pool.structure_texts([index])[0] if pool.structure_format == "cif" else None
+                formula = pool.params(index).get("formula") if pool.formula_column else None
+                material = None
+                if cif is not None and formula:
+                    material = self.store.material_of_cif(cif, formula=formula, source_id=candidate_key)
+                if material is None:
+                    structure = pool.structures([index])[0]
+                    material = self.store.material_for_structure(structure, source_id=candidate_key, cif=cif)
             else:
                 material = self.store.material_for_params(params or {"candidate": candidate_key})
         except Exception:
