@@ -117,6 +117,7 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_two_workers_four_campaigns_one_lease_and_a_killed_worker_resumed(
         server: PrefectServer, fresh_postgres_url: str, tmp_path: Path) -> None:
