@@ -213,6 +213,7 @@ def test_control_commands_refuse_unknown_or_idle_campaigns_and_write_nothing(sql
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # several `sdl run` processes: minutes on a loaded machine
 def test_pause_resume_then_cancel_from_another_terminal_and_resume_to_budget(tmp_path: Path,
                                                                              prefect_api: str) -> None:
     budget = 6
