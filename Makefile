@@ -20,8 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sdl run campaigns/demo.yaml
 
+# Two pytest-xdist workers (TEST_WORKERS=0: all in this one process). A test module stays on one
+# worker, so its module fixtures (a Prefect server, a fitted model) start once; the modules that hold a
+# `slow` test are handed out first (tests/conftest.py), so that none of them starts last and runs alone.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # ruff, mypy and the library stubs come with the `test` extra; their settings live in pyproject.toml.
 lint: $(STAMP)

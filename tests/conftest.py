@@ -3,7 +3,9 @@
 PostgreSQL: tests marked ``postgres`` get a brand-new database on the server named by
 ``SDL_TEST_POSTGRES_URL`` (default: the CI server ``postgresql+psycopg://postgres@127.0.0.1:5432/test``),
 created for the test session and dropped at its end. When the server cannot be reached the
-tests *fail* under CI (``CI`` set) and are skipped with a visible reason elsewhere.
+tests *fail* under CI (``CI`` set) and are skipped with a visible reason elsewhere. Every database,
+port and temporary folder is the test's own, so that ``make test`` can run the modules on two
+pytest-xdist workers at once.
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ if TYPE_CHECKING:
     from sdl.repository import Store
 
 # Isolate Prefect before anything imports it: no ~/.prefect, no telemetry.
-_PREFECT_HOME = tempfile.mkdtemp(prefix="sdl-test-prefect-")
-os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="sdl-test-prefect-"))
+# Under pytest-xdist (`make test`) the workers inherit the controller's environment: each gets a
+# Prefect home of its own, so that two ephemeral API servers never share one SQLite database.
+# The embedding cache below stays shared on purpose (WAL, built for several processes).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if XDIST_WORKER:
+    os.environ["PREFECT_HOME"] = os.path.join(os.environ["PREFECT_HOME"], XDIST_WORKER)
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -38,6 +46,16 @@ os.environ.setdefault("SDL_EMBEDDING_CACHE", os.path.join(tempfile.mkdtemp(prefi
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that hold a ``slow`` test first (in collection order otherwise).
+
+    Under pytest-xdist (``make test``: ``--dist loadfile --no-loadscope-reorder``) a worker takes the
+    next module when it runs dry: the long ones then start early instead of ending the run alone.
+    """
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
 
 
 @pytest.fixture(scope="session")

@@ -249,8 +249,9 @@ def test_a_robot_gone_for_good_sends_instrument_down_then_campaign_failed(
 
     monkeypatch.setenv("SDL_STATE_DIR", str(tmp_path / "state"))
     name = f"gone-{uuid.uuid4().hex[:6]}"
+    # The outage clock starts with the simulator process: 6 s leaves a loaded machine time to open the lab.
     path = _with_alerts(write_campaign(tmp_path, name=name, budget=20, timeout_s=0.3, outage_window_s=2.0,
-                                       robot_sim="outage_after_s: 2.0"), receiver.url("fail"))
+                                       robot_sim="outage_after_s: 6.0"), receiver.url("fail"))
     with pytest.raises(CampaignFailed, match=r"instrument robot0 at socket://127\.0\.0\.1:"):
         run_campaign(path, db_url=f"sqlite:///{tmp_path / 'gone.db'}", time_scale=0.05)
     assert receiver.titles("fail") == [f"sdl: campaign {name} instrument down", f"sdl: campaign {name} failed"]

@@ -212,6 +212,8 @@ def test_control_commands_refuse_unknown_or_idle_campaigns_and_write_nothing(sql
 # --------------------------------------------------------------------------- real campaigns
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # several `sdl run` processes: minutes on a loaded machine
 def test_pause_resume_then_cancel_from_another_terminal_and_resume_to_budget(tmp_path: Path,
                                                                              prefect_api: str) -> None:
     budget = 6
@@ -269,6 +271,7 @@ def test_pause_resume_then_cancel_from_another_terminal_and_resume_to_budget(tmp
     store.close()
 
 
+@pytest.mark.slow
 def test_prefect_cancel_button_ends_the_campaign_cleanly(tmp_path: Path, prefect_api: str) -> None:
     """The UI's Cancel: the flow run is set Cancelling through the API, as the button does."""
     from prefect.client.orchestration import get_client
@@ -297,6 +300,7 @@ def test_prefect_cancel_button_ends_the_campaign_cleanly(tmp_path: Path, prefect
     store.close()
 
 
+@pytest.mark.slow
 def test_approval_through_sdl_approve_and_the_prefect_form(tmp_path: Path, prefect_api: str) -> None:
     """Batches wait; one is approved with a drop from the terminal, one through the form with an edit."""
     from prefect.client.orchestration import get_client
@@ -359,6 +363,7 @@ def test_approval_through_sdl_approve_and_the_prefect_form(tmp_path: Path, prefe
     store.close()
 
 
+@pytest.mark.slow
 def test_cancel_of_a_served_deployment_run_records_its_jobs_abandoned(tmp_path: Path, prefect_api: str) -> None:
     """``sdl serve``: Prefect's runner kills the run's process with SIGTERM; the campaign still ends cleanly."""
     from prefect.client.orchestration import get_client

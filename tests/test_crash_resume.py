@@ -58,6 +58,8 @@ def _sdl_run(yaml: Path, db: Path, env: dict[str, str]) -> subprocess.Popen[byte
     )
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # several `sdl run` processes: minutes on a loaded machine
 def test_sigkill_at_random_points_then_resume(tmp_path: Path, prefect_api: str) -> None:
     rng = random.Random(20261122)
     yaml = write_campaign(tmp_path, name="crash", budget=BUDGET)
@@ -167,6 +169,8 @@ def test_sdl_run_on_a_dead_robot_fails_fast_in_one_line(tmp_path: Path, prefect_
     assert "robot0" in log and "Traceback" in log  # the details are kept for whoever debugs it
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # several `sdl run` processes: minutes on a loaded machine
 def test_sigint_lets_jobs_in_flight_finish_and_a_rerun_resumes(tmp_path: Path, prefect_api: str) -> None:
     yaml = write_campaign(tmp_path, name="ctrl-c", budget=BUDGET, batch_size=2)
     yaml.write_text(yaml.read_text().replace("time_scale: 0.002", "time_scale: 0.02"))

@@ -155,6 +155,7 @@ def test_flow_resumes_a_finished_campaign_without_new_experiments(harness: None,
     assert len(started) == len(set(started)) == 5
 
 
+@pytest.mark.slow
 def test_flow_warm_starts_a_second_campaign_from_the_first(harness: None, tmp_path: Path, sqlite_url: str) -> None:
     """``transfer:`` end to end: the first campaign's 6 measurements seed the second's GP, not its budget."""
     from sdl.flows import run_campaign

@@ -293,8 +293,9 @@ def test_a_robot_that_stops_answering_and_comes_back_within_its_window_loses_not
 
 def test_a_robot_gone_for_good_fails_the_campaign_without_spending_its_failure_budget(tmp_path: Path,
                                                                                       database_url: str) -> None:
+    # The outage clock starts with the simulator process: 6 s leaves a loaded machine time to open the lab.
     cfg = load_campaign(write_campaign(tmp_path, name="gone", budget=20, timeout_s=0.3, outage_window_s=2.0,
-                                       max_failures=1, robot_sim="outage_after_s: 2.0"))
+                                       max_failures=1, robot_sim="outage_after_s: 6.0"))
     with open_lab(cfg, database_url, state_dir=tmp_path / "state", time_scale=0.05) as lab:
         started = time.monotonic()
         assert run_plain(lab) == "failed"

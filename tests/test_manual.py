@@ -303,6 +303,7 @@ def test_hands_and_instruments_share_one_campaign(tmp_path: Path, sqlite_url: st
     assert summary["n_measurements"] >= 6
 
 
+@pytest.mark.slow
 def test_sdl_run_leaves_the_experiments_asked_by_hand_to_hands(tmp_path: Path, sqlite_url: str) -> None:
     """The real ``sdl run`` (a Prefect flow, ephemeral server) beside two experiments asked by hand."""
     campaign = write_table_campaign(tmp_path, "mixrun", budget=5, time_scale=0.002)

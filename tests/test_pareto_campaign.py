@@ -36,6 +36,7 @@ def harness() -> Iterator[None]:
         yield
 
 
+@pytest.mark.slow
 def test_flow_runs_the_pareto_campaign_and_shows_the_front(harness: None, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.client.orchestration import get_client

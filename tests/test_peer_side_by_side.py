@@ -43,6 +43,7 @@ def _colors_pool() -> SimpleNamespace:
                            reps=reps)
 
 
+@pytest.mark.slow
 def test_engine_strategy_finds_top_designs_faster_than_random() -> None:
     """Seeded replays on a real table: the engine's GP, asked one row at a time after the harness's
     2 shared initial rows, finds far more of the 6 best designs (top 5 %) in 12 experiments than

@@ -132,6 +132,7 @@ def test_unit_headers_come_from_the_config() -> None:
 # --------------------------------------------------------------------------- sdl run in a terminal
 
 
+@pytest.mark.slow
 def test_sdl_run_names_each_step_from_the_start_and_compares_with_random(tmp_path: Path) -> None:
     yaml = write_campaign(tmp_path, name="steps", budget=4, model="gp")
     db = tmp_path / "lab.db"

@@ -86,6 +86,7 @@ def _api(server: PrefectServer, path: str, body: dict) -> list[dict]:
         return json.load(response)
 
 
+@pytest.mark.slow
 def test_prefect_ui_shows_the_campaign(server: PrefectServer, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     chromium = _chromium()

@@ -117,13 +117,15 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_two_workers_four_campaigns_one_lease_and_a_killed_worker_resumed(
         server: PrefectServer, fresh_postgres_url: str, tmp_path: Path) -> None:
     api, db = server.api_url, fresh_postgres_url
     env = _env(api, tmp_path / "prefect-client")
-    # K runs long enough to be killed mid-way (printer 3 s per experiment); B, C, D are quick.
-    kept = write_table_campaign(tmp_path, "wp-killed", budget=12, time_scale=0.05)
+    # K runs long enough to be killed mid-way, also on a loaded machine where a flow run's process takes
+    # tens of seconds to start (printer 6 s per experiment); B, C, D are quick.
+    kept = write_table_campaign(tmp_path, "wp-killed", budget=12, time_scale=0.1)
     quick = [write_table_campaign(tmp_path, f"wp-{n}", budget=5, time_scale=0.002) for n in "bcd"]
 
     refused = _sdl("submit", str(kept), "--db", db, "--deployment", "nope", env=env, cwd=tmp_path)
