@@ -235,7 +235,7 @@ def test_pool_scores_are_kept_per_model_version(barrel: CandidatePool) -> None:
         return -m + 2.0 * s
 
     kept = eng.surrogate.score_pool(avail, score, 50)
-    eng.surrogate._scored = None  # score afresh
+    eng.surrogate.forget_scores()
     fresh = eng.surrogate.score_pool(avail, score, 50)
     assert kept.shortlist.tolist() == fresh.shortlist.tolist() and len(kept.shortlist) == 50
     assert torch.equal(kept.mean, fresh.mean) and torch.equal(kept.std, fresh.std)

@@ -306,6 +306,10 @@ class Surrogate(ABC):
         scores = self.score_pool(np.zeros(0, dtype=np.int64), _no_score, 0)
         return scores.mean, scores.std
 
+    def forget_scores(self) -> None:
+        """Score the pool afresh at the next :meth:`score_pool` (e.g. to time the scoring itself)."""
+        self._scored = None
+
     def score_pool(self, avail: np.ndarray, score: ShortlistScore, k: int) -> PoolScores:
         """Mean and std of every pool row and the ``k`` available rows with the best ``score(mean, std)``.
 
