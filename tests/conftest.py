@@ -58,6 +58,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path not in slow)
 
 
+# Bounds a Prefect harness teardown: its own drain of the log and event workers waits without a limit,
+# and once hung a module's teardown past pytest's 300 s timeout.
+PREFECT_DRAIN_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    """One Prefect test server per module (about 10 s to start); its log and event drains are bounded."""
+    import logging
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        try:
+            yield
+        finally:
+            for service in (APILogWorker, EventsWorker):
+                _, pending = service.drain_all(timeout=PREFECT_DRAIN_TIMEOUT_S)
+                if pending:
+                    logging.getLogger(__name__).warning("%s did not drain within %.0f s",
+                                                        service.__name__, PREFECT_DRAIN_TIMEOUT_S)
+
+
 @pytest.fixture(scope="session")
 def postgres_server_url() -> str:
     """URL of the PostgreSQL maintenance database; fails under CI when unreachable."""

@@ -200,14 +200,6 @@ def test_budget_spent_without_prefect_and_a_rerun_stays_quiet(receiver: Receiver
 # --------------------------------------------------------------------------- in Prefect flow runs
 
 
-@pytest.fixture(scope="module")
-def harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_goal_reached_in_a_flow_run_reaches_apprise_and_a_prefect_block(
         harness: None, receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.blocks.notifications import CustomWebhookNotificationBlock

@@ -12,21 +12,12 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_lab import world_values, write_campaign
 
 LINE_FAULTS = "timeout: 0.02, garbled: 0.03, drop: 0.02, busy: 0.03"  # 10 % of commands
-
-
-@pytest.fixture(scope="module")
-def harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_campaign_survives_faults(harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -293,14 +293,6 @@ def test_benchmark_counts_failures_and_draws_the_top_set_from_what_forms(tmp_pat
 
 
 # -- the real flow ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_campaign_with_the_tolerance_factor_robot_records_failures(
         harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sdl.flows import run_campaign

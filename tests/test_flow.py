@@ -14,20 +14,11 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from test_lab import WORLD, journal, world_values, write_campaign
-
-
-@pytest.fixture(scope="module")
-def harness() -> Iterator[None]:
-    """One Prefect test server for the module (about 10 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _flow_runs(name: str) -> list:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,6 @@ def small_campaign(tmp_path: Path, name: str, budget: int = 6, constrained: bool
 def truth() -> pd.DataFrame:
     with gzip.open(WORLD, "rt") as handle:
         return pd.read_csv(handle, usecols=["id", "e_form", "gap_gllbsc"]).set_index("id")
-
-
-@pytest.fixture(scope="module")
-def harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.mark.slow

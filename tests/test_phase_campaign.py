@@ -14,7 +14,6 @@ import gzip
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -133,14 +132,6 @@ def test_every_impure_sample_fails_as_material(database_url: str, tmp_path: Path
     station = journal(state, name, "station0")
     measured = [r["job_id"] for r in station if r["event"] == "started"]
     assert len(measured) == 3 and all(job.endswith(".m1") for job in measured)  # measured once each
-
-
-@pytest.fixture(scope="module")
-def harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_campaign_with_a_seeded_impurity_rate_completes_through_the_flow(
