@@ -51,36 +51,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules that hold a ``slow`` test first (in collection order otherwise).
 
-    Under pytest-xdist (``make test``: ``--dist loadfile --no-loadscope-reorder``) a worker takes the
+    Only under pytest-xdist (``TEST_WORKERS=2 make test``: ``--dist loadfile``) where a worker takes the
     next module when it runs dry: the long ones then start early instead of ending the run alone.
     """
+    if not items or not items[0].config.getoption("numprocesses", None):
+        return  # one process (the default): the modules in their usual order
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
 
 
-# Bounds a Prefect harness teardown: its own drain of the log and event workers waits without a limit,
-# and once hung a module's teardown past pytest's 300 s timeout.
-PREFECT_DRAIN_TIMEOUT_S = 60.0
-
-
 @pytest.fixture(scope="module")
 def harness() -> Iterator[None]:
-    """One Prefect test server per module (about 10 s to start); its log and event drains are bounded."""
-    import logging
-
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
+    """One Prefect test server per module (about 10 s to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        try:
-            yield
-        finally:
-            for service in (APILogWorker, EventsWorker):
-                _, pending = service.drain_all(timeout=PREFECT_DRAIN_TIMEOUT_S)
-                if pending:
-                    logging.getLogger(__name__).warning("%s did not drain within %.0f s",
-                                                        service.__name__, PREFECT_DRAIN_TIMEOUT_S)
+        yield
 
 
 @pytest.fixture(scope="session")
