@@ -220,13 +220,13 @@ class _Monitor:
             self.round(self.lab.round_report(self.true_best[1] if self.true_best else None))
 
     def _tell_listeners(self, outcome: Outcome) -> None:
-        """Done / budget / best for the progress listeners (the best is a query: only when someone listens)."""
+        """Done / budget / best for the progress listeners (the ledger's best: no query per experiment)."""
         counts = self.lab.counts()
-        best = self.lab.best()
+        best = self.lab.ledger.best()
         info = {
             "campaign": self.name, "done": self.lab.n_ended, "budget": self.lab.budget, "counts": counts,
-            "best_value": None if best is None else best.value,
-            "best_candidate": None if best is None else best.candidate_key,
+            "best_value": None if best is None else best[2],
+            "best_candidate": None if best is None else best[1],
             "last": {"key": outcome.ticket.key, "state": outcome.state, "value": outcome.value},
         }
         for listener in _LISTENERS:

@@ -46,6 +46,9 @@ def test_flow_runs_a_campaign_and_reports_it(harness: None, tmp_path: Path, data
     assert summary["state"] == "completed" and summary["counts"]["completed"] == 4
     dones = [p["done"] for p in progress]  # one call per experiment; done counts end states
     assert len(dones) == 4 and dones == sorted(dones) and dones[-1] == 4
+    # the listeners' best is the loop's own tally: the same as the repository's at the end
+    assert (progress[-1]["best_value"], progress[-1]["best_candidate"]) == (summary["best_value"],
+                                                                            summary["best_candidate"])
     truth = world_values()
     store = Store.from_url(database_url)
     try:

@@ -298,7 +298,7 @@ class RepositoryWriter:
 
         self._runs[uid] = run
         self._write("start", doc, lambda: self.store.record_run_start(
-            uid, experiment_id=experiment_id, plan_name=plan_name, start_time=start_time))
+            uid, experiment_id=experiment_id, plan_name=plan_name, start_time=start_time, campaign_id=campaign_id))
         self._document(uid, "start", doc)
 
     def _on_descriptor(self, doc: dict[str, Any]) -> None:
@@ -411,7 +411,8 @@ class RepositoryWriter:
         stop_time = _epoch(doc.get("time"))
 
         def write() -> None:
-            self.store.record_run_stop(run_uid, exit_status=exit_status, reason=reason, stop_time=stop_time)
+            self.store.record_run_stop(run_uid, exit_status=exit_status, reason=reason, stop_time=stop_time,
+                                       campaign_id=run.campaign_id)
             if exit_status != "success":
                 why = f"run exit status {exit_status}: {reason or ''}".strip()
                 self.store.invalidate_run_measurements(run_uid, reason=why)

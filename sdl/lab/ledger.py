@@ -97,6 +97,7 @@ class _Tally:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     values: list[tuple[int, float]] = field(default_factory=list)
     best_value: float | None = None
+    best: tuple[int, str] | None = None  # (experiment id, candidate key) of best_value
     since_improvement: int = 0
 
 
@@ -127,12 +128,14 @@ class ExperimentLedger:
         In-flight experiments are *not* entered here: :meth:`track` enters each one the loop resumes.
         """
         with self._lock:
-            for _, key, state in states:
+            keys = {}
+            for experiment_id, key, state in states:
+                keys[experiment_id] = key
                 self._tally.counts[state] += 1
                 if state in ("failed", "abandoned"):
                     self._excluded.add(key)
             for experiment_id, value in values:
-                self._record_value(experiment_id, value)
+                self._record_value(experiment_id, value, keys.get(experiment_id, ""))
 
     # ------------------------------------------------------------------ transitions
     def track(self, experiment_id: int, candidate_key: str, state: str, batch_id: str | None = None,
@@ -166,7 +169,7 @@ class ExperimentLedger:
             if state == "completed":
                 if value is None:
                     raise ValueError("a completed experiment needs its value")
-                self._record_value(experiment_id, value)
+                self._record_value(experiment_id, value, candidate_key)
             else:
                 self._excluded.add(candidate_key)
             self.check_rules()
@@ -224,6 +227,16 @@ class ExperimentLedger:
         """The best measured value so far (by :meth:`Objective.is_better`)."""
         with self._lock:
             return self._tally.best_value
+
+    def best(self) -> tuple[int, str, float] | None:
+        """``(experiment id, candidate key, value)`` of :attr:`best_value`, the first to reach it.
+
+        What the loop has seen (no query): for progress displays. The repository's own view, which
+        also sees measurements changed since (``sdl tell``, invalidations), is ``Lab.best()``.
+        """
+        with self._lock:
+            tally = self._tally
+            return None if tally.best is None or tally.best_value is None else (*tally.best, tally.best_value)
 
     def wanted(self, free_robots: int) -> int:
         """How many experiments to propose now.
@@ -304,12 +317,13 @@ class ExperimentLedger:
                     self.stop(f"no improvement in {policy.patience} rounds "
                               f"({self._tally.since_improvement} experiments)")
 
-    def _record_value(self, experiment_id: int, value: float) -> None:
+    def _record_value(self, experiment_id: int, value: float, candidate_key: str) -> None:
         tally = self._tally
         tally.values.append((experiment_id, value))
         better = self.objective.is_better(value, tally.best_value)
         if better:
             tally.best_value = value
+            tally.best = (experiment_id, candidate_key)
         if better if self.improvement is None else self.improvement(experiment_id, value):
             tally.since_improvement = 0
         else:

@@ -1917,19 +1917,24 @@ class Store:
         experiment_id: int | None,
         plan_name: str | None,
         start_time: dt.datetime | None = None,
+        campaign_id: int | None = None,
     ) -> None:
-        """Record a run's start (idempotent on ``uid``), with one event row."""
+        """Record a run's start (idempotent on ``uid``), with one event row.
+
+        Args:
+            campaign_id: The experiment's campaign when the caller knows it (the writer caches it
+                per experiment): one query fewer; None looks it up (and checks the experiment exists).
+        """
         with self._tx("record_run_start") as s:
             if s.get(BlueskyRun, uid) is not None:
                 return
-            s.add(
-                BlueskyRun(uid=uid, experiment_id=experiment_id, plan_name=plan_name, start_time=start_time or utcnow())
-            )
-            campaign_id = None
-            if experiment_id is not None:
+            if experiment_id is not None and campaign_id is None:
                 campaign_id = self._campaign_of(s, experiment_id)
                 if campaign_id is None:
                     raise RepositoryError(f"run {uid}: no experiment with id={experiment_id}")
+            s.add(
+                BlueskyRun(uid=uid, experiment_id=experiment_id, plan_name=plan_name, start_time=start_time or utcnow())
+            )
             self._event(
                 s,
                 "run.start",
@@ -1957,8 +1962,13 @@ class Store:
         exit_status: str,
         reason: str | None = None,
         stop_time: dt.datetime | None = None,
+        campaign_id: int | None = None,
     ) -> None:
-        """Record a run's stop (exit status ``success``, ``fail`` or ``abort``), with one event row."""
+        """Record a run's stop (exit status ``success``, ``fail`` or ``abort``), with one event row.
+
+        Args:
+            campaign_id: The run's campaign when the caller knows it (one query fewer).
+        """
         with self._tx("record_run_stop") as s:
             run = s.get(BlueskyRun, uid, with_for_update=True)
             if run is None:
@@ -1966,7 +1976,8 @@ class Store:
             run.exit_status = exit_status
             run.reason = reason or None
             run.stop_time = stop_time or utcnow()
-            campaign_id = self._campaign_of(s, run.experiment_id) if run.experiment_id else None
+            if campaign_id is None and run.experiment_id:
+                campaign_id = self._campaign_of(s, run.experiment_id)
             self._event(
                 s,
                 "run.stop",
@@ -2022,18 +2033,14 @@ class Store:
                     sa.select(BlueskyDocument.doc_uid, BlueskyDocument.id).where(BlueskyDocument.doc_uid.in_(uids))
                 )
                 known.update((str(uid), int(row_id)) for uid, row_id in found)
-            last: dict[str | None, int] = {}
+            # Every read before the first add: a query after an add would flush the session first.
+            last = self._last_sequences(s, {p[0] for p in prepared})
+            self._link_samples(s, [m for p in prepared for m in p[4]])
             out: list[int | BlueskyDocument] = []
             for run_uid, name, doc, doc_uid, rows in prepared:
                 if doc_uid is not None and doc_uid in known:
                     out.append(known[doc_uid])
                     continue
-                if run_uid not in last:
-                    last[run_uid] = s.scalar(
-                        sa.select(sa.func.max(BlueskyDocument.sequence)).where(
-                            BlueskyDocument.run_uid.is_(None) if run_uid is None else BlueskyDocument.run_uid == run_uid
-                        )
-                    ) or 0
                 last[run_uid] += 1
                 row = BlueskyDocument(
                     run_uid=run_uid,
@@ -2044,13 +2051,32 @@ class Store:
                     created_at=utcnow(),
                 )
                 s.add(row)
-                self._link_samples(s, rows)
                 s.add_all(rows)
                 if doc_uid is not None:
                     known[doc_uid] = row
                 out.append(row)
             s.flush()
             return [r if isinstance(r, int) else r.id for r in out]
+
+    @staticmethod
+    def _last_sequences(s: Session, run_uids: set[str | None]) -> dict[str | None, int]:
+        """Each run's last document sequence number (0: none yet), in one query for all named runs."""
+        last: dict[str | None, int] = dict.fromkeys(run_uids, 0)
+        named = sorted(uid for uid in run_uids if uid is not None)
+        if named:
+            last.update(
+                (str(uid), int(seq or 0))
+                for uid, seq in s.execute(
+                    sa.select(BlueskyDocument.run_uid, sa.func.max(BlueskyDocument.sequence))
+                    .where(BlueskyDocument.run_uid.in_(named))
+                    .group_by(BlueskyDocument.run_uid)
+                )
+            )
+        if None in run_uids:
+            last[None] = s.scalar(
+                sa.select(sa.func.max(BlueskyDocument.sequence)).where(BlueskyDocument.run_uid.is_(None))
+            ) or 0
+        return last
 
     def runs(self, experiment_id: int | None = None) -> list[RunRecord]:
         """Bluesky runs (of one experiment), by start time."""
