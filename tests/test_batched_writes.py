@@ -126,3 +126,32 @@ def test_one_deadline_thread_fails_overdue_statuses_only() -> None:
     assert prompt.success and not late.success
     time.sleep(0.3)  # past the prompt one's deadline: it stays a success
     assert prompt.success and prompt.exception() is None
+
+
+def test_a_writer_told_the_campaign_reads_no_experiment(store: Store) -> None:
+    """The lab tells the writer each experiment it commits: a run's start then costs no lookup."""
+    import sqlalchemy as sa
+
+    cid, eid = _experiment(store)
+    statements: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    def write(writer: RepositoryWriter, docs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        statements.clear()
+        sa.event.listen(store.engine, "before_cursor_execute", record)
+        try:
+            for name, doc in docs:
+                writer(name, doc)
+        finally:
+            sa.event.remove(store.engine, "before_cursor_execute", record)
+        assert writer.errors == []
+        return [s for s in statements if "FROM experiments" in s]
+
+    told = RepositoryWriter(store, validate=False)
+    told.link_experiment(eid, cid)
+    assert write(told, _run(cid, eid, 0.75)[0]) == []
+    assert write(RepositoryWriter(store, validate=False), _run(cid, eid, 0.8)[0]) != []  # an untold one looks
+    runs = [e for e in store.events(cid) if e.kind.startswith("run.")]
+    assert len(runs) == 4 and {e.campaign_id for e in runs} == {cid}

@@ -123,6 +123,15 @@ class RepositoryWriter:
             if name == "stop" or not self._runs:
                 self._flush("")
 
+    def link_experiment(self, experiment_id: int, campaign_id: int) -> None:
+        """Tell the writer an experiment's campaign, so its runs' documents need no lookup of it.
+
+        Why: whoever just committed the experiment (the lab, at a proposal) knows both, and the
+        lookup was one query per experiment. Only committed experiments may be told.
+        """
+        with self._lock:
+            self._campaigns[experiment_id] = campaign_id
+
     def flush(self) -> int:
         """Commit the queued writes now; returns how many documents are pending after it."""
         with self._lock:

@@ -682,6 +682,7 @@ class Lab:
                 },
             )
             self.ledger.track(exp_id, p.key, "proposed", p.batch_id, new=True, by_hand=asked_by is not None)
+            self.writer.link_experiment(exp_id, self.campaign_id)
             if approval_id is not None:
                 link_approval(self.store, approval_id, exp_id)
             job_id = job_id_for(key, self._token)

@@ -1300,7 +1300,8 @@ class Store:
                     if s.get_bind().dialect.name == "postgresql":
                         s.execute(sa.select(sa.func.pg_advisory_xact_lock(_advisory_key(formula))))
                     found = None
-                    for mid, other in self._bucket(s, formula).items():
+                    locked_bucket = self._bucket(s, formula)
+                    for mid, other in locked_bucket.items():
                         if mid not in compared:
                             compared.add(mid)
                             if other is not None and same_structure(structure, other):
@@ -1309,8 +1310,11 @@ class Store:
                     if found is not None:
                         self._fill_material(s, found, source_id=source_id, cif=cif)
                         return found
+                    key = self._structure_key(structure)
+                    # A key names its formula, so no row of an empty formula can hold it (a racing
+                    # or hand-made row that does makes the insert fail and the retry look).
                     row = Material(
-                        canonical_key=self._free_key(s, self._structure_key(structure)),
+                        canonical_key=key if attempt == 0 and not locked_bucket else self._free_key(s, key),
                         formula=formula,
                         structure=to_jsonable(structure.as_dict()),
                         cif=cif,
@@ -1926,15 +1930,16 @@ class Store:
                 per experiment): one query fewer; None looks it up (and checks the experiment exists).
         """
         with self._tx("record_run_start") as s:
-            if s.get(BlueskyRun, uid) is not None:
+            # Plain Core statements on the table: a run row is written twice and never read back
+            # as an object, and the ORM's identity lookups and unit of work were most of its cost.
+            if s.scalar(sa.select(_RUNS.c.uid).where(_RUNS.c.uid == uid)) is not None:
                 return
             if experiment_id is not None and campaign_id is None:
                 campaign_id = self._campaign_of(s, experiment_id)
                 if campaign_id is None:
                     raise RepositoryError(f"run {uid}: no experiment with id={experiment_id}")
-            s.add(
-                BlueskyRun(uid=uid, experiment_id=experiment_id, plan_name=plan_name, start_time=start_time or utcnow())
-            )
+            s.execute(sa.insert(_RUNS).values(uid=uid, experiment_id=experiment_id, plan_name=plan_name,
+                                              start_time=start_time or utcnow()))
             self._event(
                 s,
                 "run.start",
@@ -1970,20 +1975,22 @@ class Store:
             campaign_id: The run's campaign when the caller knows it (one query fewer).
         """
         with self._tx("record_run_stop") as s:
-            run = s.get(BlueskyRun, uid, with_for_update=True)
-            if run is None:
+            stopped = s.execute(
+                sa.update(_RUNS).where(_RUNS.c.uid == uid)
+                .values(exit_status=exit_status, reason=reason or None, stop_time=stop_time or utcnow())
+                .returning(_RUNS.c.experiment_id)
+            ).first()
+            if stopped is None:
                 raise RepositoryError(f"stop of unknown run {uid}")
-            run.exit_status = exit_status
-            run.reason = reason or None
-            run.stop_time = stop_time or utcnow()
-            if campaign_id is None and run.experiment_id:
-                campaign_id = self._campaign_of(s, run.experiment_id)
+            experiment_id = stopped.experiment_id
+            if campaign_id is None and experiment_id:
+                campaign_id = self._campaign_of(s, experiment_id)
             self._event(
                 s,
                 "run.stop",
                 f"run {uid} stopped: {exit_status}" + (f" ({reason})" if reason else ""),
                 campaign_id=campaign_id,
-                experiment_id=run.experiment_id,
+                experiment_id=experiment_id,
                 level="info" if exit_status == "success" else "warning",
                 payload={"run_uid": uid, "exit_status": exit_status, "reason": reason},
             )
@@ -2027,7 +2034,7 @@ class Store:
             return []
         with self._tx("record_document") as s:
             uids = sorted({p[3] for p in prepared if p[3] is not None})
-            known: dict[str, int | BlueskyDocument] = {}
+            known: dict[str, int] = {}
             if uids:
                 found = s.execute(
                     sa.select(BlueskyDocument.doc_uid, BlueskyDocument.id).where(BlueskyDocument.doc_uid.in_(uids))
@@ -2036,27 +2043,35 @@ class Store:
             # Every read before the first add: a query after an add would flush the session first.
             last = self._last_sequences(s, {p[0] for p in prepared})
             self._link_samples(s, [m for p in prepared for m in p[4]])
-            out: list[int | BlueskyDocument] = []
-            for run_uid, name, doc, doc_uid, rows in prepared:
+            # New rows go in as one multi-row INSERT … RETURNING (Core, not one ORM object and
+            # one statement each: that was most of a run's write cost); a document seen twice in
+            # the batch is stored once and both positions get its id.
+            now = utcnow()
+            values: list[dict[str, Any]] = []
+            slots: list[tuple[bool, int]] = []  # per item: (new?, its row id or its index in values)
+            new_at: dict[str, int] = {}
+            for run_uid, name, doc, doc_uid, _ in prepared:
                 if doc_uid is not None and doc_uid in known:
-                    out.append(known[doc_uid])
-                    continue
-                last[run_uid] += 1
-                row = BlueskyDocument(
-                    run_uid=run_uid,
-                    name=name,
-                    sequence=last[run_uid],
-                    doc_uid=doc_uid,
-                    document=to_jsonable(dict(doc)),
-                    created_at=utcnow(),
-                )
-                s.add(row)
-                s.add_all(rows)
-                if doc_uid is not None:
-                    known[doc_uid] = row
-                out.append(row)
-            s.flush()
-            return [r if isinstance(r, int) else r.id for r in out]
+                    slots.append((False, known[doc_uid]))
+                elif doc_uid is not None and doc_uid in new_at:
+                    slots.append((True, new_at[doc_uid]))
+                else:
+                    last[run_uid] += 1
+                    if doc_uid is not None:
+                        new_at[doc_uid] = len(values)
+                    slots.append((True, len(values)))
+                    values.append({"run_uid": run_uid, "name": name, "sequence": last[run_uid], "doc_uid": doc_uid,
+                                   "document": dict(doc), "created_at": now})
+            ids: list[int] = []
+            if values:
+                ids = [int(i) for i in s.scalars(
+                    sa.insert(BlueskyDocument).returning(BlueskyDocument.id, sort_by_parameter_order=True),
+                    values)]
+            measurement_rows = [m for p in prepared for m in p[4]]
+            if measurement_rows:
+                s.add_all(measurement_rows)
+                s.flush()  # a refused measurement (duplicate event and property) fails this call
+            return [ids[i] if new else i for new, i in slots]
 
     @staticmethod
     def _last_sequences(s: Session, run_uids: set[str | None]) -> dict[str | None, int]:
@@ -2765,6 +2780,9 @@ _MEASUREMENT_COLUMNS: Final = (
 
 _MEASUREMENTS: Final[sa.Table] = Measurement.metadata.tables["measurements"]
 """The measurements table, for Core inserts (an executemany, not one ORM object per row)."""
+
+_RUNS: Final[sa.Table] = BlueskyRun.metadata.tables["bluesky_runs"]
+"""The runs table, for Core statements (a run's start and stop)."""
 
 BULK_CHUNK: Final = 900
 """Ids per ``IN (...)`` list: below every backend's bound-parameter limit."""
