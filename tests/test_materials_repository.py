@@ -139,7 +139,6 @@ def test_crystals_the_matcher_tells_apart_get_their_own_row_even_on_a_shared_key
     assert store.material_for_structure(wurtzite) == squatter
 
 
-
 def test_a_key_held_under_another_formula_still_gets_a_suffix(store: Store) -> None:
     """A new crystal of an empty formula takes its key unchecked; a hand-made row that holds the
     key under another formula makes that insert fail, and the retry finds a free key."""
@@ -151,6 +150,7 @@ def test_a_key_held_under_another_formula_still_gets_a_suffix(store: Store) -> N
     mid = store.material_for_structure(rock_salt)
     assert mid != squatter and store.get_material(mid).canonical_key == f"{key}~2"  # type: ignore[union-attr]
     assert store.material_for_structure(_supercell_shuffled(rock_salt)) == mid
+
 
 def test_recipes_with_float_noise_or_key_order_are_one_material(store: Store) -> None:
     mid = store.material_for_params({"t": 1.0, "a": 0.1 + 0.2, "gas": "Ar"})

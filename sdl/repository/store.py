@@ -1930,8 +1930,8 @@ class Store:
                 per experiment): one query fewer; None looks it up (and checks the experiment exists).
         """
         with self._tx("record_run_start") as s:
-            # Plain Core statements on the table: a run row is written twice and never read back
-            # as an object, and the ORM's identity lookups and unit of work were most of its cost.
+            # Core statements on the table: this path writes a run row twice and never needs it as
+            # an object, and the ORM's identity lookups and unit of work were most of its cost.
             if s.scalar(sa.select(_RUNS.c.uid).where(_RUNS.c.uid == uid)) is not None:
                 return
             if experiment_id is not None and campaign_id is None:
